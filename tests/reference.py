@@ -1,0 +1,710 @@
+"""Dense float64 reference for chunkvale's attention, and a shadow model of the cache.
+
+Three layers, all pure numpy (torch only where a test asks for torch tensors):
+
+* ``attention_reference`` -- causal attention + natural-log LSE of one sequence's step,
+  exactly as docs/API.md defines it, in float64. ``naive_attention`` is a loop-by-loop
+  version of the same formula used to test the reference itself.
+* ``kv_for`` -- the test's K/V: a deterministic function of (namespace, token prefix,
+  layer). Two sequences with the same token prefix therefore append bit-identical K/V,
+  and a prefix the cache reuses has K/V the test knows without having stored it.
+* ``Shadow`` -- drives a ``chunkvale.KVCache`` and keeps its own model of every sequence
+  (tokens, committed length, pending prompt tokens) and of the prefix tree (full chunks,
+  live reference counts, cached/unreferenced chunks). Every step is run for every layer
+  with freshly drawn queries, outputs poisoned with NaN, and compared against the dense
+  reference over the sequence's whole token history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+try:  # numpy bfloat16 rounding without torch
+    import ml_dtypes  # type: ignore
+except ImportError:  # pragma: no cover
+    ml_dtypes = None
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+# --------------------------------------------------------------------------------------
+# the reference
+# --------------------------------------------------------------------------------------
+
+
+def attention_reference(q, k, v, n_past, sm_scale=None):
+    """Causal attention of one sequence's new tokens, in float64.
+
+    q: [n, q_heads, D]; k, v: [n_past + n, kv_heads, D] -- the sequence's whole history
+    with the step's own tokens as the last n rows. Row i (absolute position n_past + i)
+    attends to positions 0 .. n_past + i. Query head h uses KV head h // (q_heads/kv_heads)
+    (consecutive query heads form a group, as in HF's repeat_kv).
+
+    Returns (out [n, q_heads, D], lse [n, q_heads]); lse is the natural log of
+    sum_j exp(sm_scale * q.k_j) over the attended positions.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    n, hq, d = q.shape
+    lk, hkv, d2 = k.shape
+    assert d == d2 and v.shape == k.shape and hq % hkv == 0
+    assert lk == n_past + n, (lk, n_past, n)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(d)
+    g = hq // hkv
+    qh = q.reshape(n, hkv, g, d).transpose(1, 2, 0, 3)  # [hkv, g, n, d]
+    s = np.matmul(qh, k.transpose(1, 2, 0)[:, None]) * sm_scale  # [hkv, g, n, lk]
+    masked = np.arange(lk)[None, :] > (n_past + np.arange(n))[:, None]  # [n, lk]
+    s = np.where(masked, -np.inf, s)
+    m = s.max(axis=-1, keepdims=True)
+    p = np.exp(s - m)
+    den = p.sum(axis=-1, keepdims=True)
+    o = np.matmul(p, v.transpose(1, 0, 2)[:, None]) / den  # [hkv, g, n, d]
+    out = o.transpose(2, 0, 1, 3).reshape(n, hq, d)
+    lse = (m[..., 0] + np.log(den[..., 0])).transpose(2, 0, 1).reshape(n, hq)
+    return out, lse
+
+
+def naive_attention(q, k, v, n_past, sm_scale=None):
+    """The same formula, one row and head at a time with math.fsum; slow, for self-tests."""
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(d)
+    out = np.zeros((n, hq, d))
+    lse = np.zeros((n, hq))
+    for i in range(n):
+        for h in range(hq):
+            kh = h // g
+            scores = [sm_scale * math.fsum(q[i, h] * k[j, kh]) for j in range(n_past + i + 1)]
+            mx = max(scores)
+            w = [math.exp(s - mx) for s in scores]
+            den = math.fsum(w)
+            for dd in range(d):
+                out[i, h, dd] = math.fsum(w[j] * v[j, kh, dd] for j in range(len(w))) / den
+            lse[i, h] = mx + math.log(den)
+    return out, lse
+
+
+def merge_lse(o1, l1, o2, l2):
+    """Merge two attention partials over disjoint key sets through their natural-log LSE."""
+    m = np.maximum(l1, l2)
+    w1 = np.exp(l1 - m)
+    w2 = np.exp(l2 - m)
+    den = w1 + w2
+    return (o1 * (w1 / den)[..., None] + o2 * (w2 / den)[..., None]), m + np.log(den)
+
+
+# tolerances: the reference is computed from the dtype-rounded q/k/v, so what is left is the
+# kernel's fp32 accumulation and the final rounding of `out` to the storage dtype (half an
+# ulp). "eps" is the ulp at 1.0; outputs are convex combinations of v (|v| <= sqrt(3)).
+_EPS = {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def tolerances(dtype):
+    """(atol, rtol) for `out` and (atol, rtol) for `lse` (always float32)."""
+    if dtype == "float32":
+        out_tol = (4e-6, 4e-6)  # ~32 ulps: fp32 online softmax over up to a few K tokens
+    else:
+        e = _EPS[dtype]
+        out_tol = (e, e)  # one ulp at 1.0 absolute + one ulp relative: about 2x the final rounding
+    # lse is float32 for every dtype; products of fp16/bf16 inputs are exact in fp32
+    lse_tol = (2e-5, 4e-6)
+    return out_tol, lse_tol
+
+
+def assert_close(got, want, atol, rtol, what):
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    bad_nan = ~np.isfinite(got)
+    if bad_nan.any():
+        idx = np.argwhere(bad_nan)
+        raise AssertionError(
+            f"{what}: {bad_nan.sum()} non-finite values (unwritten rows?), first at {idx[:5].tolist()}"
+        )
+    err = np.abs(got - want)
+    lim = atol + rtol * np.abs(want)
+    bad = err > lim
+    if bad.any():
+        idx = np.argwhere(bad)
+        i = tuple(idx[0])
+        raise AssertionError(
+            f"{what}: {bad.sum()}/{bad.size} elements off, max err {err.max():.3e} "
+            f"(max allowed here {lim.flat[np.argmax(err)]:.3e}); first at {list(i)}: "
+            f"got {got[i]!r} want {want[i]!r}; rows with errors: "
+            f"{sorted(set(int(r) for r in idx[:, 0]))[:20]}"
+        )
+    return float(err.max()) if err.size else 0.0
+
+
+# --------------------------------------------------------------------------------------
+# deterministic K/V
+# --------------------------------------------------------------------------------------
+
+_M64 = (1 << 64) - 1
+
+
+def _mix_int(x):
+    x &= _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _mix_np(x):
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def namespace_seed(namespace: str) -> int:
+    return int.from_bytes(hashlib.blake2b(b"ns:" + namespace.encode(), digest_size=8).digest(), "little")
+
+
+def extend_hashes(hashes: list, tokens, seed: int):
+    """Rolling prefix hash: hashes[i] identifies (namespace, tokens[:i+1])."""
+    h = hashes[-1] if hashes else seed
+    for t in tokens[len(hashes):]:
+        h = _mix_int(h ^ _mix_int((int(t) + 0x9E3779B97F4A7C15) & _M64))
+        hashes.append(h)
+    return hashes
+
+
+def kv_for(hashes, layer, kv_heads, head_dim):
+    """K and V (float64, uniform in [-sqrt3, sqrt3]: unit variance) for prefix hashes."""
+    hs = np.asarray(hashes, dtype=np.uint64)
+    width = 2 * kv_heads * head_dim
+    salt = _mix_np(np.arange(width, dtype=np.uint64) + np.uint64((layer + 1) * 0x632BE59BD9B4E019 & _M64))
+    x = _mix_np(hs[:, None] ^ salt[None, :])
+    u = (x >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+    vals = (u * 2.0 - 1.0) * math.sqrt(3.0)
+    vals = vals.reshape(len(hs), 2, kv_heads, head_dim)
+    return vals[:, 0], vals[:, 1]
+
+
+def round_to(x, dtype):
+    """Round float64 values to `dtype` (nearest even) and return them as float64."""
+    x = np.asarray(x, dtype=np.float64)
+    if dtype == "float32":
+        return x.astype(np.float32).astype(np.float64)
+    if dtype == "float16":
+        return x.astype(np.float16).astype(np.float64)
+    if dtype == "bfloat16":
+        if ml_dtypes is not None:
+            return x.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+        import torch
+
+        return torch.from_numpy(x).to(torch.bfloat16).to(torch.float64).numpy()
+    raise ValueError(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# tensor kinds: numpy arrays or torch tensors of the cache dtype
+# --------------------------------------------------------------------------------------
+
+
+class Kind:
+    """Makes inputs of one kind/dtype from float64 values that are exact in that dtype."""
+
+    def __init__(self, kind: str, dtype: str):
+        self.kind, self.dtype = kind, dtype
+        if kind == "numpy":
+            if dtype == "bfloat16":
+                raise ValueError("bfloat16 is tested through torch tensors")
+            self.np_dtype = np.dtype(dtype)
+        elif kind == "torch":
+            import torch
+
+            self.torch = torch
+            self.t_dtype = getattr(torch, dtype)
+        else:
+            raise ValueError(kind)
+
+    def make(self, x64):
+        x64 = np.ascontiguousarray(x64)
+        if self.kind == "numpy":
+            return x64.astype(self.np_dtype)
+        return self.torch.from_numpy(x64).to(self.t_dtype).contiguous()
+
+    def poison(self, shape):
+        if self.kind == "numpy":
+            return np.full(shape, np.nan, dtype=self.np_dtype)
+        return self.torch.full(shape, float("nan"), dtype=self.t_dtype)
+
+    def to64(self, t):
+        if self.kind == "numpy" or isinstance(t, np.ndarray):
+            return np.asarray(t).astype(np.float64)
+        return t.detach().to(self.torch.float64).cpu().numpy()
+
+    def is_kind(self, t):
+        if self.kind == "numpy":
+            return isinstance(t, np.ndarray) and t.dtype == self.np_dtype
+        return isinstance(t, self.torch.Tensor) and t.dtype == self.t_dtype
+
+    def same_memory(self, a, b):
+        if self.kind == "numpy":
+            return np.shares_memory(a, b)
+        return a.data_ptr() == b.data_ptr()
+
+
+def lse_to64(lse):
+    """lse may come back as numpy or torch (the contract only says float32)."""
+    if isinstance(lse, np.ndarray):
+        assert lse.dtype == np.float32, f"lse dtype {lse.dtype}, want float32"
+        return lse.astype(np.float64)
+    import torch
+
+    assert isinstance(lse, torch.Tensor), f"lse of type {type(lse)}"
+    assert lse.dtype == torch.float32, f"lse dtype {lse.dtype}, want float32"
+    return lse.to(torch.float64).numpy()
+
+
+# --------------------------------------------------------------------------------------
+# shadow model of a KVCache
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SeqModel:
+    namespace: str
+    prompt: list
+    tokens: list  # committed tokens + pending prompt tokens (+ an open step's decode tokens)
+    length: int  # committed tokens
+    hashes: list = field(default_factory=list)
+    kv: dict = field(default_factory=dict)  # layer -> (k64, v64) for positions [0, len)
+    reserved: int = 0  # tokens of the open step
+
+    @property
+    def pending(self):
+        return max(0, len(self.prompt) - self.length)
+
+
+@dataclass
+class Node:
+    parent: int
+    chunk: tuple
+    refs: int = 0
+
+
+@dataclass
+class OpenStep:
+    step: object
+    entries: list  # (sid, n)
+    appended: set = field(default_factory=set)
+    attended: set = field(default_factory=set)
+
+
+def common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Shadow:
+    """A chunkvale.KVCache plus the test's own record of what it must contain.
+
+    memory="exact": the model predicts n_cached and every chunk count exactly (capacity must
+    be large enough that nothing is evicted). memory="bounds": cached chunks may be evicted
+    under pressure; the model checks n_cached / chunks_in_use against lower and upper bounds.
+    memory="off": only attention is checked (n_cached is taken from the cache).
+    """
+
+    def __init__(self, cv, *, kind="numpy", layers=2, q_heads=4, kv_heads=2, head_dim=64,
+                 chunk_size=16, dtype="float32", capacity_chunks=4096, threads=1,
+                 share_threshold=2, sm_scale=None, seed=0, memory="exact", q_scale=None,
+                 **extra):
+        self.cv = cv
+        self.cfg_kwargs = dict(layers=layers, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+                               chunk_size=chunk_size, dtype=dtype, capacity_chunks=capacity_chunks,
+                               threads=threads, share_threshold=share_threshold, sm_scale=sm_scale,
+                               **extra)
+        self.cfg = cv.CacheConfig(**self.cfg_kwargs)
+        self.cache = cv.KVCache(self.cfg)
+        self.layers, self.hq, self.hkv, self.d = layers, q_heads, kv_heads, head_dim
+        self.C, self.dtype, self.capacity = chunk_size, dtype, capacity_chunks
+        self.sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.kind = Kind(kind, dtype)
+        self.rng = np.random.default_rng(seed)
+        self.q_scale = q_scale
+        self.memory = memory
+        self.seqs: dict = {}
+        self.nodes: dict = {}  # key (prefix hash at chunk end) -> Node
+        self.children: dict = {}  # parent key -> {chunk tuple: key}
+        self.maybe_evicted: set = set()  # memory="bounds": cached nodes the cache may have dropped
+        self.open: OpenStep | None = None
+        self.reused = 0
+        self.max_in_use = 0
+        self.last_peak = 0
+        self.max_err = {"out": 0.0, "lse": 0.0}
+        self.steps_run = 0
+        self.log: list = []  # operations, for repro notes
+
+    # ---------------------------------------------------------------- tree model
+    def _seed(self, ns):
+        return namespace_seed(ns)
+
+    def _hashes(self, sm: SeqModel, upto: int):
+        extend_hashes(sm.hashes, sm.tokens[:upto], self._seed(sm.namespace))
+        return sm.hashes
+
+    def _chunk_key(self, sm, j):
+        return self._hashes(sm, (j + 1) * self.C)[(j + 1) * self.C - 1]
+
+    def _parent_key(self, sm, j):
+        return self._seed(sm.namespace) if j == 0 else self._chunk_key(sm, j - 1)
+
+    def _match(self, ns, toks, live_only=False):
+        """Longest cached prefix (full chunks + a partial match into a chunk)."""
+        C = self.C
+        hashes = extend_hashes([], toks, self._seed(ns))
+        parent = self._seed(ns)
+        k = 0
+        while (k + 1) * C <= len(toks):
+            key = hashes[(k + 1) * C - 1]
+            nd = self.nodes.get(key)
+            if nd is None or (live_only and (nd.refs == 0 or key in self.maybe_evicted)):
+                break
+            parent = key
+            k += 1
+        best = 0
+        rest = tuple(toks[k * C:(k + 1) * C])
+        if rest:
+            for chunk, key in self.children.get(parent, {}).items():
+                nd = self.nodes[key]
+                if live_only and (nd.refs == 0 or key in self.maybe_evicted):
+                    continue
+                best = max(best, common_prefix(chunk, rest))
+        return k * C + best
+
+    def _node_ref(self, sm, j):
+        key = self._chunk_key(sm, j)
+        nd = self.nodes.get(key)
+        if nd is None:
+            parent = self._parent_key(sm, j)
+            chunk = tuple(sm.tokens[j * self.C:(j + 1) * self.C])
+            nd = self.nodes[key] = Node(parent, chunk, 0)
+            self.children.setdefault(parent, {})[chunk] = key
+        nd.refs += 1
+        self.maybe_evicted.discard(key)
+
+    def _node_unref(self, sm, j):
+        self.nodes[self._chunk_key(sm, j)].refs -= 1
+
+    def _drop_node(self, key):
+        nd = self.nodes.pop(key)
+        ch = self.children.get(nd.parent)
+        if ch is not None:
+            ch.pop(nd.chunk, None)
+        self.maybe_evicted.discard(key)
+
+    def _private(self, sm):
+        total = sm.length + sm.reserved
+        return -(-total // self.C) - sm.length // self.C
+
+    def expected(self):
+        live_nodes = sum(1 for nd in self.nodes.values() if nd.refs > 0)
+        cached = sum(1 for nd in self.nodes.values() if nd.refs == 0)
+        private = sum(self._private(sm) for sm in self.seqs.values())
+        return dict(
+            chunks_in_use=len(self.nodes) + private,
+            live_nodes=live_nodes,
+            private=private,
+            chunks_cached=cached,
+            chunks_shared=sum(1 for nd in self.nodes.values() if nd.refs >= 2),
+            sequences=len(self.seqs),
+            tokens_cached=sum(sm.length for sm in self.seqs.values()),
+            reused_prompt_tokens=self.reused,
+        )
+
+    def check_stats(self, where=""):
+        st = self.cache.stats()
+        ctx = f"stats after {where}: {st}"
+        assert st["capacity_chunks"] == self.capacity, ctx
+        assert st["chunks_in_use"] + st["chunks_free"] == st["capacity_chunks"], ctx
+        assert st["peak_chunks"] >= st["chunks_in_use"], ctx
+        assert st["peak_chunks"] >= self.last_peak, ctx
+        self.last_peak = st["peak_chunks"]
+        assert st["sequences"] == len(self.seqs), ctx
+        if self.memory == "off":
+            return st
+        exp = self.expected()
+        assert st["tokens_cached"] == exp["tokens_cached"], ctx + f" expected {exp}"
+        assert st["reused_prompt_tokens"] == exp["reused_prompt_tokens"], ctx + f" expected {exp}"
+        if self.memory == "exact":
+            for key in ("chunks_in_use", "chunks_cached", "chunks_shared"):
+                assert st[key] == exp[key], f"{key}: {ctx}; model expects {exp}"
+        else:
+            lo = exp["live_nodes"] + exp["private"]
+            hi = lo + sum(1 for nd in self.nodes.values() if nd.refs == 0)
+            assert lo <= st["chunks_in_use"] <= hi, f"chunks_in_use not in [{lo}, {hi}]: {ctx}"
+            assert st["chunks_cached"] <= hi - lo, ctx
+            if st["chunks_cached"] == 0:  # nothing cached any more: forget what may be there
+                for key in [k for k, nd in self.nodes.items() if nd.refs == 0]:
+                    self._drop_node(key)
+        self.max_in_use = max(self.max_in_use, st["chunks_in_use"])
+        return st
+
+    # ---------------------------------------------------------------- commit
+    def _commit_if_complete(self):
+        op = self.open
+        if op is None:
+            return
+        if len(op.appended) < self.layers:
+            return  # the cache must raise; callers check
+        for sid, n in op.entries:
+            sm = self.seqs[sid]
+            old_full = sm.length // self.C
+            sm.length += n
+            sm.reserved = 0
+            for j in range(old_full, sm.length // self.C):
+                self._node_ref(sm, j)
+        self.open = None
+
+    def _evictable(self):
+        return sum(1 for nd in self.nodes.values() if nd.refs == 0)
+
+    def _free_slots_lower(self):
+        """Slots certainly obtainable: free + every evictable cached chunk."""
+        e = self.expected()
+        return self.capacity - e["live_nodes"] - e["private"]
+
+    # ---------------------------------------------------------------- operations
+    def add(self, tokens, namespace="", max_reuse=None):
+        tokens = [int(t) for t in tokens]
+        self.log.append(("add", len(tokens), namespace, max_reuse))
+        if self.open is not None and len(self.open.appended) < self.layers:
+            raise AssertionError("test bug: add with an incomplete step")
+        self._commit_if_complete()
+        upper = self._match(namespace, tokens)
+        if max_reuse is not None:
+            upper = min(upper, max_reuse)
+        lower = self._match(namespace, tokens, live_only=True)
+        if max_reuse is not None:
+            lower = min(lower, max_reuse)
+        if max_reuse is None:
+            sid, n_cached = self.cache.add_sequence(tokens, namespace=namespace)
+        else:
+            sid, n_cached = self.cache.add_sequence(tokens, namespace=namespace, max_reuse=max_reuse)
+        assert sid not in self.seqs, f"add_sequence returned a live id {sid}"
+        if self.memory == "exact":
+            assert n_cached == upper, (
+                f"add_sequence(len={len(tokens)}, namespace={namespace!r}, max_reuse={max_reuse}): "
+                f"n_cached={n_cached}, the prefix tree holds {upper} matching tokens")
+        elif self.memory == "bounds":
+            assert lower <= n_cached <= upper, (n_cached, lower, upper)
+        else:
+            assert 0 <= n_cached <= len(tokens)
+        sm = SeqModel(namespace, list(tokens), list(tokens), n_cached)
+        self.seqs[sid] = sm
+        for j in range(n_cached // self.C):
+            self._node_ref(sm, j)
+        self.reused += n_cached
+        assert self.cache.sequence_length(sid) == n_cached
+        self.check_stats(f"add_sequence -> ({sid}, {n_cached})")
+        return sid, n_cached
+
+    def fork(self, sid, n):
+        self.log.append(("fork", sid, n))
+        self._commit_if_complete()
+        kids = list(self.cache.fork(sid, n))
+        assert len(kids) == n and len(set(kids)) == n
+        parent = self.seqs[sid]
+        for kid in kids:
+            assert kid not in self.seqs and kid != sid
+            sm = SeqModel(parent.namespace, list(parent.prompt), list(parent.tokens), parent.length,
+                          list(parent.hashes), dict(parent.kv))
+            self.seqs[kid] = sm
+            for j in range(sm.length // self.C):
+                self._node_ref(sm, j)
+            assert self.cache.sequence_length(kid) == sm.length
+        self.check_stats(f"fork({sid}, {n})")
+        return kids
+
+    def remove(self, sid):
+        self.log.append(("remove", sid))
+        self._commit_if_complete()
+        self.cache.remove(sid)
+        sm = self.seqs.pop(sid)
+        for j in range(sm.length // self.C):
+            self._node_unref(sm, j)
+        self.check_stats(f"remove({sid})")
+
+    def clear(self):
+        self.log.append(("clear",))
+        # clear() is not listed among the calls that commit; commit only if it is complete
+        self.cache.clear()
+        for key in [k for k, nd in self.nodes.items() if nd.refs == 0]:
+            self._drop_node(key)
+        self.check_stats("clear()")
+
+    def cancel(self):
+        self.log.append(("cancel",))
+        op = self.open
+        self.cache.cancel(op.step)
+        for sid, _ in op.entries:
+            sm = self.seqs[sid]
+            sm.reserved = 0
+            del sm.tokens[max(len(sm.prompt), sm.length):]  # decode tokens of the dropped step
+        self.open = None
+        self.check_stats("cancel(step)")
+
+    def plan(self, entries):
+        """entries: [(sid, n_new)] or [(sid, [tokens])]. Returns the step (open, nothing appended)."""
+        self.log.append(("plan", [(s, e if isinstance(e, int) else list(e)) for s, e in entries]))
+        self._commit_if_complete()
+        step = self.cache.plan([(s, e if isinstance(e, int) else list(e)) for s, e in entries])
+        norm = []
+        for sid, e in entries:
+            sm = self.seqs[sid]
+            if isinstance(e, int):
+                assert e <= sm.pending
+                n = e
+            else:
+                assert sm.pending == 0
+                sm.tokens.extend(int(t) for t in e)
+                n = len(e)
+            sm.reserved = n
+            norm.append((sid, n))
+        self.open = OpenStep(step, norm)
+        # the step's layout
+        sizes = [n for _, n in norm]
+        offs = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        assert step.num_tokens == offs[-1], (step.num_tokens, offs)
+        assert list(step.seq_ids) == [s for s, _ in norm]
+        assert list(step.row_offsets) == offs, (list(step.row_offsets), offs)
+        pos = np.asarray(step.positions)
+        assert pos.dtype == np.int64 and pos.shape == (offs[-1],)
+        want = np.concatenate([np.arange(self.seqs[s].length, self.seqs[s].length + n) for s, n in norm])
+        np.testing.assert_array_equal(pos, want)
+        self.check_stats("plan")
+        return step
+
+    def _history(self, sm, layer, upto):
+        k, v = sm.kv.get(layer, (np.zeros((0, self.hkv, self.d)), np.zeros((0, self.hkv, self.d))))
+        if len(k) < upto:
+            hs = self._hashes(sm, upto)[len(k):upto]
+            nk, nv = kv_for(hs, layer, self.hkv, self.d)
+            k = np.concatenate([k, round_to(nk, self.dtype)])
+            v = np.concatenate([v, round_to(nv, self.dtype)])
+            sm.kv[layer] = (k, v)
+        return k[:upto], v[:upto]
+
+    def step_kv(self, layer):
+        op = self.open
+        ks, vs = [], []
+        for sid, n in op.entries:
+            sm = self.seqs[sid]
+            k, v = self._history(sm, layer, sm.length + n)
+            ks.append(k[sm.length:])
+            vs.append(v[sm.length:])
+        return np.concatenate(ks), np.concatenate(vs)
+
+    def append(self, layer):
+        k, v = self.step_kv(layer)
+        self.cache.append(layer, self.open.step, self.kind.make(k), self.kind.make(v))
+        self.open.appended.add(layer)
+
+    def draw_q(self):
+        n = self.open.step.num_tokens
+        scale = self.q_scale if self.q_scale is not None else float(self.rng.choice([0.5, 1.0, 2.0, 4.0]))
+        return round_to(self.rng.standard_normal((n, self.hq, self.d)) * scale, self.dtype)
+
+    def reference(self, layer, q64):
+        outs, lses = [], []
+        r = 0
+        for sid, n in self.open.entries:
+            sm = self.seqs[sid]
+            k, v = self._history(sm, layer, sm.length + n)
+            o, l = attention_reference(q64[r:r + n], k, v, sm.length, self.sm_scale)
+            outs.append(o)
+            lses.append(l)
+            r += n
+        return np.concatenate(outs), np.concatenate(lses)
+
+    def attend(self, layer, return_lse=True, use_out=True, q64=None):
+        if q64 is None:
+            q64 = self.draw_q()
+        q = self.kind.make(q64)
+        n = self.open.step.num_tokens
+        kwargs = {}
+        out = None
+        if use_out:
+            out = self.kind.poison((n, self.hq, self.d))
+            kwargs["out"] = out
+        if return_lse:
+            res = self.cache.attention(layer, self.open.step, q, return_lse=True, **kwargs)
+            assert isinstance(res, tuple) and len(res) == 2, type(res)
+            got, lse = res
+        else:
+            got = self.cache.attention(layer, self.open.step, q, **kwargs)
+            lse = None
+        assert self.kind.is_kind(got), f"attention returned {type(got)} {getattr(got, 'dtype', '')}"
+        assert tuple(got.shape) == (n, self.hq, self.d)
+        if use_out:
+            assert self.kind.same_memory(got, out), "attention(out=...) did not return `out`"
+        ref_o, ref_l = self.reference(layer, q64)
+        (oa, orl), (la, lr) = tolerances(self.dtype)
+        where = f"layer {layer}, entries {self.open.entries}, cfg {self.cfg_kwargs}"
+        e = assert_close(self.kind.to64(got), ref_o, oa, orl, f"out ({where})")
+        self.max_err["out"] = max(self.max_err["out"], e)
+        if lse is not None:
+            l64 = lse_to64(lse)
+            assert l64.shape == (n, self.hq), l64.shape
+            e = assert_close(l64, ref_l, la, lr, f"lse ({where})")
+            self.max_err["lse"] = max(self.max_err["lse"], e)
+        self.open.attended.add(layer)
+        return got
+
+    def run_step(self, entries, order="interleaved", return_lse=None, use_out=None):
+        """plan + append + attention for every layer, checked against the reference."""
+        step = self.plan(entries)
+        layers = list(range(self.layers))
+        rl = return_lse if return_lse is not None else bool(self.rng.integers(2))
+        uo = use_out if use_out is not None else bool(self.rng.random() < 0.8)
+        if order == "interleaved":
+            for layer in layers:
+                self.append(layer)
+                self.attend(layer, return_lse=rl, use_out=uo)
+        elif order == "append_first":
+            for layer in layers:
+                self.append(layer)
+            for layer in layers:
+                self.attend(layer, return_lse=rl, use_out=uo)
+        else:
+            raise ValueError(order)
+        self.steps_run += 1
+        return step
+
+    # ---------------------------------------------------------------- helpers for scenarios
+    def live(self):
+        return list(self.seqs)
+
+    def random_entry(self, sid, max_new=None):
+        """A random (sid, n_new) or (sid, [tokens]) entry valid after the open step commits."""
+        sm = self.seqs[sid]
+        done = sm.length
+        if self.open is not None and len(self.open.appended) == self.layers:
+            done += dict(self.open.entries).get(sid, 0)
+        pending = max(0, len(sm.prompt) - done)
+        if pending:
+            hi = pending if max_new is None else min(pending, max_new)
+            return (sid, int(self.rng.integers(1, hi + 1)))
+        n = 1 if self.rng.random() < 0.8 else int(self.rng.integers(2, 4))
+        return (sid, [int(t) for t in self.rng.integers(0, 50_000, size=n)])
