@@ -1,0 +1,29 @@
+// What a backend executes; the core (KVCache, plan_builder) decides. Policy code never
+// branches on the device: it only calls these.
+#pragma once
+#include <cstdint>
+#include "chunkvale/config.h"
+#include "chunkvale/step_plan.h"
+#include "chunkvale/tensor.h"
+
+namespace chunkvale {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+
+  // Writes the step's new K/V rows for one layer into their chunk slots.
+  virtual void append(int layer, const StepPlan& plan, const TensorView& k,
+                      const TensorView& v) = 0;
+  // Copies the first n_tokens tokens of chunk `src` into `dst`, every layer and head.
+  virtual void copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) = 0;
+  // Two-phase attention of one layer. `lse` may be null (no LSE wanted).
+  virtual void attention(int layer, const StepPlan& plan, const TensorView& q,
+                         const TensorView& out, const TensorView* lse) = 0;
+  // Reads K (kv=0) or V (kv=1) of one (layer, slot, head) tile as float32 [C][D];
+  // for tests and debugging, never on a hot path.
+  virtual void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const = 0;
+};
+
+}  // namespace chunkvale

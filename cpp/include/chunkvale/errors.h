@@ -1,0 +1,26 @@
+// Exceptions of the public API. Each maps to one Python exception type in the bindings;
+// messages name the argument, what was expected and what was given.
+#pragma once
+#include <stdexcept>
+#include <string>
+
+namespace chunkvale {
+
+// Bad value, shape, state or stale step (Python: ValueError).
+struct ValueError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+// Wrong dtype or tensor kind/device (Python: TypeError).
+struct TypeError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+// Unknown or removed sequence id (Python: KeyError).
+struct KeyError : std::out_of_range {
+  using std::out_of_range::out_of_range;
+};
+// The pool is full and nothing can be reclaimed (Python: chunkvale.CapacityError).
+struct CapacityError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+}  // namespace chunkvale

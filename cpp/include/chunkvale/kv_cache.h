@@ -1,0 +1,105 @@
+// The embeddable API: a prefix-sharing, chunked KV cache with two-phase attention.
+// Every public method validates its input, is atomic (a call that throws leaves the
+// cache as it was) and is safe to call from several threads.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "chunkvale/backend.h"
+#include "chunkvale/chunk_pool.h"
+#include "chunkvale/config.h"
+#include "chunkvale/errors.h"
+#include "chunkvale/prefix_tree.h"
+#include "chunkvale/step_plan.h"
+#include "chunkvale/tensor.h"
+
+namespace chunkvale {
+
+// One batch entry of plan(): the next `count` pending prompt tokens, or explicit tokens.
+struct PlanEntry {
+  int64_t seq = 0;
+  int64_t count = 0;              // used when `tokens` is empty
+  std::vector<int32_t> tokens;    // tokens beyond the prompt (decode)
+};
+
+struct CacheStats {
+  int64_t capacity_chunks = 0, chunks_in_use = 0, chunks_free = 0, chunks_shared = 0,
+          chunks_cached = 0, peak_chunks = 0, sequences = 0, tokens_cached = 0,
+          tokens_saved_by_sharing = 0, reused_prompt_tokens = 0, plan_rebuilds = 0,
+          plan_reuses = 0, chunk_first_units = 0, chunk_first_chunks = 0;
+  size_t bytes_per_chunk = 0;
+};
+
+class KVCache {
+ public:
+  explicit KVCache(const CacheConfig& config);
+  ~KVCache();
+  KVCache(const KVCache&) = delete;
+  KVCache& operator=(const KVCache&) = delete;
+
+  const CacheConfig& config() const { return cfg_; }
+
+  // Returns (sequence id, leading tokens already cached).
+  std::pair<int64_t, int64_t> add_sequence(const std::vector<int32_t>& tokens,
+                                           const std::string& ns = "",
+                                           int64_t max_reuse = -1);
+  // Plans one step; returns its id. A step ends (and its plan with it) at the next
+  // add_sequence / plan / fork / remove / clear, which refuse while a layer is missing.
+  uint64_t plan(const std::vector<PlanEntry>& entries);
+  void append(int layer, uint64_t step, const TensorView& k, const TensorView& v);
+  void attention(int layer, uint64_t step, const TensorView& q, const TensorView& out,
+                 const TensorView* lse = nullptr);
+  void cancel(uint64_t step);
+  std::vector<int64_t> fork(int64_t seq, int n);
+  void remove(int64_t seq);
+  void clear();  // drops every unreferenced cached prefix chunk
+
+  // Reads; they also commit a step whose every layer was appended.
+  int64_t sequence_length(int64_t seq);
+  CacheStats stats();
+  // The open step's plan (read-only; for bindings and tests). Throws if `step` is stale.
+  const StepPlan& step_plan(uint64_t step) const;
+  // Test/debug access to stored K/V; see Backend::read_tile.
+  void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const;
+  // Slots of a sequence's chunks in token order.
+  std::vector<int32_t> sequence_slots(int64_t seq);
+
+ private:
+  struct Sequence;
+  struct OpenStep;
+
+  Sequence& get_seq(int64_t seq, const char* arg);
+  const Sequence& get_seq(int64_t seq, const char* arg) const;
+  void commit_if_complete();
+  void end_step(const char* caller);  // commit and close the step, or refuse if unfinished
+  void commit_step();
+  void seal_full_chunks(Sequence& s, std::vector<int32_t>& dropped);
+  int32_t take_slot();                 // alloc, reclaiming cached prefix if needed
+  // Throws CapacityError unless n slots can be had (free, reclaimable, or freed when
+  // the current step ends).
+  void require_slots(int64_t n, const char* what, int64_t freed_later = 0);
+  const OpenStep& open_step(uint64_t step, const char* arg) const;
+  void release_sequence(Sequence& s);
+
+  CacheConfig cfg_;
+  std::unique_ptr<Backend> backend_;
+  ChunkPool pool_;
+  PrefixTree tree_;
+  std::unordered_map<int64_t, std::unique_ptr<Sequence>> seqs_;
+  int64_t next_seq_id_ = 1;
+  uint64_t next_step_id_ = 1;
+  std::unique_ptr<OpenStep> step_;
+  StepPlan plan_;                  // the latest plan (reused when the batch repeats)
+  uint64_t plan_tree_version_ = ~0ull;
+  int64_t reused_prompt_tokens_ = 0;
+  int64_t plan_rebuilds_ = 0, plan_reuses_ = 0;
+  mutable std::mutex mu_;
+};
+
+}  // namespace chunkvale

@@ -1,0 +1,60 @@
+// A step's plan: built on the host once per step by the core (plan_builder), read by
+// every layer's append and attention in a backend. Head-agnostic: every work unit
+// runs once per KV head.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace chunkvale {
+
+// One sequence of the batch.
+struct StepSeq {
+  int64_t seq_id = 0;
+  int32_t row_begin = 0;    // first packed query/key row of this sequence
+  int32_t n_new = 0;        // new tokens this step
+  int64_t ctx_before = 0;   // tokens cached before this step
+  int32_t chunk_begin = 0;  // range into StepPlan::seq_chunks: every chunk of the
+  int32_t chunk_end = 0;    //   sequence, in token order, covering ctx_before + n_new
+  int64_t total() const { return ctx_before + n_new; }
+};
+
+// One chunk as a work unit sees it.
+struct UnitChunk {
+  int32_t slot = 0;
+  int32_t valid = 0;        // keys present in the slot after this step's append
+  int64_t start = 0;        // position of the chunk's first token in its sequence
+};
+
+// A work unit: some query rows against some chunks, producing one softmax partial
+// (max, sum, unnormalised output) per stacked row (token row x query head of the group).
+struct WorkUnit {
+  int32_t chunk_begin = 0, chunk_end = 0;  // range into StepPlan::unit_chunks
+  int32_t row_begin = 0, row_end = 0;      // range into StepPlan::unit_rows
+  int32_t partial_begin = 0;               // first partial token-row (x group x kv_heads)
+  bool causal = false;                     // rows see keys at positions <= their own
+  bool chunk_first = false;                // a shared chunk run (no mask, many rows)
+  int32_t seq = -1;                        // owning StepSeq for sequence-first units
+};
+
+struct StepPlan {
+  uint64_t id = 0;
+  int32_t num_tokens = 0;
+  std::vector<StepSeq> seqs;
+  std::vector<int32_t> seq_chunks;     // slots, per StepSeq range
+  std::vector<int64_t> positions;      // absolute position of each packed row
+  std::vector<int32_t> row_seq;        // StepSeq index of each packed row
+
+  std::vector<WorkUnit> units;
+  std::vector<UnitChunk> unit_chunks;
+  std::vector<int32_t> unit_rows;      // packed row indices, per unit range
+  int32_t partial_rows = 0;            // token rows of partials per KV head (times group)
+  // For each packed row, the partial token-rows to merge (CSR).
+  std::vector<int32_t> row_partial_offsets;  // num_tokens + 1
+  std::vector<int32_t> row_partials;
+
+  // Counters for stats and tests.
+  int32_t chunk_first_units = 0;
+  int32_t chunk_first_chunks = 0;
+};
+
+}  // namespace chunkvale

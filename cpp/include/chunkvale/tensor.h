@@ -1,0 +1,24 @@
+// A non-owning view of a tensor crossing the API (filled from DLPack by the bindings).
+#pragma once
+#include <cstdint>
+#include "chunkvale/config.h"
+
+namespace chunkvale {
+
+struct TensorView {
+  void* data = nullptr;
+  DType dtype = DType::Float32;
+  bool dtype_known = true;      // false: a dtype chunkvale does not store (e.g. int64)
+  char dtype_label[16] = {0};   // printable dtype for error messages
+  bool on_cpu = true;
+  int ndim = 0;
+  int64_t shape[4] = {0, 0, 0, 0};
+  int64_t strides[4] = {0, 0, 0, 0};  // in elements
+};
+
+// Checks a [rows, heads, dim] tensor: kind, dtype, shape, C-contiguity.
+// Throws TypeError / ValueError naming `arg`.
+void check_tensor3(const TensorView& t, const char* arg, DType dtype, int64_t rows,
+                   int64_t heads, int64_t dim);
+
+}  // namespace chunkvale

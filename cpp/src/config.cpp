@@ -1,0 +1,104 @@
+#include <cmath>
+#include <sstream>
+
+#include "chunkvale/config.h"
+#include "chunkvale/errors.h"
+#include "chunkvale/tensor.h"
+
+namespace chunkvale {
+
+const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::Float32: return "float32";
+    case DType::Float16: return "float16";
+    case DType::BFloat16: return "bfloat16";
+  }
+  return "?";
+}
+
+size_t dtype_size(DType d) { return d == DType::Float32 ? 4 : 2; }
+
+DType parse_dtype(const std::string& name) {
+  if (name == "float32" || name == "fp32") return DType::Float32;
+  if (name == "float16" || name == "fp16" || name == "half") return DType::Float16;
+  if (name == "bfloat16" || name == "bf16") return DType::BFloat16;
+  throw ValueError("dtype: expected 'float32', 'float16' or 'bfloat16', got '" + name + "'");
+}
+
+namespace {
+void need(bool ok, const std::string& msg) {
+  if (!ok) throw ValueError(msg);
+}
+std::string got(const char* field, const char* expected, long long v) {
+  std::ostringstream s;
+  s << field << ": expected " << expected << ", got " << v;
+  return s.str();
+}
+}  // namespace
+
+void CacheConfig::validate() const {
+  need(layers >= 1, got("layers", "an integer >= 1", layers));
+  need(kv_heads >= 1, got("kv_heads", "an integer >= 1", kv_heads));
+  need(q_heads >= 1, got("q_heads", "an integer >= 1", q_heads));
+  need(q_heads % kv_heads == 0,
+       got("q_heads", ("a multiple of kv_heads=" + std::to_string(kv_heads)).c_str(), q_heads));
+  need(head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 || head_dim == 256,
+       got("head_dim", "one of 64, 80, 96, 128, 256", head_dim));
+  need(chunk_size >= 16 && chunk_size <= 128 && (chunk_size & (chunk_size - 1)) == 0,
+       got("chunk_size", "a power of two in [16, 128]", chunk_size));
+  need(capacity_chunks >= 0, got("capacity_chunks", "an integer >= 0", capacity_chunks));
+  need(capacity_bytes >= 0, got("capacity_bytes", "an integer >= 0", capacity_bytes));
+  need((capacity_chunks > 0) != (capacity_bytes > 0),
+       "capacity_chunks/capacity_bytes: expected exactly one of them > 0, got capacity_chunks=" +
+           std::to_string(capacity_chunks) + ", capacity_bytes=" + std::to_string(capacity_bytes));
+  need(resolved_capacity() >= 1,
+       got("capacity_bytes", ("at least one chunk (" + std::to_string(bytes_per_chunk()) +
+                              " bytes)").c_str(), capacity_bytes));
+  need(resolved_capacity() < (int64_t(1) << 31),
+       got("capacity_chunks", "fewer than 2^31 chunks", resolved_capacity()));
+  need(threads >= 0 && threads <= 1024, got("threads", "0 (all cores) .. 1024", threads));
+  need(share_threshold >= 1, got("share_threshold", "an integer >= 1", share_threshold));
+  need(std::isfinite(sm_scale) && sm_scale >= 0.0f,
+       "sm_scale: expected a finite value > 0 (or None), got " + std::to_string(sm_scale));
+  if (device != "cpu")
+    throw ValueError("device: expected 'cpu' (the CUDA backend is not built), got '" + device + "'");
+}
+
+size_t CacheConfig::bytes_per_chunk() const {
+  return size_t(layers) * 2 * kv_heads * chunk_size * head_dim * dtype_size(dtype);
+}
+
+int64_t CacheConfig::resolved_capacity() const {
+  if (capacity_chunks > 0) return capacity_chunks;
+  size_t b = bytes_per_chunk();
+  return b ? int64_t(capacity_bytes / int64_t(b)) : 0;
+}
+
+float CacheConfig::resolved_scale() const {
+  return sm_scale > 0.0f ? sm_scale : 1.0f / std::sqrt(float(head_dim));
+}
+
+void check_tensor3(const TensorView& t, const char* arg, DType dtype, int64_t rows,
+                   int64_t heads, int64_t dim) {
+  if (!t.on_cpu)
+    throw TypeError(std::string(arg) + ": expected a CPU tensor, got a tensor on another device");
+  if (!t.dtype_known || t.dtype != dtype)
+    throw TypeError(std::string(arg) + ": expected dtype " + dtype_name(dtype) + " (the cache's), got " +
+                    (t.dtype_known ? dtype_name(t.dtype) : t.dtype_label));
+  std::ostringstream want, have;
+  want << "[" << rows << ", " << heads << ", " << dim << "]";
+  have << "[";
+  for (int i = 0; i < t.ndim; ++i) have << (i ? ", " : "") << t.shape[i];
+  have << "]";
+  if (t.ndim != 3 || t.shape[0] != rows || t.shape[1] != heads || t.shape[2] != dim)
+    throw ValueError(std::string(arg) + ": expected shape " + want.str() + ", got " + have.str());
+  bool contiguous = (rows <= 1 || t.strides[0] == heads * dim) &&
+                    (heads <= 1 || t.strides[1] == dim) && (dim <= 1 || t.strides[2] == 1);
+  if (!contiguous)
+    throw ValueError(std::string(arg) + ": expected a C-contiguous tensor of shape " + want.str() +
+                     ", got strides (" + std::to_string(t.strides[0]) + ", " +
+                     std::to_string(t.strides[1]) + ", " + std::to_string(t.strides[2]) + ")");
+  if (rows > 0 && t.data == nullptr) throw ValueError(std::string(arg) + ": expected data, got a null pointer");
+}
+
+}  // namespace chunkvale

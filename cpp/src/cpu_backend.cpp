@@ -1,0 +1,123 @@
+#include "cpu_backend.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "chunkvale/errors.h"
+
+namespace chunkvale {
+
+CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
+    : cfg_(cfg),
+      slots_(slots),
+      elem_(dtype_size(cfg.dtype)),
+      tile_bytes_(size_t(cfg.chunk_size) * cfg.head_dim * elem_),
+      slot_bytes_(2 * size_t(cfg.kv_heads) * tile_bytes_),
+      layer_bytes_(size_t(slots) * slot_bytes_),
+      kernels_(kernels_for(cfg.dtype, cfg.head_dim)),
+      threads_(cfg.threads) {
+  if (!kernels_) throw ValueError("head_dim: no kernel for head_dim " + std::to_string(cfg.head_dim));
+  size_t total = layer_bytes_ * size_t(cfg.layers);
+  // 64-byte aligned; pages are only touched when written, so a large capacity is cheap.
+  pool_ = static_cast<uint8_t*>(std::aligned_alloc(64, (total + 63) / 64 * 64));
+  if (!pool_)
+    throw CapacityError("capacity: could not allocate " + std::to_string(total) +
+                        " bytes of KV pool memory");
+  scratch_.resize(size_t(threads_.size()));
+}
+
+CpuBackend::~CpuBackend() { std::free(pool_); }
+
+uint8_t* CpuBackend::tile(int layer, int32_t slot, int kv, int head) const {
+  return pool_ + size_t(layer) * layer_bytes_ + size_t(slot) * slot_bytes_ +
+         (size_t(kv) * cfg_.kv_heads + size_t(head)) * tile_bytes_;
+}
+
+void CpuBackend::append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v) {
+  const int C = cfg_.chunk_size, H = cfg_.kv_heads;
+  const size_t row_bytes = size_t(cfg_.head_dim) * elem_;
+  const uint8_t* ks = static_cast<const uint8_t*>(k.data);
+  const uint8_t* vs = static_cast<const uint8_t*>(v.data);
+  auto write_row = [&](int64_t r, int) {
+    const StepSeq& s = plan.seqs[size_t(plan.row_seq[size_t(r)])];
+    int64_t pos = plan.positions[size_t(r)];
+    int32_t slot = plan.seq_chunks[size_t(s.chunk_begin + pos / C)];
+    size_t off = size_t(pos % C) * row_bytes;
+    for (int h = 0; h < H; ++h) {
+      size_t src = (size_t(r) * H + h) * row_bytes;
+      std::memcpy(tile(layer, slot, 0, h) + off, ks + src, row_bytes);
+      std::memcpy(tile(layer, slot, 1, h) + off, vs + src, row_bytes);
+    }
+  };
+  if (plan.num_tokens >= 512)
+    threads_.parallel_for(plan.num_tokens, write_row);
+  else
+    for (int64_t r = 0; r < plan.num_tokens; ++r) write_row(r, 0);
+}
+
+void CpuBackend::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
+  const size_t bytes = size_t(n_tokens) * cfg_.head_dim * elem_;
+  for (int l = 0; l < cfg_.layers; ++l)
+    for (int kv = 0; kv < 2; ++kv)
+      for (int h = 0; h < cfg_.kv_heads; ++h)
+        std::memcpy(tile(l, dst, kv, h), tile(l, src, kv, h), bytes);
+}
+
+void CpuBackend::attention(int layer, const StepPlan& plan, const TensorView& q,
+                           const TensorView& out, const TensorView* lse) {
+  const int G = cfg_.group();
+  const size_t prow = size_t(cfg_.kv_heads) * size_t(plan.partial_rows) * G;
+  if (part_ml_.size() < prow * 2) part_ml_.resize(prow * 2);
+  if (part_o_.size() < prow * cfg_.head_dim) part_o_.resize(prow * cfg_.head_dim);
+
+  LayerArgs a;
+  a.plan = &plan;
+  a.layer_base = pool_ + size_t(layer) * layer_bytes_;
+  a.C = cfg_.chunk_size;
+  a.D = cfg_.head_dim;
+  a.kv_heads = cfg_.kv_heads;
+  a.group = G;
+  a.q_heads = cfg_.q_heads;
+  a.scale = cfg_.resolved_scale();
+  a.q = q.data;
+  a.out = out.data;
+  a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
+  a.part_ml = part_ml_.data();
+  a.part_o = part_o_.data();
+
+  // Phase 1: every (unit, KV head); chunk-first units come first in the plan, so the
+  // biggest items start early and the dynamic schedule balances the tail.
+  const int64_t items = int64_t(plan.units.size()) * cfg_.kv_heads;
+  const int H = cfg_.kv_heads;
+  threads_.parallel_for(items, [&](int64_t i, int t) {
+    kernels_->run_unit(a, int32_t(i / H), int(i % H), scratch_[size_t(t)]);
+  });
+  // Phase 2: merge each row's partials (exact log-sum-exp combination).
+  threads_.parallel_for(plan.num_tokens, [&](int64_t r, int) { kernels_->merge_row(a, int32_t(r)); });
+}
+
+void CpuBackend::read_tile(int layer, int32_t slot, int kv, int head, float* dst) const {
+  const uint8_t* p = tile(layer, slot, kv, head);
+  const size_t n = size_t(cfg_.chunk_size) * cfg_.head_dim;
+  for (size_t i = 0; i < n; ++i) {
+    switch (cfg_.dtype) {
+      case DType::Float32: std::memcpy(&dst[i], p + 4 * i, 4); break;
+      case DType::Float16: {
+        _Float16 h;
+        std::memcpy(&h, p + 2 * i, 2);
+        dst[i] = float(h);
+        break;
+      }
+      case DType::BFloat16: {
+        uint16_t b;
+        std::memcpy(&b, p + 2 * i, 2);
+        uint32_t u = uint32_t(b) << 16;
+        std::memcpy(&dst[i], &u, 4);
+        break;
+      }
+    }
+  }
+}
+
+}  // namespace chunkvale

@@ -1,0 +1,37 @@
+// The CPU backend: owns the pool memory and runs the kernels on a thread pool.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "chunkvale/backend.h"
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace chunkvale {
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(const CacheConfig& cfg, int64_t slots);
+  ~CpuBackend() override;
+  const char* name() const override { return "cpu"; }
+
+  void append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v) override;
+  void copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) override;
+  void attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
+                 const TensorView* lse) override;
+  void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const override;
+
+ private:
+  uint8_t* tile(int layer, int32_t slot, int kv, int head) const;
+
+  CacheConfig cfg_;
+  int64_t slots_;
+  size_t elem_, tile_bytes_, slot_bytes_, layer_bytes_;
+  uint8_t* pool_ = nullptr;
+  const KernelTable* kernels_;
+  ThreadPool threads_;
+  std::vector<KernelScratch> scratch_;  // one per thread
+  std::vector<float> part_ml_, part_o_;
+};
+
+}  // namespace chunkvale

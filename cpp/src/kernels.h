@@ -1,0 +1,47 @@
+// CPU attention kernels, compiled once per instruction set (kernels_*.cpp) from one
+// source (attention_kernels.inc); kernels_dispatch.cpp picks the best the CPU runs.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "chunkvale/config.h"
+#include "chunkvale/step_plan.h"
+
+namespace chunkvale {
+
+// Per-thread scratch, grown on demand and reused across calls.
+struct KernelScratch {
+  std::vector<float> q, kt, v, s;
+  std::vector<int32_t> pos;
+};
+
+// One layer's attention inputs as the kernels see them.
+struct LayerArgs {
+  const StepPlan* plan = nullptr;
+  const uint8_t* layer_base = nullptr;  // this layer's pool: [slots][2][kv_heads][C][D]
+  int C = 0, D = 0, kv_heads = 0, group = 0, q_heads = 0;
+  float scale = 1.0f;
+  const void* q = nullptr;    // [rows][q_heads][D], cache dtype
+  void* out = nullptr;        // same shape and dtype
+  float* lse = nullptr;       // [rows][q_heads] or null
+  float* part_ml = nullptr;   // [kv_heads][partial_rows * group][2] (max, sum)
+  float* part_o = nullptr;    // [kv_heads][partial_rows * group][D]
+};
+
+struct KernelTable {
+  const char* isa;
+  // Phase 1: one work unit for one KV head -> softmax partials.
+  void (*run_unit)(const LayerArgs&, int32_t unit, int kv_head, KernelScratch&);
+  // Phase 2: merge a packed row's partials for every query head -> out (and lse).
+  void (*merge_row)(const LayerArgs&, int32_t row);
+};
+
+const KernelTable* kernels_for(DType dtype, int head_dim);  // best ISA available
+const char* kernel_isa();
+
+namespace generic { const KernelTable* table(DType dtype, int head_dim); }
+namespace avx2 { const KernelTable* table(DType dtype, int head_dim); }
+namespace avx512 { const KernelTable* table(DType dtype, int head_dim); }
+
+}  // namespace chunkvale

@@ -1,0 +1,460 @@
+#include "chunkvale/kv_cache.h"
+
+#include <algorithm>
+#include <sstream>
+#include <unordered_set>
+
+#include "cpu_backend.h"
+#include "plan_builder.h"
+
+namespace chunkvale {
+
+struct KVCache::Sequence {
+  int64_t id = 0;
+  TreeNode* root = nullptr;
+  std::vector<TreeNode*> path;   // sealed full chunks (acquired), in token order
+  std::vector<int32_t> tail;     // private slots after the path (last may be partial)
+  std::vector<int32_t> tokens;   // committed token ids
+  std::vector<int32_t> pending;  // prompt tokens not yet planned
+  size_t pending_head = 0;
+  int64_t length() const { return int64_t(tokens.size()); }
+  int64_t pending_count() const { return int64_t(pending.size() - pending_head); }
+};
+
+struct KVCache::OpenStep {
+  uint64_t id = 0;
+  std::vector<int64_t> seq_ids;
+  std::vector<std::vector<int32_t>> new_tokens;  // per batch entry
+  std::vector<uint8_t> from_prompt;
+  std::vector<int32_t> reserved;                 // slots added to each tail this step
+  std::vector<uint8_t> appended;                 // per layer
+  int layers_appended = 0;
+  bool committed = false;                        // tokens are cached; attention still allowed
+  std::vector<int32_t> deferred_free;            // deduplicated slots, freed when the step ends
+};
+
+namespace {
+std::string id_str(int64_t id) { return std::to_string(id); }
+}  // namespace
+
+KVCache::KVCache(const CacheConfig& config)
+    : cfg_((config.validate(), config)),
+      pool_(cfg_.resolved_capacity()),
+      tree_(cfg_.chunk_size) {
+  backend_ = std::make_unique<CpuBackend>(cfg_, cfg_.resolved_capacity());
+}
+
+KVCache::~KVCache() = default;
+
+// ---- helpers ----
+
+KVCache::Sequence& KVCache::get_seq(int64_t seq, const char* arg) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end())
+    throw KeyError(std::string(arg) + ": unknown sequence id " + id_str(seq) +
+                   " (never added, or removed)");
+  return *it->second;
+}
+
+const KVCache::Sequence& KVCache::get_seq(int64_t seq, const char* arg) const {
+  return const_cast<KVCache*>(this)->get_seq(seq, arg);
+}
+
+int32_t KVCache::take_slot() {
+  int32_t s = pool_.alloc();
+  if (s >= 0) return s;
+  s = tree_.reclaim_one();  // least recently used cached prefix chunk
+  if (s < 0) throw CapacityError("internal: no slot after require_slots");
+  pool_.free(s);
+  return pool_.alloc();
+}
+
+void KVCache::require_slots(int64_t n, const char* what, int64_t freed_later) {
+  int64_t avail = pool_.free_count() + tree_.cached_nodes() + freed_later;
+  if (n > avail) {
+    std::ostringstream m;
+    m << what << ": needs " << n << " free chunks, but only " << avail << " of "
+      << pool_.capacity() << " can be had (" << pool_.free_count() << " free, "
+      << tree_.cached_nodes() << " reclaimable cached prefix); every other chunk is held by a "
+      << "live sequence. Remove sequences or raise capacity_chunks.";
+    throw CapacityError(m.str());
+  }
+}
+
+// A step whose every layer was appended is committed the first time any call looks
+// at the cache; it stays open for attention until a call that starts new work ends it.
+void KVCache::commit_if_complete() {
+  if (step_ && !step_->committed && step_->layers_appended == cfg_.layers) commit_step();
+}
+
+void KVCache::end_step(const char* caller) {
+  if (!step_) return;
+  commit_if_complete();
+  if (!step_->committed)
+    throw ValueError(std::string(caller) + ": step " + std::to_string(step_->id) +
+                     " is still open (appended in " + std::to_string(step_->layers_appended) +
+                     " of " + std::to_string(cfg_.layers) +
+                     " layers); append every layer or cancel(step) first");
+  for (int32_t slot : step_->deferred_free) pool_.free(slot);
+  step_.reset();
+}
+
+void KVCache::commit_step() {
+  OpenStep& st = *step_;
+  for (size_t i = 0; i < st.seq_ids.size(); ++i) {
+    Sequence& s = *seqs_.at(st.seq_ids[i]);
+    const auto& nt = st.new_tokens[i];
+    s.tokens.insert(s.tokens.end(), nt.begin(), nt.end());
+    if (st.from_prompt[i]) {
+      s.pending_head += nt.size();
+      if (s.pending_head == s.pending.size()) {
+        s.pending.clear();
+        s.pending_head = 0;
+      }
+    }
+    seal_full_chunks(s, st.deferred_free);
+  }
+  st.committed = true;
+}
+
+// Full private chunks join the tree. If another sequence already holds the same chunk
+// under the same parent (identical prompts prefilled together), ours is dropped and
+// theirs shared.
+void KVCache::seal_full_chunks(Sequence& s, std::vector<int32_t>& dropped) {
+  const int C = cfg_.chunk_size;
+  size_t sealed = 0;
+  while (sealed < s.tail.size() && int64_t(s.path.size() + 1) * C <= s.length()) {
+    TreeNode* parent = s.path.empty() ? s.root : s.path.back();
+    const int32_t* key = s.tokens.data() + s.path.size() * size_t(C);
+    int32_t slot = s.tail[sealed++];
+    TreeNode* node = tree_.child(parent, key);
+    if (node) {
+      dropped.push_back(slot);  // this step's attention may still read it
+    } else {
+      node = tree_.insert(parent, key, slot);
+    }
+    tree_.acquire(node);
+    s.path.push_back(node);
+  }
+  s.tail.erase(s.tail.begin(), s.tail.begin() + long(sealed));
+}
+
+const KVCache::OpenStep& KVCache::open_step(uint64_t step, const char* arg) const {
+  if (!step_ || step_->id != step) {
+    std::string open = step_ ? "step " + std::to_string(step_->id) + " is open" : "no step is open";
+    throw ValueError(std::string(arg) + ": expected the open step, got step " +
+                     std::to_string(step) + " (" + open + "; a plan is valid for its own step only)");
+  }
+  return *step_;
+}
+
+void KVCache::release_sequence(Sequence& s) {
+  for (TreeNode* n : s.path) tree_.release(n);
+  for (int32_t slot : s.tail) pool_.free(slot);
+  s.path.clear();
+  s.tail.clear();
+}
+
+// ---- public API ----
+
+std::pair<int64_t, int64_t> KVCache::add_sequence(const std::vector<int32_t>& tokens,
+                                                  const std::string& ns, int64_t max_reuse) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (tokens.empty()) throw ValueError("token_ids: expected a non-empty list of token ids, got []");
+  if (max_reuse < -1)
+    throw ValueError("max_reuse: expected None or an integer >= 0, got " + std::to_string(max_reuse));
+  end_step("add_sequence");
+  const int C = cfg_.chunk_size;
+  int64_t limit = max_reuse < 0 ? int64_t(tokens.size()) : std::min<int64_t>(max_reuse, tokens.size());
+
+  TreeNode* root = tree_.find_root(ns);
+  PrefixMatch m = tree_.match(root, tokens.data(), limit);
+
+  auto s = std::make_unique<Sequence>();
+  s->id = next_seq_id_;
+  s->root = root ? root : tree_.root(ns);
+  // Pin the matched path (and the copy source) first, so reclaiming can't take them.
+  for (TreeNode* n : m.path) tree_.acquire(n);
+  s->path = m.path;
+  int64_t cached = int64_t(m.path.size()) * C;
+  if (m.partial_len > 0) {
+    // Copy-on-diverge: the matched head of a cached chunk becomes our private tail.
+    tree_.acquire(m.partial);
+    int32_t slot;
+    try {
+      require_slots(1, "add_sequence");
+      slot = take_slot();
+    } catch (...) {
+      tree_.release(m.partial);
+      for (TreeNode* n : m.path) tree_.release(n);
+      throw;
+    }
+    backend_->copy_chunk(m.partial->slot, slot, m.partial_len);
+    tree_.release(m.partial);
+    s->tail.push_back(slot);
+    cached += m.partial_len;
+  }
+  s->tokens.assign(tokens.begin(), tokens.begin() + cached);
+  s->pending.assign(tokens.begin() + cached, tokens.end());
+  reused_prompt_tokens_ += cached;
+  int64_t id = next_seq_id_++;
+  seqs_.emplace(id, std::move(s));
+  return {id, cached};
+}
+
+uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (entries.empty()) throw ValueError("entries: expected at least one (seq, n_new) entry, got none");
+  // Validate everything before touching state.
+  commit_if_complete();  // validation reads committed lengths
+  std::unordered_set<int64_t> seen;
+  int64_t rows = 0, need = 0;
+  const int C = cfg_.chunk_size;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const PlanEntry& e = entries[i];
+    std::string arg = "entries[" + std::to_string(i) + "]";
+    const Sequence& s = get_seq(e.seq, arg.c_str());
+    if (!seen.insert(e.seq).second)
+      throw ValueError(arg + ": sequence " + id_str(e.seq) + " appears twice in one step");
+    int64_t n;
+    if (!e.tokens.empty()) {
+      if (s.pending_count() > 0)
+        throw ValueError(arg + ": sequence " + id_str(e.seq) + " still has " +
+                         std::to_string(s.pending_count()) +
+                         " prompt tokens to plan; give a count (seq, n_new) for those first");
+      n = int64_t(e.tokens.size());
+    } else {
+      n = e.count;
+      if (n < 1 || n > s.pending_count())
+        throw ValueError(arg + ": n_new for sequence " + id_str(e.seq) + ": expected 1.." +
+                         std::to_string(s.pending_count()) + " (its pending prompt tokens" +
+                         (s.pending_count() == 0 ? "; pass the new token ids instead" : "") +
+                         "), got " + std::to_string(n));
+    }
+    rows += n;
+    int64_t total = s.length() + n;
+    need += (total + C - 1) / C - int64_t(s.path.size() + s.tail.size());
+  }
+  if (rows >= (int64_t(1) << 31)) throw ValueError("entries: too many tokens in one step");
+  if (step_ && !step_->committed) end_step("plan");  // refuses: a layer is missing
+  require_slots(need, "plan", step_ ? int64_t(step_->deferred_free.size()) : 0);
+  end_step("plan");
+
+  auto st = std::make_unique<OpenStep>();
+  st->id = next_step_id_++;
+  st->appended.assign(size_t(cfg_.layers), 0);
+  std::vector<PlanSeqInput> batch;
+  batch.reserve(entries.size());
+  bool grew = false;
+  for (const PlanEntry& e : entries) {
+    Sequence& s = *seqs_.at(e.seq);
+    std::vector<int32_t> nt;
+    bool prompt = e.tokens.empty();
+    if (prompt)
+      nt.assign(s.pending.begin() + long(s.pending_head), s.pending.begin() + long(s.pending_head + size_t(e.count)));
+    else
+      nt = e.tokens;
+    int64_t total = s.length() + int64_t(nt.size());
+    int32_t add = int32_t((total + C - 1) / C - int64_t(s.path.size() + s.tail.size()));
+    for (int32_t k = 0; k < add; ++k) s.tail.push_back(take_slot());
+    grew |= add > 0;
+    st->seq_ids.push_back(e.seq);
+    st->reserved.push_back(add);
+    st->from_prompt.push_back(prompt);
+    PlanSeqInput in;
+    in.id = e.seq;
+    in.n_new = int32_t(nt.size());
+    in.ctx_before = s.length();
+    in.path = &s.path;
+    in.tail = &s.tail;
+    batch.push_back(in);
+    st->new_tokens.push_back(std::move(nt));
+  }
+
+  PlanParams pp;
+  pp.chunk_size = C;
+  pp.kv_heads = cfg_.kv_heads;
+  pp.group = cfg_.group();
+  pp.threads = cfg_.threads > 0 ? cfg_.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  pp.share_threshold = cfg_.share_threshold;
+  if (!grew && plan_tree_version_ == tree_.version() && bump_plan(plan_, batch, pp)) {
+    ++plan_reuses_;
+  } else {
+    plan_step(plan_, batch, pp);
+    plan_tree_version_ = tree_.version();
+    ++plan_rebuilds_;
+  }
+  plan_.id = st->id;
+  step_ = std::move(st);
+  return step_->id;
+}
+
+void KVCache::append(int layer, uint64_t step, const TensorView& k, const TensorView& v) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (layer < 0 || layer >= cfg_.layers)
+    throw ValueError("layer: expected 0.." + std::to_string(cfg_.layers - 1) + ", got " + std::to_string(layer));
+  const OpenStep& st = open_step(step, "step");
+  if (st.appended[size_t(layer)])
+    throw ValueError("layer: layer " + std::to_string(layer) + " was already appended in step " +
+                     std::to_string(step));
+  check_tensor3(k, "k", cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
+  check_tensor3(v, "v", cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
+  backend_->append(layer, plan_, k, v);
+  step_->appended[size_t(layer)] = 1;
+  ++step_->layers_appended;
+}
+
+void KVCache::attention(int layer, uint64_t step, const TensorView& q, const TensorView& out,
+                        const TensorView* lse) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (layer < 0 || layer >= cfg_.layers)
+    throw ValueError("layer: expected 0.." + std::to_string(cfg_.layers - 1) + ", got " + std::to_string(layer));
+  const OpenStep& st = open_step(step, "step");
+  if (!st.appended[size_t(layer)])
+    throw ValueError("layer: attention for layer " + std::to_string(layer) + " of step " +
+                     std::to_string(step) + " needs append(layer, step, k, v) first");
+  check_tensor3(q, "q", cfg_.dtype, plan_.num_tokens, cfg_.q_heads, cfg_.head_dim);
+  check_tensor3(out, "out", cfg_.dtype, plan_.num_tokens, cfg_.q_heads, cfg_.head_dim);
+  if (out.data == q.data && plan_.num_tokens > 0)
+    throw ValueError("out: expected a buffer distinct from q, got the same memory");
+  if (lse) {
+    TensorView l3 = *lse;  // check as [rows, q_heads, 1]
+    if (l3.ndim == 2) {
+      l3.ndim = 3;
+      l3.shape[2] = 1;
+      l3.strides[2] = 1;
+    } else {
+      l3.ndim = -1;
+    }
+    try {
+      check_tensor3(l3, "lse", DType::Float32, plan_.num_tokens, cfg_.q_heads, 1);
+    } catch (const ValueError&) {
+      std::ostringstream m;
+      m << "lse: expected a C-contiguous float32 tensor of shape [" << plan_.num_tokens << ", "
+        << cfg_.q_heads << "]";
+      throw ValueError(m.str());
+    }
+  }
+  backend_->attention(layer, plan_, q, out, lse);
+}
+
+void KVCache::cancel(uint64_t step) {
+  std::lock_guard<std::mutex> g(mu_);
+  const OpenStep& st = open_step(step, "step");
+  commit_if_complete();
+  if (st.committed)
+    throw ValueError("step: step " + std::to_string(step) +
+                     " was appended in every layer and is committed; it can no longer be cancelled");
+  for (size_t i = 0; i < st.seq_ids.size(); ++i) {
+    Sequence& s = *seqs_.at(st.seq_ids[i]);
+    for (int32_t k = 0; k < st.reserved[i]; ++k) {
+      pool_.free(s.tail.back());
+      s.tail.pop_back();
+    }
+  }
+  step_.reset();
+}
+
+std::vector<int64_t> KVCache::fork(int64_t seq, int n) {
+  std::lock_guard<std::mutex> g(mu_);
+  Sequence& s = get_seq(seq, "seq");
+  if (n < 1) throw ValueError("n: expected an integer >= 1, got " + std::to_string(n));
+  end_step("fork");
+  const int C = cfg_.chunk_size;
+  const int32_t tail_tokens = int32_t(s.length() - int64_t(s.path.size()) * C);
+  require_slots(tail_tokens > 0 ? n : 0, "fork");
+  std::vector<int64_t> ids;
+  for (int i = 0; i < n; ++i) {
+    auto c = std::make_unique<Sequence>();
+    c->id = next_seq_id_;
+    c->root = s.root;
+    c->path = s.path;
+    for (TreeNode* node : c->path) tree_.acquire(node);
+    if (tail_tokens > 0) {
+      int32_t slot = take_slot();  // cannot fail: require_slots counted it
+      backend_->copy_chunk(s.tail.front(), slot, tail_tokens);
+      c->tail.push_back(slot);
+    }
+    c->tokens = s.tokens;
+    c->pending.assign(s.pending.begin() + long(s.pending_head), s.pending.end());
+    ids.push_back(next_seq_id_);
+    seqs_.emplace(next_seq_id_++, std::move(c));
+  }
+  return ids;
+}
+
+void KVCache::remove(int64_t seq) {
+  std::lock_guard<std::mutex> g(mu_);
+  Sequence& s = get_seq(seq, "seq");
+  end_step("remove");
+  release_sequence(s);
+  seqs_.erase(seq);
+}
+
+void KVCache::clear() {
+  std::lock_guard<std::mutex> g(mu_);
+  end_step("clear");
+  for (int32_t slot : tree_.reclaim_all()) pool_.free(slot);
+}
+
+int64_t KVCache::sequence_length(int64_t seq) {
+  std::lock_guard<std::mutex> g(mu_);
+  commit_if_complete();
+  return get_seq(seq, "seq").length();
+}
+
+std::vector<int32_t> KVCache::sequence_slots(int64_t seq) {
+  std::lock_guard<std::mutex> g(mu_);
+  commit_if_complete();
+  const Sequence& s = get_seq(seq, "seq");
+  std::vector<int32_t> out;
+  for (TreeNode* n : s.path) out.push_back(n->slot);
+  out.insert(out.end(), s.tail.begin(), s.tail.end());
+  return out;
+}
+
+CacheStats KVCache::stats() {
+  std::lock_guard<std::mutex> g(mu_);
+  commit_if_complete();
+  CacheStats st;
+  st.capacity_chunks = pool_.capacity();
+  st.chunks_in_use = pool_.in_use();
+  st.chunks_free = pool_.free_count();
+  st.chunks_shared = tree_.shared_nodes();
+  st.chunks_cached = tree_.cached_nodes();
+  st.peak_chunks = pool_.peak();
+  st.sequences = int64_t(seqs_.size());
+  const int C = cfg_.chunk_size;
+  int64_t unshared_chunks = 0;
+  for (const auto& kv : seqs_) {
+    const Sequence& s = *kv.second;
+    st.tokens_cached += s.length();
+    unshared_chunks += int64_t(s.path.size() + s.tail.size());
+  }
+  // What the live sequences would hold without sharing, minus what they do hold.
+  int64_t held = pool_.in_use() - tree_.cached_nodes();
+  st.tokens_saved_by_sharing = std::max<int64_t>(0, unshared_chunks - held) * C;
+  st.reused_prompt_tokens = reused_prompt_tokens_;
+  st.bytes_per_chunk = cfg_.bytes_per_chunk();
+  st.plan_rebuilds = plan_rebuilds_;
+  st.plan_reuses = plan_reuses_;
+  st.chunk_first_units = plan_.chunk_first_units;
+  st.chunk_first_chunks = plan_.chunk_first_chunks;
+  return st;
+}
+
+const StepPlan& KVCache::step_plan(uint64_t step) const {
+  std::lock_guard<std::mutex> g(mu_);
+  open_step(step, "step");
+  return plan_;
+}
+
+void KVCache::read_tile(int layer, int32_t slot, int kv, int head, float* dst) const {
+  std::lock_guard<std::mutex> g(mu_);
+  if (layer < 0 || layer >= cfg_.layers || slot < 0 || slot >= pool_.capacity() || kv < 0 ||
+      kv > 1 || head < 0 || head >= cfg_.kv_heads)
+    throw ValueError("read_tile: (layer, slot, kv, head) out of range");
+  backend_->read_tile(layer, slot, kv, head, dst);
+}
+
+}  // namespace chunkvale

@@ -1,0 +1,24 @@
+"""chunkvale: a prefix-sharing, chunked KV-cache engine for LLM inference."""
+from . import _native
+from ._native import CapacityError
+from .cache import KVCache, Step
+from .config import CacheConfig
+
+__version__ = "0.1.0"
+__all__ = ["CacheConfig", "CapacityError", "KVCache", "Step", "cuda_available", "cuda_built",
+           "kernel_isa"]
+
+
+def cuda_built() -> bool:
+    """Whether this build contains the CUDA backend."""
+    return bool(_native.cuda_built())
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA backend is built and a GPU is usable."""
+    return cuda_built() and False
+
+
+def kernel_isa() -> str:
+    """The CPU kernels' instruction set chosen at run time (avx512, avx2 or generic)."""
+    return _native.kernel_isa()

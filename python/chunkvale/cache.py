@@ -1,0 +1,156 @@
+"""KVCache: the Python face of the native cache. Glue only: argument normalisation,
+output allocation in the caller's tensor kind, and a Step handle."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _native
+from .config import CacheConfig
+
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One planned step. Rows ``row_offsets[i]:row_offsets[i+1]`` belong to ``seq_ids[i]``;
+    ``positions[r]`` is row r's absolute position in its sequence (for RoPE)."""
+
+    id: int
+    num_tokens: int
+    seq_ids: List[int]
+    row_offsets: List[int]
+    positions: np.ndarray
+
+
+def _token_list(token_ids, arg: str) -> List[int]:
+    if isinstance(token_ids, (str, bytes)):
+        raise TypeError(f"{arg}: expected a sequence of int token ids, got {type(token_ids).__name__}")
+    try:
+        tokens = [int(t) for t in np.asarray(token_ids).reshape(-1).tolist()]
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{arg}: expected a sequence of int token ids ({e})") from None
+    arr = np.asarray(token_ids)
+    if arr.dtype.kind not in "iu" and arr.size:
+        raise TypeError(f"{arg}: expected integer token ids, got dtype {arr.dtype}")
+    for t in tokens:
+        if not _INT32[0] <= t <= _INT32[1]:
+            raise ValueError(f"{arg}: expected token ids in int32 range, got {t}")
+    return tokens
+
+
+def _empty_like(x, shape, dtype=None):
+    """A new array of the same kind (numpy or torch) and device as x."""
+    if isinstance(x, np.ndarray):
+        return np.empty(shape, dtype=dtype or x.dtype)
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        return torch.empty(shape, dtype=dtype or x.dtype, device=x.device)
+    raise TypeError(f"q: expected a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def _torch():
+    import sys
+    return sys.modules.get("torch")
+
+
+class KVCache:
+    """A prefix-sharing, chunked KV cache with two-phase attention.
+
+    See docs/API.md. Every method validates its arguments and leaves the cache unchanged
+    when it raises.
+    """
+
+    def __init__(self, config: CacheConfig):
+        if not isinstance(config, CacheConfig):
+            raise TypeError(f"config: expected chunkvale.CacheConfig, got {type(config).__name__}")
+        self.config = config
+        self._native = _native.KVCache(**config.native_kwargs())
+
+    # -- sequences --
+    def add_sequence(self, token_ids, namespace: str = "", max_reuse: Optional[int] = None) -> Tuple[int, int]:
+        """Adds a prompt; returns (sequence id, leading tokens already cached)."""
+        tokens = _token_list(token_ids, "token_ids")
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace: expected a str, got {type(namespace).__name__}")
+        if max_reuse is not None and (isinstance(max_reuse, bool) or not isinstance(max_reuse, (int, np.integer))):
+            raise TypeError(f"max_reuse: expected an int or None, got {type(max_reuse).__name__}")
+        return self._native.add_sequence(tokens, namespace, -1 if max_reuse is None else int(max_reuse))
+
+    def plan(self, entries: Sequence[Tuple[int, Union[int, Sequence[int]]]]) -> Step:
+        """Plans one step: each entry is (seq, n_new) for pending prompt tokens or
+        (seq, token_ids) for tokens beyond the prompt."""
+        if isinstance(entries, (list, tuple)):
+            norm = []
+            for i, e in enumerate(entries):
+                if isinstance(e, (list, tuple)) and len(e) == 2 and not isinstance(e[1], (int, np.integer)):
+                    e = (e[0], _token_list(e[1], f"entries[{i}]"))
+                elif isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[1], np.integer):
+                    e = (e[0], int(e[1]))
+                if isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], np.integer):
+                    e = (int(e[0]), e[1])
+                norm.append(e)
+            entries = norm
+        step_id = self._native.plan(entries)
+        info = self._native.step_info(step_id)
+        return Step(step_id, info["num_tokens"], list(info["seq_ids"]), list(info["row_offsets"]),
+                    info["positions"])
+
+    def append(self, layer: int, step: Step, k, v) -> None:
+        """Writes the step's new K/V ([num_tokens, kv_heads, head_dim]) for one layer."""
+        self._native.append(layer, _step_id(step), k, v)
+
+    def attention(self, layer: int, step: Step, q, out=None, return_lse: bool = False):
+        """Attention of the step's queries ([num_tokens, q_heads, head_dim]) for one layer.
+
+        Returns ``out`` (same shape, dtype and kind as q), or ``(out, lse)`` with
+        ``return_lse``: lse is float32 [num_tokens, q_heads], the *natural* log of the
+        softmax denominator of the scaled scores (FlashInfer's is base 2).
+        """
+        if out is None:
+            out = _empty_like(q, tuple(q.shape))
+        lse = None
+        if return_lse:
+            if isinstance(q, np.ndarray):
+                lse = np.empty((q.shape[0], self.config.q_heads), dtype=np.float32)
+            else:
+                lse = _empty_like(q, (q.shape[0], self.config.q_heads), dtype=_torch().float32)
+        self._native.attention(layer, _step_id(step), q, out, lse)
+        return (out, lse) if return_lse else out
+
+    def cancel(self, step: Step) -> None:
+        """Drops a step that was not appended in every layer."""
+        self._native.cancel(_step_id(step))
+
+    def fork(self, seq: int, n: int) -> List[int]:
+        """n new sequences sharing seq's full chunks (its partial tail is copied)."""
+        return self._native.fork(seq, n)
+
+    def remove(self, seq: int) -> None:
+        self._native.remove(seq)
+
+    def clear(self) -> None:
+        """Drops every unreferenced cached prefix chunk."""
+        self._native.clear()
+
+    def sequence_length(self, seq: int) -> int:
+        return self._native.sequence_length(seq)
+
+    def stats(self) -> dict:
+        return self._native.stats()
+
+    # -- inspection (tests, debugging) --
+    def sequence_slots(self, seq: int) -> List[int]:
+        return self._native.sequence_slots(seq)
+
+    def read_tile(self, layer: int, slot: int, kv: int, head: int) -> np.ndarray:
+        """K (kv=0) or V (kv=1) of one stored chunk tile as float32 [chunk_size, head_dim]."""
+        return self._native.read_tile(layer, slot, kv, head)
+
+
+def _step_id(step) -> int:
+    if isinstance(step, Step):
+        return step.id
+    raise TypeError(f"step: expected the Step returned by plan(), got {type(step).__name__}")
