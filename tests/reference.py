@@ -461,6 +461,34 @@ class Shadow:
         self.max_in_use = max(self.max_in_use, st["chunks_in_use"])
         return st
 
+    def snapshot(self):
+        """The model's state (not the cache's), to roll back after a call that failed."""
+        import copy
+
+        return copy.deepcopy((self.seqs, self.nodes, self.children, self.reused,
+                              self.maybe_evicted)), self.open, (
+            None if self.open is None else (list(self.open.entries), set(self.open.appended)))
+
+    def restore(self, snap):
+        state, op, opstate = snap
+        self.seqs, self.nodes, self.children, self.reused, self.maybe_evicted = state
+        self.open = op
+        if op is not None:
+            op.entries, op.appended = opstate
+
+    def available_slots(self):
+        """Slots a call may use: free ones plus every cached (evictable) chunk."""
+        e = self.expected()
+        return self.capacity - e["live_nodes"] - e["private"]
+
+    def slots_needed_by_plan(self, entries):
+        need = 0
+        for sid, e in entries:
+            sm = self.seqs[sid]
+            n = e if isinstance(e, int) else len(e)
+            need += -(-(sm.length + n) // self.C) - -(-sm.length // self.C)
+        return need
+
     # ---------------------------------------------------------------- commit
     def _commit_if_complete(self):
         op = self.open
@@ -476,14 +504,6 @@ class Shadow:
             for j in range(old_full, sm.length // self.C):
                 self._node_ref(sm, j)
         self.open = None
-
-    def _evictable(self):
-        return sum(1 for nd in self.nodes.values() if nd.refs == 0)
-
-    def _free_slots_lower(self):
-        """Slots certainly obtainable: free + every evictable cached chunk."""
-        e = self.expected()
-        return self.capacity - e["live_nodes"] - e["private"]
 
     # ---------------------------------------------------------------- operations
     def add(self, tokens, namespace="", max_reuse=None):
