@@ -1,0 +1,502 @@
+"""A continuous-batching generation engine on a chunkvale KVCache.
+
+Every step the scheduler (1) admits waiting requests (``add_sequence`` reuses the longest cached
+prefix, so those prompt tokens are never computed), (2) packs the next slice of each prefilling
+prompt and the last token of each decoding sequence into one ``cache.plan``, (3) runs the model
+once for the whole step (each layer: ``cache.append`` + ``cache.attention``), (4) samples, and
+(5) retires finished sequences (``cache.remove``; their full chunks stay as cached prefix).
+Requests join and leave at every step; n > 1 samples fork the prompt once it is prefilled.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from . import hf, sampling
+
+
+@dataclass
+class Request:
+    """One generation request: exactly one of ``prompt`` (text), ``messages`` (chat, the
+    tokenizer's chat template is applied) or ``token_ids``."""
+
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    token_ids: Sequence[int] | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    stop: Sequence[str | int] = ()  # extra stop strings / token ids (EOS always stops)
+    namespace: str = ""  # prefixes are shared only within one namespace
+    ignore_eos: bool = False  # for benchmarks that need a fixed number of tokens
+    id: Any = None
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class RequestMetrics:
+    prompt_tokens: int
+    prefix_tokens_reused: int  # prompt tokens served from the cache (not computed)
+    queue_s: float  # submit -> admitted
+    ttft_s: float  # submit -> first token
+    prefill_s: float  # admitted -> first token
+    generated_tokens: int
+    total_s: float  # submit -> last sample finished
+    decode_tokens_per_s: float  # generated tokens after the first, per second, all samples
+
+
+@dataclass
+class Result:
+    request: Request
+    index: int  # order of submission
+    samples: list[Sample]
+    metrics: RequestMetrics
+
+
+@dataclass
+class EngineMetrics:
+    requests: int
+    prompt_tokens: int
+    prefix_tokens_reused: int
+    generated_tokens: int
+    steps: int
+    wall_s: float
+    tokens_per_s: float  # generated tokens / wall time
+    kv_bytes_peak: int  # what the cache's pool actually held at its peak
+    kv_bytes_peak_unshared: int  # same sequences, every one holding its own chunks
+    kv_bytes_in_use: int
+    preemptions: int
+
+    @property
+    def kv_sharing_ratio(self) -> float:
+        return self.kv_bytes_peak / self.kv_bytes_peak_unshared if self.kv_bytes_peak_unshared else 1.0
+
+
+@dataclass
+class _Seq:
+    """One sample being generated (a cache sequence)."""
+
+    req: "_Req"
+    sample_index: int
+    seq: int | None = None
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    length: int = 0  # tokens in the cache for this sequence (committed or in the current step)
+    finish_reason: str | None = None
+    text: str | None = None
+
+
+@dataclass
+class _Req:
+    request: Request
+    index: int
+    prompt: list[int]
+    submitted: float
+    admitted: float | None = None
+    first_token: float | None = None
+    n_cached: int = 0
+    prefilled: int = 0  # prompt tokens in the cache (cached + computed)
+    seqs: list[_Seq] = field(default_factory=list)
+    stop_ids: frozenset = frozenset()
+    stop_strings: tuple = ()
+
+
+def encode_request(tokenizer, request: Request) -> list[int]:
+    """Token ids of a request's prompt, chat template applied for ``messages``."""
+    given = [name for name in ("prompt", "messages", "token_ids") if getattr(request, name) is not None]
+    if len(given) != 1:
+        raise ValueError(f"request: give exactly one of prompt, messages, token_ids (got {given or 'none'})")
+    if request.token_ids is not None:
+        return [int(t) for t in request.token_ids]
+    if tokenizer is None:
+        raise ValueError("request: text prompts need a tokenizer; pass token_ids or give the engine a tokenizer")
+    if request.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("messages: the model's tokenizer has no chat template; pass prompt text instead")
+        # Render to text, then tokenize without special tokens: the template already holds them,
+        # and this behaves the same across transformers versions (whose tokenize=True return
+        # types differ).
+        text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(request.prompt)["input_ids"])
+
+
+class Engine:
+    """Continuous-batching generation through a transformers model whose attention runs in chunkvale.
+
+    ``capacity_tokens`` sizes the KV pool (chunks of ``chunk_size`` tokens, every layer);
+    ``max_batch_size`` caps concurrent sequences; ``max_step_tokens`` caps the tokens of one step
+    (long prompts are prefilled over several steps while others keep decoding).
+    """
+
+    def __init__(self, model, tokenizer=None, *, cache=None, chunk_size: int = 32, capacity_tokens: int = 32768,
+                 max_batch_size: int = 64, max_step_tokens: int = 2048, threads: int = 0):
+        import chunkvale
+
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size: expected >= 1, got {max_batch_size}")
+        if max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens: expected >= 1, got {max_step_tokens}")
+        if cache is None:
+            if capacity_tokens < chunk_size:
+                raise ValueError(f"capacity_tokens: expected >= chunk_size ({chunk_size}), got {capacity_tokens}")
+            cache = chunkvale.KVCache(hf.cache_config(model, chunk_size=chunk_size,
+                                                      capacity_chunks=capacity_tokens // chunk_size, threads=threads))
+        self.cache = cache
+        self.runner = hf.ModelRunner(model, cache)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_step_tokens = max_step_tokens
+        stats = cache.stats()
+        self.bytes_per_chunk = int(stats["bytes_per_chunk"])
+        self.chunk_size = int(getattr(getattr(cache, "config", None), "chunk_size", chunk_size))
+        self.vocab_size = int(model.config.vocab_size)
+        limits = [getattr(model.config, "max_position_embeddings", None), getattr(model.config, "sliding_window", None)]
+        # chunkvale attends to the whole context, which matches a sliding-window model only below its window.
+        self.max_context = min((int(x) for x in limits if x), default=None)
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_ids = frozenset(int(t) for t in eos)
+        self._waiting: list[_Req] = []
+        self._running: list[_Req] = []
+        self._submitted = 0
+        self._reset_metrics()
+
+    # -- public API -------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> int:
+        """Queue a request; it joins the batch at the next step. Returns its index."""
+        req = self._validate(request)
+        self._waiting.append(req)
+        self._requests += 1
+        self._prompt_tokens += len(req.prompt)
+        return req.index
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def step(self) -> list[Result]:
+        """Run one batched forward pass; returns the requests that finished in it."""
+        if self._start is None:
+            self._start = time.perf_counter()
+        self._admit()
+        if not self._running:
+            return []
+        step = self._plan()
+        if step is None:  # everything was preempted back to the queue
+            return []
+        batch, entries, ids, rows = self._current
+        try:
+            logits = self.runner.forward(step, ids, [r for r in rows if r is not None])
+        except BaseException:
+            # Leave the cache consistent (no half-appended step) for whoever handles the error.
+            self.cache.cancel(step)
+            raise
+        self._steps += 1
+        self._consume(batch, entries, rows, logits)
+        self._account_memory()
+        return self._retire()
+
+    def generate(self, requests: Iterable[Request], progress: bool | None = None) -> list[Result]:
+        """Serve ``requests`` to completion; results in submission order."""
+        indices = [self.submit(r) for r in requests]
+        wanted = set(indices)
+        done: dict[int, Result] = {}
+        bar = None
+        if progress is not False:
+            from tqdm.auto import tqdm
+
+            # delay: no bar at all for runs that finish within a moment.
+            bar = tqdm(total=len(indices), unit="req", desc="generating", delay=0 if progress else 2.0,
+                       dynamic_ncols=True)
+        try:
+            while wanted - done.keys():
+                if not self.has_work():
+                    raise RuntimeError("engine: requests are missing but nothing is queued")
+                for res in self.step():
+                    done[res.index] = res
+                    if bar is not None and res.index in wanted:
+                        bar.update(1)
+                if bar is not None:
+                    bar.set_postfix(tok_s=f"{self.metrics().tokens_per_s:.1f}", refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[i] for i in indices]
+
+    def metrics(self) -> EngineMetrics:
+        wall = (self._end or time.perf_counter()) - self._start if self._start is not None else 0.0
+        return EngineMetrics(
+            requests=self._requests,
+            prompt_tokens=self._prompt_tokens,
+            prefix_tokens_reused=self._reused,
+            generated_tokens=self._generated,
+            steps=self._steps,
+            wall_s=wall,
+            tokens_per_s=self._generated / wall if wall > 0 else 0.0,
+            kv_bytes_peak=self._peak_chunks * self.bytes_per_chunk,
+            kv_bytes_peak_unshared=self._peak_unshared_chunks * self.bytes_per_chunk,
+            kv_bytes_in_use=int(self.cache.stats()["chunks_in_use"]) * self.bytes_per_chunk,
+            preemptions=self._preemptions,
+        )
+
+    def reset_metrics(self) -> None:
+        """Start a new measurement window (the cache and its cached prefixes are kept)."""
+        if self.has_work():
+            raise RuntimeError("reset_metrics: requests are still running")
+        self._reset_metrics()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _reset_metrics(self):
+        self._start = None
+        self._end = None
+        self._requests = self._prompt_tokens = self._reused = self._generated = 0
+        self._steps = self._preemptions = 0
+        in_use = int(self.cache.stats()["chunks_in_use"])
+        self._peak_chunks = in_use
+        self._peak_unshared_chunks = 0
+
+    def _validate(self, request: Request) -> _Req:
+        if not isinstance(request, Request):
+            raise TypeError(f"request: expected chunkvale.engine.Request, got {type(request).__name__}")
+        where = f"request {self._submitted}" + (f" (id={request.id!r})" if request.id is not None else "")
+        try:
+            prompt = encode_request(self.tokenizer, request)
+            if not prompt:
+                raise ValueError("prompt is empty after tokenization")
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"token_ids: {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+            if request.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens: expected >= 1, got {request.max_new_tokens}")
+            if request.n < 1:
+                raise ValueError(f"n: expected >= 1, got {request.n}")
+            if request.n > self.max_batch_size:
+                raise ValueError(f"n: {request.n} samples exceed max_batch_size={self.max_batch_size}")
+            sampling.check_params(request.temperature, request.top_p)
+            if self.max_context and len(prompt) >= self.max_context:
+                raise ValueError(f"prompt: {len(prompt)} tokens, the model's usable context is {self.max_context}")
+            stop_ids, stop_strings = set(), []
+            for s in request.stop:
+                if isinstance(s, (int, np.integer)) and not isinstance(s, bool):
+                    stop_ids.add(int(s))
+                elif isinstance(s, str) and s:
+                    if self.tokenizer is None:
+                        raise ValueError("stop: stop strings need a tokenizer")
+                    stop_strings.append(s)
+                else:
+                    raise ValueError(f"stop: expected token ids or non-empty strings, got {s!r}")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if not request.ignore_eos:
+            stop_ids |= self.eos_ids
+        req = _Req(request=request, index=self._submitted, prompt=prompt, submitted=time.perf_counter(),
+                   stop_ids=frozenset(stop_ids), stop_strings=tuple(stop_strings))
+        self._submitted += 1
+        return req
+
+    def _live_seqs(self) -> int:
+        return sum(len(r.seqs) if r.seqs else r.request.n for r in self._running)
+
+    def _shares_inflight_prefill(self, req: _Req) -> bool:
+        """True if a request still prefilling will soon cache at least one chunk of ``req``'s
+        prompt: admitting ``req`` now would compute that prefix twice instead of reusing it."""
+        for other in self._running:
+            if other.prefilled >= len(other.prompt) or other.request.namespace != req.request.namespace:
+                continue
+            m = min(len(other.prompt), len(req.prompt))
+            a = np.asarray(other.prompt[:m])
+            b = np.asarray(req.prompt[:m])
+            diff = np.flatnonzero(a != b)
+            common = int(diff[0]) if diff.size else m
+            if common >= self.chunk_size and common > other.prefilled:
+                return True
+        return False
+
+    def _admit(self):
+        still_waiting = []
+        for req in self._waiting:
+            if self._live_seqs() + req.request.n > self.max_batch_size or self._shares_inflight_prefill(req):
+                still_waiting.append(req)
+                continue
+            # max_reuse: the last prompt token is always computed, its logits give the first token.
+            seq, n_cached = self.cache.add_sequence(req.prompt, namespace=req.request.namespace,
+                                                    max_reuse=len(req.prompt) - 1)
+            req.admitted = time.perf_counter()
+            req.n_cached = req.prefilled = int(n_cached)
+            self._reused += req.n_cached
+            req.seqs = [_Seq(req=req, sample_index=0, seq=seq, length=req.n_cached,
+                             generator=sampling.make_generator(req.request.seed, 0))]
+            self._running.append(req)
+        self._waiting = still_waiting
+
+    def _build_batch(self):
+        batch, entries, ids, rows = [], [], [], []
+        budget = self.max_step_tokens
+        # Decoding sequences first: one token each, so prefill never starves generation.
+        for req in self._running:
+            if req.prefilled < len(req.prompt):
+                continue
+            for s in req.seqs:
+                if s.finish_reason is None and budget > 0:
+                    batch.append(s)
+                    entries.append((s.seq, [s.tokens[-1]]))
+                    rows.append(len(ids))
+                    ids.append(s.tokens[-1])
+                    budget -= 1
+        for req in self._running:
+            pending = len(req.prompt) - req.prefilled
+            if pending <= 0 or budget <= 0:
+                continue
+            take = min(pending, budget)
+            s = req.seqs[0]
+            batch.append(s)
+            entries.append((s.seq, take))
+            ids.extend(req.prompt[req.prefilled:req.prefilled + take])
+            rows.append(len(ids) - 1 if take == pending else None)  # logits only once the prompt is done
+            budget -= take
+        self._current = (batch, entries, ids, rows)
+        return batch, entries, ids, rows
+
+    def _plan(self):
+        import chunkvale
+
+        _, entries, _, _ = self._build_batch()
+        while True:
+            try:
+                return self.cache.plan(entries)
+            except chunkvale.CapacityError:
+                # Recompute-preemption: send the newest request back to the queue (its cache
+                # sequences are released; its prefix stays cached, so re-admission is cheap).
+                if len(self._running) <= 1:
+                    raise chunkvale.CapacityError(
+                        "KV cache too small for a single request; raise capacity_tokens "
+                        f"(now {self.cache.stats()['capacity_chunks']} chunks of {self.chunk_size} tokens)"
+                    ) from None
+                victim = self._running.pop()
+                for s in victim.seqs:
+                    self.cache.remove(s.seq)
+                self._reused -= victim.n_cached
+                self._generated -= sum(len(s.tokens) for s in victim.seqs)
+                self._waiting.insert(0, _Req(request=victim.request, index=victim.index, prompt=victim.prompt,
+                                             submitted=victim.submitted, stop_ids=victim.stop_ids,
+                                             stop_strings=victim.stop_strings))
+                self._preemptions += 1
+                _, entries, _, _ = self._build_batch()
+                if not entries:
+                    return None
+
+    def _consume(self, batch, entries, rows, logits) -> None:
+        now = time.perf_counter()
+        forks = []
+        li = 0
+        for s, (_, what), row in zip(batch, entries, rows):
+            req = s.req
+            if isinstance(what, int):
+                req.prefilled += what
+                s.length += what
+            else:
+                s.length += 1
+            if row is None:
+                continue
+            row_logits = logits[li]
+            li += 1
+            if req.first_token is None:
+                req.first_token = now
+                if req.request.n > 1:
+                    forks.append((req, row_logits))
+            self._emit(s, sampling.next_token(row_logits, req.request.temperature, req.request.top_p, s.generator))
+        for req, row_logits in forks:
+            # The prompt is in the cache now: the other samples share all its full chunks.
+            parent = req.seqs[0]
+            for i, child in enumerate(self.cache.fork(parent.seq, req.request.n - 1), start=1):
+                s = _Seq(req=req, sample_index=i, seq=child, length=parent.length,
+                         generator=sampling.make_generator(req.request.seed, i))
+                req.seqs.append(s)
+                self._emit(s, sampling.next_token(row_logits, req.request.temperature, req.request.top_p,
+                                                  s.generator))
+
+    def _emit(self, s: _Seq, token: int):
+        req = s.req
+        s.tokens.append(token)
+        self._generated += 1
+        if token in req.stop_ids:
+            s.finish_reason = "stop"
+        elif req.stop_strings:
+            text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
+            cut = min((text.find(x) for x in req.stop_strings if x in text), default=-1)
+            if cut >= 0:
+                s.finish_reason, s.text = "stop", text[:cut]
+        if s.finish_reason is None:
+            if len(s.tokens) >= req.request.max_new_tokens:
+                s.finish_reason = "length"
+            elif self.max_context and s.length >= self.max_context:
+                # The next step would feed this token at position s.length, past what the model
+                # (or its sliding window, which chunkvale does not apply) supports.
+                s.finish_reason = "length"
+
+    def _retire(self) -> list[Result]:
+        finished, keep = [], []
+        for req in self._running:
+            for s in req.seqs:
+                if s.finish_reason is not None and s.seq is not None:
+                    self.cache.remove(s.seq)
+                    s.seq = None
+            if len(req.seqs) == req.request.n and all(s.finish_reason for s in req.seqs):
+                finished.append(self._result(req))
+            else:
+                keep.append(req)
+        self._running = keep
+        if not self.has_work():
+            self._end = time.perf_counter()
+        return finished
+
+    def _result(self, req: _Req) -> Result:
+        now = time.perf_counter()
+        samples = []
+        for s in req.seqs:
+            text = s.text
+            if text is None:
+                text = self.tokenizer.decode(s.tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
+            samples.append(Sample(token_ids=list(s.tokens), text=text, finish_reason=s.finish_reason))
+        generated = sum(len(s.tokens) for s in req.seqs)
+        decode_s = now - req.first_token
+        metrics = RequestMetrics(
+            prompt_tokens=len(req.prompt),
+            prefix_tokens_reused=req.n_cached,
+            queue_s=req.admitted - req.submitted,
+            ttft_s=req.first_token - req.submitted,
+            prefill_s=req.first_token - req.admitted,
+            generated_tokens=generated,
+            total_s=now - req.submitted,
+            decode_tokens_per_s=(generated - len(req.seqs)) / decode_s if decode_s > 0 else 0.0,
+        )
+        return Result(request=req.request, index=req.index, samples=samples, metrics=metrics)
+
+    def _account_memory(self):
+        # Sampled after the forward pass and before finished sequences are removed: the step's
+        # room is reserved and every sequence that took part is still live.
+        in_use = int(self.cache.stats()["chunks_in_use"])
+        self._peak_chunks = max(self._peak_chunks, in_use)
+        # Without sharing every live sequence would hold ceil(length / C) chunks of its own.
+        unshared = sum(math.ceil(s.length / self.chunk_size)
+                       for req in self._running for s in req.seqs if s.seq is not None)
+        self._peak_unshared_chunks = max(self._peak_unshared_chunks, unshared)

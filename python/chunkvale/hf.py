@@ -1,0 +1,193 @@
+"""Run a Hugging Face transformers Llama-family model with its attention in a chunkvale KVCache.
+
+How it plugs in: transformers' attention-function registry (``AttentionInterface``). We register
+an attention function named ``"chunkvale"``; while a :class:`ModelRunner` step runs, the model's
+config points at it, and every attention layer of the unmodified model calls it with the layer's
+q/k/v after RoPE. The function appends k/v to the cache and returns ``cache.attention``. No model
+file is copied or forked, and the model keeps working with its own attention outside a step.
+
+A step is *packed*: the new tokens of every sequence in the batch sit in one row of
+``input_ids`` ([1, T]) with their absolute positions from ``step.positions`` as ``position_ids``,
+so prefill, extend and decode of many requests share one forward pass and need no padding.
+transformers builds no attention mask for an implementation it has no mask function for, so
+no [T, T] mask is ever materialised; the cache knows which rows belong to which sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+ATTN_IMPLEMENTATION = "chunkvale"
+
+# Architectures whose attention is exactly "RoPE'd q/k/v -> softmax(q k^T * scaling) v" with
+# causal masking, so replacing the attention function is exact. Others (softcapping, alibi,
+# attention sinks, chunked local attention) would silently compute something else.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+_register_lock = threading.Lock()
+_registered = False
+
+
+@dataclass
+class _StepContext:
+    """What the attention function needs for one forward pass; passed as a model kwarg so that
+    concurrent runners on different threads never see each other's step."""
+
+    cache: Any
+    step: Any
+    max_position: int
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    ctx = kwargs.get("chunkvale_context")
+    if ctx is None:
+        raise RuntimeError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} only works inside chunkvale.hf.ModelRunner.forward "
+            "(the attention needs a KVCache step); use another attn_implementation for plain forward passes"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"query: expected a packed batch of 1 row, got batch {query.shape[0]}")
+    window = kwargs.get("sliding_window")
+    if window is not None and ctx.max_position >= window:
+        # Exact only while every query still sees its whole prefix; beyond that the model would
+        # mask keys that the cache attends to.
+        raise ValueError(
+            f"sequence position {ctx.max_position} reaches the model's sliding_window={window}; "
+            "chunkvale attends to the whole context, so prompts plus generated tokens must stay below it"
+        )
+    layer = module.layer_idx
+    # transformers hands [1, heads, T, D]; the cache wants packed rows [T, heads, D].
+    q = query[0].transpose(0, 1).contiguous()
+    k = key[0].transpose(0, 1).contiguous()
+    v = value[0].transpose(0, 1).contiguous()
+    ctx.cache.append(layer, ctx.step, k, v)
+    out = ctx.cache.attention(layer, ctx.step, q)
+    # Attention functions return [batch, T, heads, D] (eager transposes back before returning).
+    return out.unsqueeze(0), None
+
+
+def register() -> None:
+    """Register the ``"chunkvale"`` attention function with transformers (idempotent)."""
+    global _registered
+    with _register_lock:
+        if _registered:
+            return
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
+        _registered = True
+
+
+def check_model(model) -> None:
+    """Raise a clear error if ``model`` cannot run through chunkvale exactly."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_output_embeddings"):
+        raise TypeError(f"model: expected a transformers *ForCausalLM model, got {type(model).__name__}")
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model: architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    dtype = next(model.parameters()).dtype
+    if dtype not in _DTYPE_NAMES:
+        raise TypeError(f"model: parameters must be float32, float16 or bfloat16, got {dtype}")
+    device = next(model.parameters()).device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"model: must be on cpu or cuda, got {device}")
+    scalings = {float(layer.self_attn.scaling) for layer in _decoder_layers(model)}
+    if len(scalings) != 1:
+        raise ValueError(f"model: layers use different attention scalings {sorted(scalings)}; one cache needs one")
+
+
+def _decoder_layers(model):
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise TypeError(f"model: {type(model).__name__} has no decoder layers at .model.layers")
+    return layers
+
+
+def cache_config(model, *, chunk_size: int = 32, capacity_chunks: int | None = None,
+                 capacity_bytes: int | None = None, threads: int = 0, share_threshold: int = 2):
+    """A ``chunkvale.CacheConfig`` matching ``model``'s layers, heads, head dim, dtype and device."""
+    import chunkvale
+
+    check_model(model)
+    cfg = model.config
+    attn = _decoder_layers(model)[0].self_attn
+    param = next(model.parameters())
+    if capacity_chunks is None and capacity_bytes is None:
+        raise ValueError("capacity_chunks / capacity_bytes: give exactly one")
+    return chunkvale.CacheConfig(
+        layers=cfg.num_hidden_layers,
+        q_heads=cfg.num_attention_heads,
+        kv_heads=cfg.num_key_value_heads,
+        head_dim=attn.head_dim,
+        chunk_size=chunk_size,
+        dtype=_DTYPE_NAMES[param.dtype],
+        capacity_chunks=capacity_chunks,
+        capacity_bytes=capacity_bytes,
+        device=param.device.type,
+        threads=threads,
+        share_threshold=share_threshold,
+        # Pass the model's own scaling rather than trusting that it is 1/sqrt(head_dim).
+        sm_scale=float(attn.scaling),
+    )
+
+
+@contextlib.contextmanager
+def _attn_implementation(model, name: str):
+    # Switched per call (not once at load) so the same model object still runs its own
+    # attention, e.g. for transformers' generate, between chunkvale steps.
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+class ModelRunner:
+    """Runs packed chunkvale steps through a transformers causal LM.
+
+    ``runner.forward(step, input_ids, logit_rows)`` appends every layer's K/V of the step's new
+    tokens to ``cache`` and returns the logits of the requested rows only (the LM head over all
+    prefill rows would cost more than attention).
+    """
+
+    def __init__(self, model, cache):
+        check_model(model)
+        register()
+        self.model = model.eval()
+        self.cache = cache
+        self.device = next(model.parameters()).device
+        self.num_layers = model.config.num_hidden_layers
+
+    def forward(self, step, input_ids: torch.Tensor | Sequence[int], logit_rows: Sequence[int]) -> torch.Tensor:
+        """Logits (float32, [len(logit_rows), vocab]) of the given packed rows of ``step``."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        if ids.shape[1] != step.num_tokens:
+            raise ValueError(f"input_ids: expected {step.num_tokens} tokens for this step, got {ids.shape[1]}")
+        rows = torch.as_tensor(list(logit_rows), dtype=torch.long, device=self.device)
+        # Empty is fine: a step that only prefills the middle of a long prompt needs no logits.
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= step.num_tokens):
+            raise ValueError(f"logit_rows: expected rows in [0, {step.num_tokens}), got {rows.tolist()}")
+        positions = torch.as_tensor(step.positions, dtype=torch.long).to(self.device).reshape(1, -1)
+        ctx = _StepContext(self.cache, step, int(positions.max()))
+        with torch.inference_mode(), _attn_implementation(self.model, ATTN_IMPLEMENTATION):
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=rows,
+                chunkvale_context=ctx,
+            )
+        return out.logits[0].float()
