@@ -1,6 +1,7 @@
 #include "chunkvale/kv_cache.h"
 
 #include <algorithm>
+#include <atomic>
 #include <sstream>
 #include <unordered_set>
 
@@ -35,6 +36,8 @@ struct KVCache::OpenStep {
 
 namespace {
 std::string id_str(int64_t id) { return std::to_string(id); }
+// Step ids are unique across caches, so a step can't be passed to the wrong cache.
+std::atomic<uint64_t> g_next_step_id{1};
 }  // namespace
 
 KVCache::KVCache(const CacheConfig& config)
@@ -169,6 +172,26 @@ std::pair<int64_t, int64_t> KVCache::add_sequence(const std::vector<int32_t>& to
 
   TreeNode* root = tree_.find_root(ns);
   PrefixMatch m = tree_.match(root, tokens.data(), limit);
+  const int64_t k = int64_t(m.path.size());
+  // A live sequence's private tail that continues the matched path is a copy source too
+  // (e.g. a system prompt that ends mid-chunk, while its first request still runs).
+  const Sequence* tail_src = nullptr;
+  int32_t partial_len = m.partial_len;
+  if (root) {
+    const TreeNode* at = k ? m.path.back() : root;
+    const int64_t rest = std::min<int64_t>(limit - k * C, C);
+    for (const auto& kv : seqs_) {
+      const Sequence& o = *kv.second;
+      if (o.tail.empty() || int64_t(o.path.size()) != k || (k ? o.path.back() : o.root) != at) continue;
+      const int64_t avail = std::min<int64_t>(o.length() - k * C, rest);
+      int32_t n = 0;
+      while (n < avail && o.tokens[size_t(k * C + n)] == tokens[size_t(k * C + n)]) ++n;
+      if (n > partial_len) {
+        partial_len = n;
+        tail_src = &o;
+      }
+    }
+  }
 
   auto s = std::make_unique<Sequence>();
   s->id = next_seq_id_;
@@ -176,23 +199,24 @@ std::pair<int64_t, int64_t> KVCache::add_sequence(const std::vector<int32_t>& to
   // Pin the matched path (and the copy source) first, so reclaiming can't take them.
   for (TreeNode* n : m.path) tree_.acquire(n);
   s->path = m.path;
-  int64_t cached = int64_t(m.path.size()) * C;
-  if (m.partial_len > 0) {
-    // Copy-on-diverge: the matched head of a cached chunk becomes our private tail.
-    tree_.acquire(m.partial);
+  int64_t cached = k * C;
+  if (partial_len > 0) {
+    // Copy-on-diverge: the matched head of a chunk becomes our private tail.
+    TreeNode* pin = tail_src ? nullptr : m.partial;
+    if (pin) tree_.acquire(pin);
     int32_t slot;
     try {
       require_slots(1, "add_sequence");
       slot = take_slot();
     } catch (...) {
-      tree_.release(m.partial);
+      if (pin) tree_.release(pin);
       for (TreeNode* n : m.path) tree_.release(n);
       throw;
     }
-    backend_->copy_chunk(m.partial->slot, slot, m.partial_len);
-    tree_.release(m.partial);
+    backend_->copy_chunk(tail_src ? tail_src->tail.front() : m.partial->slot, slot, partial_len);
+    if (pin) tree_.release(pin);
     s->tail.push_back(slot);
-    cached += m.partial_len;
+    cached += partial_len;
   }
   s->tokens.assign(tokens.begin(), tokens.begin() + cached);
   s->pending.assign(tokens.begin() + cached, tokens.end());
@@ -241,7 +265,7 @@ uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
   end_step("plan");
 
   auto st = std::make_unique<OpenStep>();
-  st->id = next_step_id_++;
+  st->id = g_next_step_id.fetch_add(1);
   st->appended.assign(size_t(cfg_.layers), 0);
   std::vector<PlanSeqInput> batch;
   batch.reserve(entries.size());

@@ -26,15 +26,19 @@ class Step:
 
 
 def _token_list(token_ids, arg: str) -> List[int]:
-    if isinstance(token_ids, (str, bytes)):
+    if token_ids is None or isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
         raise TypeError(f"{arg}: expected a sequence of int token ids, got {type(token_ids).__name__}")
     try:
-        tokens = [int(t) for t in np.asarray(token_ids).reshape(-1).tolist()]
+        arr = np.asarray(token_ids)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{arg}: expected a sequence of int token ids ({e})") from None
-    arr = np.asarray(token_ids)
+    if arr.dtype == object:
+        raise TypeError(f"{arg}: expected int token ids, got {type(token_ids).__name__} of objects")
+    if arr.ndim != 1:
+        raise ValueError(f"{arg}: expected a 1-D sequence of token ids, got shape {arr.shape}")
     if arr.dtype.kind not in "iu" and arr.size:
         raise TypeError(f"{arg}: expected integer token ids, got dtype {arr.dtype}")
+    tokens = [int(t) for t in arr.tolist()]
     for t in tokens:
         if not _INT32[0] <= t <= _INT32[1]:
             raise ValueError(f"{arg}: expected token ids in int32 range, got {t}")
@@ -49,6 +53,15 @@ def _empty_like(x, shape, dtype=None):
     if torch is not None and isinstance(x, torch.Tensor):
         return torch.empty(shape, dtype=dtype or x.dtype, device=x.device)
     raise TypeError(f"q: expected a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def _kind(x, arg: str) -> str:
+    if isinstance(x, np.ndarray):
+        return "numpy array"
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        return "torch tensor"
+    raise TypeError(f"{arg}: expected a numpy array or a torch tensor, got {type(x).__name__}")
 
 
 def _torch():
@@ -77,6 +90,8 @@ class KVCache:
             raise TypeError(f"namespace: expected a str, got {type(namespace).__name__}")
         if max_reuse is not None and (isinstance(max_reuse, bool) or not isinstance(max_reuse, (int, np.integer))):
             raise TypeError(f"max_reuse: expected an int or None, got {type(max_reuse).__name__}")
+        if max_reuse is not None and max_reuse < 0:
+            raise ValueError(f"max_reuse: expected None or an integer >= 0, got {max_reuse}")
         return self._native.add_sequence(tokens, namespace, -1 if max_reuse is None else int(max_reuse))
 
     def plan(self, entries: Sequence[Tuple[int, Union[int, Sequence[int]]]]) -> Step:
@@ -109,8 +124,11 @@ class KVCache:
         ``return_lse``: lse is float32 [num_tokens, q_heads], the *natural* log of the
         softmax denominator of the scaled scores (FlashInfer's is base 2).
         """
+        kind = _kind(q, "q")
         if out is None:
             out = _empty_like(q, tuple(q.shape))
+        elif _kind(out, "out") != kind:
+            raise TypeError(f"out: expected a {kind} like q, got a {_kind(out, 'out')}")
         lse = None
         if return_lse:
             if isinstance(q, np.ndarray):

@@ -93,7 +93,6 @@ class KVCache {
   PrefixTree tree_;
   std::unordered_map<int64_t, std::unique_ptr<Sequence>> seqs_;
   int64_t next_seq_id_ = 1;
-  uint64_t next_step_id_ = 1;
   std::unique_ptr<OpenStep> step_;
   StepPlan plan_;                  // the latest plan (reused when the batch repeats)
   uint64_t plan_tree_version_ = ~0ull;
