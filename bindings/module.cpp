@@ -20,6 +20,7 @@ using chunkvale::bind::view_of;
 
 namespace chunkvale {
 const char* kernel_isa();
+bool cuda_backend_built();
 }
 
 namespace {
@@ -106,7 +107,8 @@ NB_MODULE(_native, m) {
 
   m.def("kernel_isa", [] { return std::string(chunkvale::kernel_isa()); },
         "Instruction set of the CPU kernels chosen at run time.");
-  m.def("cuda_built", [] { return false; });
+  m.def("cuda_built", [] { return chunkvale::cuda_backend_built(); },
+        "Whether this build contains the CUDA backend.");
 
   nb::class_<KVCache>(m, "KVCache")
       .def("__init__",

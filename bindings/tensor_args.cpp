@@ -9,7 +9,11 @@ namespace chunkvale::bind {
 TensorView view_of(const AnyArray& a) {
   TensorView t;
   t.data = const_cast<void*>(a.data());
-  t.on_cpu = a.device_type() == nb::device::cpu::value;
+  const int dt = a.device_type();
+  t.device = dt == nb::device::cpu::value    ? TensorView::Device::CPU
+             : dt == nb::device::cuda::value ? TensorView::Device::CUDA
+                                             : TensorView::Device::Other;
+  t.device_id = a.device_id();
   t.ndim = int(a.ndim());
   if (t.ndim > 4) t.ndim = 4 + 1;  // reported as a shape mismatch by the core
   for (int i = 0; i < int(a.ndim()) && i < 4; ++i) {

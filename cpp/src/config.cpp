@@ -60,8 +60,8 @@ void CacheConfig::validate() const {
   need(share_threshold >= 1, got("share_threshold", "an integer >= 1", share_threshold));
   need(std::isfinite(sm_scale) && sm_scale >= 0.0f,
        "sm_scale: expected a finite value > 0 (or None), got " + std::to_string(sm_scale));
-  if (device != "cpu")
-    throw ValueError("device: expected 'cpu' (the CUDA backend is not built), got '" + device + "'");
+  if (device != "cpu" && device != "cuda")
+    throw ValueError("device: expected 'cpu' or 'cuda', got '" + device + "'");
 }
 
 size_t CacheConfig::bytes_per_chunk() const {
@@ -78,10 +78,19 @@ float CacheConfig::resolved_scale() const {
   return sm_scale > 0.0f ? sm_scale : 1.0f / std::sqrt(float(head_dim));
 }
 
-void check_tensor3(const TensorView& t, const char* arg, DType dtype, int64_t rows,
-                   int64_t heads, int64_t dim) {
-  if (!t.on_cpu)
-    throw TypeError(std::string(arg) + ": expected a CPU tensor, got a tensor on another device");
+const char* device_name(TensorView::Device d) {
+  switch (d) {
+    case TensorView::Device::CPU: return "cpu";
+    case TensorView::Device::CUDA: return "cuda";
+    default: return "another device";
+  }
+}
+
+void check_tensor3(const TensorView& t, const char* arg, TensorView::Device device, DType dtype,
+                   int64_t rows, int64_t heads, int64_t dim) {
+  if (t.device != device)
+    throw TypeError(std::string(arg) + ": expected a tensor on " + device_name(device) +
+                    " (the cache's device), got one on " + device_name(t.device));
   if (!t.dtype_known || t.dtype != dtype)
     throw TypeError(std::string(arg) + ": expected dtype " + dtype_name(dtype) + " (the cache's), got " +
                     (t.dtype_known ? dtype_name(t.dtype) : t.dtype_label));

@@ -3,9 +3,10 @@
 #include <algorithm>
 #include <atomic>
 #include <sstream>
+#include <thread>
 #include <unordered_set>
 
-#include "cpu_backend.h"
+#include "backend_factory.h"
 #include "plan_builder.h"
 
 namespace chunkvale {
@@ -44,7 +45,8 @@ KVCache::KVCache(const CacheConfig& config)
     : cfg_((config.validate(), config)),
       pool_(cfg_.resolved_capacity()),
       tree_(cfg_.chunk_size) {
-  backend_ = std::make_unique<CpuBackend>(cfg_, cfg_.resolved_capacity());
+  backend_ = make_backend(cfg_, cfg_.resolved_capacity());
+  device_ = cfg_.device == "cuda" ? TensorView::Device::CUDA : TensorView::Device::CPU;
 }
 
 KVCache::~KVCache() = default;
@@ -321,8 +323,8 @@ void KVCache::append(int layer, uint64_t step, const TensorView& k, const Tensor
   if (st.appended[size_t(layer)])
     throw ValueError("layer: layer " + std::to_string(layer) + " was already appended in step " +
                      std::to_string(step));
-  check_tensor3(k, "k", cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
-  check_tensor3(v, "v", cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
+  check_tensor3(k, "k", device_, cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
+  check_tensor3(v, "v", device_, cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
   backend_->append(layer, plan_, k, v);
   step_->appended[size_t(layer)] = 1;
   ++step_->layers_appended;
@@ -337,8 +339,8 @@ void KVCache::attention(int layer, uint64_t step, const TensorView& q, const Ten
   if (!st.appended[size_t(layer)])
     throw ValueError("layer: attention for layer " + std::to_string(layer) + " of step " +
                      std::to_string(step) + " needs append(layer, step, k, v) first");
-  check_tensor3(q, "q", cfg_.dtype, plan_.num_tokens, cfg_.q_heads, cfg_.head_dim);
-  check_tensor3(out, "out", cfg_.dtype, plan_.num_tokens, cfg_.q_heads, cfg_.head_dim);
+  check_tensor3(q, "q", device_, cfg_.dtype, plan_.num_tokens, cfg_.q_heads, cfg_.head_dim);
+  check_tensor3(out, "out", device_, cfg_.dtype, plan_.num_tokens, cfg_.q_heads, cfg_.head_dim);
   if (out.data == q.data && plan_.num_tokens > 0)
     throw ValueError("out: expected a buffer distinct from q, got the same memory");
   if (lse) {
@@ -351,7 +353,7 @@ void KVCache::attention(int layer, uint64_t step, const TensorView& q, const Ten
       l3.ndim = -1;
     }
     try {
-      check_tensor3(l3, "lse", DType::Float32, plan_.num_tokens, cfg_.q_heads, 1);
+      check_tensor3(l3, "lse", device_, DType::Float32, plan_.num_tokens, cfg_.q_heads, 1);
     } catch (const ValueError&) {
       std::ostringstream m;
       m << "lse: expected a C-contiguous float32 tensor of shape [" << plan_.num_tokens << ", "

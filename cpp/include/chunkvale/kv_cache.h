@@ -89,6 +89,7 @@ class KVCache {
 
   CacheConfig cfg_;
   std::unique_ptr<Backend> backend_;
+  TensorView::Device device_ = TensorView::Device::CPU;
   ChunkPool pool_;
   PrefixTree tree_;
   std::unordered_map<int64_t, std::unique_ptr<Sequence>> seqs_;

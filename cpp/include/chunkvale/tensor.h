@@ -10,15 +10,17 @@ struct TensorView {
   DType dtype = DType::Float32;
   bool dtype_known = true;      // false: a dtype chunkvale does not store (e.g. int64)
   char dtype_label[16] = {0};   // printable dtype for error messages
-  bool on_cpu = true;
+  enum class Device : uint8_t { CPU, CUDA, Other } device = Device::CPU;
+  int device_id = 0;
   int ndim = 0;
   int64_t shape[4] = {0, 0, 0, 0};
   int64_t strides[4] = {0, 0, 0, 0};  // in elements
 };
 
-// Checks a [rows, heads, dim] tensor: kind, dtype, shape, C-contiguity.
+// Checks a [rows, heads, dim] tensor: device, dtype, shape, C-contiguity.
 // Throws TypeError / ValueError naming `arg`.
-void check_tensor3(const TensorView& t, const char* arg, DType dtype, int64_t rows,
-                   int64_t heads, int64_t dim);
+void check_tensor3(const TensorView& t, const char* arg, TensorView::Device device, DType dtype,
+                   int64_t rows, int64_t heads, int64_t dim);
+const char* device_name(TensorView::Device d);
 
 }  // namespace chunkvale

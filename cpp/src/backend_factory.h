@@ -1,0 +1,13 @@
+// Picks the backend for a configured device. The only place that knows which backends
+// were built; everything else talks to Backend.
+#pragma once
+#include <memory>
+
+#include "chunkvale/backend.h"
+
+namespace chunkvale {
+
+std::unique_ptr<Backend> make_backend(const CacheConfig& cfg, int64_t slots);
+bool cuda_backend_built();
+
+}  // namespace chunkvale
