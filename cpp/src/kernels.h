@@ -12,7 +12,7 @@ namespace chunkvale {
 
 // Per-thread scratch, grown on demand and reused across calls.
 struct KernelScratch {
-  std::vector<float> q, kt, v, s;
+  std::vector<float> q, kt, s;
   std::vector<int32_t> pos;
 };
 
