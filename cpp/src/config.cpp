@@ -94,19 +94,21 @@ void check_tensor3(const TensorView& t, const char* arg, TensorView::Device devi
   if (!t.dtype_known || t.dtype != dtype)
     throw TypeError(std::string(arg) + ": expected dtype " + dtype_name(dtype) + " (the cache's), got " +
                     (t.dtype_known ? dtype_name(t.dtype) : t.dtype_label));
-  std::ostringstream want, have;
-  want << "[" << rows << ", " << heads << ", " << dim << "]";
-  have << "[";
-  for (int i = 0; i < t.ndim; ++i) have << (i ? ", " : "") << t.shape[i];
-  have << "]";
-  if (t.ndim != 3 || t.shape[0] != rows || t.shape[1] != heads || t.shape[2] != dim)
-    throw ValueError(std::string(arg) + ": expected shape " + want.str() + ", got " + have.str());
-  bool contiguous = (rows <= 1 || t.strides[0] == heads * dim) &&
+  bool shape_ok = t.ndim == 3 && t.shape[0] == rows && t.shape[1] == heads && t.shape[2] == dim;
+  bool contiguous = shape_ok && (rows <= 1 || t.strides[0] == heads * dim) &&
                     (heads <= 1 || t.strides[1] == dim) && (dim <= 1 || t.strides[2] == 1);
-  if (!contiguous)
+  if (!contiguous) {  // messages are built only on failure: no allocation on the hot path
+    std::ostringstream want, have;
+    want << "[" << rows << ", " << heads << ", " << dim << "]";
+    have << "[";
+    for (int i = 0; i < t.ndim && i < 4; ++i) have << (i ? ", " : "") << t.shape[i];
+    have << "]";
+    if (!shape_ok)
+      throw ValueError(std::string(arg) + ": expected shape " + want.str() + ", got " + have.str());
     throw ValueError(std::string(arg) + ": expected a C-contiguous tensor of shape " + want.str() +
                      ", got strides (" + std::to_string(t.strides[0]) + ", " +
                      std::to_string(t.strides[1]) + ", " + std::to_string(t.strides[2]) + ")");
+  }
   if (rows > 0 && t.data == nullptr) throw ValueError(std::string(arg) + ": expected data, got a null pointer");
 }
 
