@@ -303,7 +303,7 @@ def test_shared_prefix_decode_batch(cv, seed, thr, threads):
         assert n == 200
         ids.append(s)
     rng.shuffle(ids)
-    sh.run_step([sh.random_entry(s) for s in ids])  # extend: 23 prefills + one decode
+    sh.run_step([(s, sh.pending_after_open(s) or [7]) for s in ids])  # extend: 23 prefills + a decode
     for _ in range(3):
         order = list(ids)
         rng.shuffle(order)
