@@ -1,0 +1,420 @@
+#include "cuda_backend.h"
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "attention_kernels.cuh"
+#include "chunkvale/errors.h"
+#include "cuda_api.h"
+
+namespace chunkvale {
+
+// ---- runtime queries used by cuda_api.cpp ----
+int cuda_runtime_device_count() {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the sticky-free error (no driver / no device)
+    return 0;
+  }
+  return n;
+}
+
+namespace cuda {
+namespace {
+
+[[noreturn]] void throw_cuda(cudaError_t e, const char* what) {
+  throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorName(e) + " (" +
+                           cudaGetErrorString(e) + ")");
+}
+#define CV_CUDA(expr, what)                     \
+  do {                                          \
+    cudaError_t e_ = (expr);                    \
+    if (e_ != cudaSuccess) throw_cuda(e_, what); \
+  } while (0)
+
+// Makes the cache's device current for one call and restores the caller's.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int dev) {
+    CV_CUDA(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != dev) CV_CUDA(cudaSetDevice(dev), "cudaSetDevice");
+    else prev_ = -1;
+  }
+  ~DeviceGuard() {
+    if (prev_ >= 0) (void)cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = -1;
+};
+
+bool is_capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(s, &st) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return st != cudaStreamCaptureStatusNone;
+}
+
+bool head_dim_supported(int D) {
+#ifdef CHUNKVALE_CUDA_LEAN
+  return D == 64 || D == 128 || D == 256;
+#else
+  return D == 64 || D == 80 || D == 96 || D == 128 || D == 256;
+#endif
+}
+
+// ---- append: the step's new K/V rows into their chunk slots (16-byte vectors) ----
+__global__ void append_kernel(const AppendParams p) {
+  const int vpr = p.D / 8;  // 16-byte vectors per head row
+  const int64_t total = int64_t(p.num_tokens) * p.kv_heads * vpr;
+  const int64_t tile = int64_t(p.C) * p.D;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int c = int(i % vpr);
+    const int64_t rh = i / vpr;
+    const int h = int(rh % p.kv_heads);
+    const int r = int(rh / p.kv_heads);
+    const int pos = p.positions[r];
+    const int64_t dst = int64_t(p.row_slot[r]) * p.slot_stride + int64_t(h) * tile +
+                        int64_t(pos & (p.C - 1)) * p.D + c * 8;
+    const int64_t src = rh * p.D + c * 8;
+    uint16_t* pool = static_cast<uint16_t*>(p.pool_layer);
+    *reinterpret_cast<uint4*>(pool + dst) = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.k) + src);
+    *reinterpret_cast<uint4*>(pool + dst + int64_t(p.kv_heads) * tile) =
+        *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.v) + src);
+  }
+}
+
+// ---- copy_chunk: first n tokens of slot src into dst, every layer, K/V and head ----
+struct CopyParams {
+  uint16_t* pool;
+  int64_t slot_stride, layer_stride, tile;  // elements
+  int32_t src, dst, n_tokens, tiles_per_slot, layers, D;
+};
+__global__ void copy_chunk_kernel(const CopyParams p) {
+  const int vpt = p.n_tokens * (p.D / 8);  // vectors per tile prefix
+  const int64_t total = int64_t(p.layers) * p.tiles_per_slot * vpt;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int v = int(i % vpt);
+    const int64_t lt = i / vpt;
+    const int t = int(lt % p.tiles_per_slot);
+    const int l = int(lt / p.tiles_per_slot);
+    const int64_t base = int64_t(l) * p.layer_stride + int64_t(t) * p.tile + int64_t(v) * 8;
+    *reinterpret_cast<uint4*>(p.pool + base + int64_t(p.dst) * p.slot_stride) =
+        *reinterpret_cast<const uint4*>(p.pool + base + int64_t(p.src) * p.slot_stride);
+  }
+}
+
+int grid_for(int64_t work, int threads) {
+  return int(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, 65536)));
+}
+
+float bf16_to_float(uint16_t b) {
+  uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+float f16_to_float(uint16_t h) {
+  __half_raw r;
+  r.x = h;
+  return __half2float(__half(r));
+}
+
+}  // namespace
+
+CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slots_(slots) {
+  if (cfg.dtype == DType::Float32)
+    throw TypeError("dtype: the CUDA backend stores float16 or bfloat16, got float32 "
+                    "(use dtype='float16' or 'bfloat16' with device='cuda')");
+  if (!head_dim_supported(cfg.head_dim))
+    throw ValueError("head_dim: the CUDA backend has kernels for head_dim 64, 80, 96, 128, 256, got " +
+                     std::to_string(cfg.head_dim));
+  if (cfg.group() > 64)
+    throw ValueError("q_heads: the CUDA backend supports up to 64 query heads per KV head, got " +
+                     std::to_string(cfg.group()));
+  if (cuda_runtime_device_count() == 0)
+    throw ValueError("device: expected a usable CUDA GPU for device='cuda', found none "
+                     "(cudaGetDeviceCount reports 0 devices or no driver)");
+  CV_CUDA(cudaGetDevice(&device_), "cudaGetDevice");
+  cudaDeviceProp prop;
+  CV_CUDA(cudaGetDeviceProperties(&prop, device_), "cudaGetDeviceProperties");
+  if (prop.major < 8)
+    throw ValueError("device: the CUDA backend needs compute capability 8.0 or newer (mma.sync for "
+                     "fp16/bf16), got " + std::to_string(prop.major) + "." + std::to_string(prop.minor) +
+                     " (" + prop.name + ")");
+  sm_count_ = prop.multiProcessorCount;
+  slot_stride_ = size_t(2) * cfg.kv_heads * cfg.chunk_size * cfg.head_dim;
+  const size_t bytes = size_t(cfg.layers) * size_t(slots) * slot_stride_ * 2;
+  cudaError_t e = cudaMalloc(&pool_, bytes);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    pool_ = nullptr;
+    throw CapacityError("capacity: could not allocate " + std::to_string(bytes) +
+                        " bytes of GPU memory for the KV pool (" + cudaGetErrorString(e) +
+                        "); lower capacity_chunks / capacity_bytes");
+  }
+  try {
+    CV_CUDA(cudaMemset(pool_, 0, bytes), "cudaMemset(pool)");
+    for (auto& ev : staging_done_) CV_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
+  } catch (...) {
+    for (auto& ev : staging_done_)
+      if (ev) cudaEventDestroy(ev);
+    cudaFree(pool_);
+    throw;
+  }
+}
+
+CudaBackend::~CudaBackend() {
+  // Errors are ignored: at process exit the context may already be gone.
+  (void)cudaSetDevice(device_);
+  (void)cudaDeviceSynchronize();
+  for (auto& ev : staging_done_)
+    if (ev) (void)cudaEventDestroy(ev);
+  for (auto& st : staging_)
+    if (st) (void)cudaFreeHost(st);
+  if (dplan_) (void)cudaFree(dplan_);
+  if (part_ml_) (void)cudaFree(part_ml_);
+  if (part_o_) (void)cudaFree(part_o_);
+  if (pool_) (void)cudaFree(pool_);
+  (void)cudaGetLastError();
+}
+
+cudaStream_t CudaBackend::stream() const { return reinterpret_cast<cudaStream_t>(cuda_api::thread_stream()); }
+
+size_t CudaBackend::layer_offset(int layer) const { return size_t(layer) * size_t(slots_) * slot_stride_; }
+
+void CudaBackend::check_tensor(const TensorView& t, const char* arg) const {
+  if (t.device_id != device_)
+    throw ValueError(std::string(arg) + ": expected a tensor on cuda:" + std::to_string(device_) +
+                     " (the cache's GPU), got cuda:" + std::to_string(t.device_id));
+  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0)
+    throw ValueError(std::string(arg) + ": expected data aligned to 16 bytes on the GPU, got an offset view "
+                     "(pass a fresh or .contiguous() tensor)");
+}
+
+void CudaBackend::grow_device(void** ptr, size_t* cap, size_t need, cudaStream_t s, const char* what) {
+  if (need <= *cap) return;
+  if (is_capturing(s))
+    throw ValueError(std::string("stream: the CUDA backend must grow its ") + what +
+                     " buffer, which cannot happen during CUDA graph capture; run one step of the "
+                     "same or a larger shape before capturing");
+  size_t n = std::max(need + need / 2, size_t(64) * 1024);
+  CV_CUDA(cudaDeviceSynchronize(), "cudaDeviceSynchronize (buffer growth)");
+  if (*ptr) CV_CUDA(cudaFree(*ptr), "cudaFree");
+  *ptr = nullptr;
+  *cap = 0;
+  cudaError_t e = cudaMalloc(ptr, n);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    *ptr = nullptr;
+    throw CapacityError(std::string("could not allocate ") + std::to_string(n) + " bytes of GPU memory for the " +
+                        what + " buffer (" + cudaGetErrorString(e) + ")");
+  }
+  *cap = n;
+}
+
+void CudaBackend::ensure_plan(const StepPlan& plan, cudaStream_t s) {
+  if (plan_valid_ && plan.id == plan_id_) return;
+  plan_valid_ = false;
+  PlanBuildParams bp;
+  bp.chunk_size = cfg_.chunk_size;
+  bp.group = cfg_.group();
+  bp.kv_heads = cfg_.kv_heads;
+  bp.sm_count = sm_count_;
+  try {
+    build_device_plan(plan, bp, pack_, layout_);
+  } catch (const std::invalid_argument& e) {
+    throw ValueError(e.what());
+  }
+  const bool capturing = is_capturing(s);
+  const size_t n = pack_.size();
+
+  if (n * 4 > dplan_cap_) {
+    grow_device(reinterpret_cast<void**>(&dplan_), &dplan_cap_, n * 4, s, "plan");
+    dev_layout_valid_ = false;
+  }
+  // Copy only the words that differ from what the device holds (a decode step that only
+  // bumps lengths changes the trailing chunk_valid / positions sections).
+  size_t first = 0, last = n;
+  if (dev_layout_valid_ && layout_ == dev_layout_ && shadow_.size() == n) {
+    while (first < n && pack_[first] == shadow_[first]) ++first;
+    while (last > first && pack_[last - 1] == shadow_[last - 1]) --last;
+  }
+  if (last > first) {
+    if (n > staging_cap_) {
+      if (capturing)
+        throw ValueError("stream: the CUDA backend must grow its pinned plan staging buffer, which cannot "
+                         "happen during CUDA graph capture; run one step of the same shape before capturing");
+      for (int k = 0; k < 2; ++k) {
+        if (staging_pending_[k]) CV_CUDA(cudaEventSynchronize(staging_done_[k]), "cudaEventSynchronize");
+        staging_pending_[k] = false;
+        if (staging_[k]) CV_CUDA(cudaFreeHost(staging_[k]), "cudaFreeHost");
+        staging_[k] = nullptr;
+      }
+      staging_cap_ = 0;
+      const size_t cap = std::max(n + n / 2, size_t(16) * 1024);
+      for (int k = 0; k < 2; ++k)
+        CV_CUDA(cudaMallocHost(reinterpret_cast<void**>(&staging_[k]), cap * 4), "cudaMallocHost (plan staging)");
+      staging_cap_ = cap;
+    }
+    // Double-buffered staging: the buffer written now was last used two uploads ago; its
+    // copy has almost surely run, the event wait only guards the host running far ahead.
+    const int k = staging_next_;
+    staging_next_ ^= 1;
+    if (staging_pending_[k]) {
+      CV_CUDA(cudaEventSynchronize(staging_done_[k]), "cudaEventSynchronize (plan staging)");
+      staging_pending_[k] = false;
+    }
+    std::memcpy(staging_[k] + first, pack_.data() + first, (last - first) * 4);
+    CV_CUDA(cudaMemcpyAsync(dplan_ + first, staging_[k] + first, (last - first) * 4, cudaMemcpyHostToDevice, s),
+            "cudaMemcpyAsync (plan)");
+    if (!capturing) {
+      CV_CUDA(cudaEventRecord(staging_done_[k], s), "cudaEventRecord");
+      staging_pending_[k] = true;
+    }
+    ++uploads_;
+    upload_bytes_ += int64_t(last - first) * 4;
+  }
+  shadow_.swap(pack_);
+  dev_layout_ = layout_;
+  // A captured copy has not run yet: the next plan is uploaded whole.
+  dev_layout_valid_ = !capturing;
+  plan_id_ = plan.id;
+  plan_valid_ = true;
+  ensure_partials(s);
+}
+
+void CudaBackend::ensure_partials(cudaStream_t s) {
+  const size_t rows = size_t(dev_layout_.p_tok) * cfg_.group() * cfg_.kv_heads;
+  grow_device(reinterpret_cast<void**>(&part_ml_), &part_ml_cap_, std::max<size_t>(rows, 1) * 2 * 4, s, "partial (max, sum)");
+  grow_device(reinterpret_cast<void**>(&part_o_), &part_o_cap_, std::max<size_t>(rows, 1) * cfg_.head_dim * 4, s,
+              "partial output");
+}
+
+void CudaBackend::append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v) {
+  DeviceGuard g(device_);
+  check_tensor(k, "k");
+  check_tensor(v, "v");
+  cudaStream_t s = stream();
+  ensure_plan(plan, s);
+  if (plan.num_tokens == 0) return;
+  AppendParams ap;
+  ap.pool_layer = static_cast<uint16_t*>(pool_) + layer_offset(layer);
+  ap.k = k.data;
+  ap.v = v.data;
+  ap.row_slot = dplan_ + dev_layout_.row_slot;
+  ap.positions = dplan_ + dev_layout_.positions;
+  ap.slot_stride = int64_t(slot_stride_);
+  ap.num_tokens = plan.num_tokens;
+  ap.kv_heads = cfg_.kv_heads;
+  ap.C = cfg_.chunk_size;
+  ap.D = cfg_.head_dim;
+  const int64_t work = int64_t(plan.num_tokens) * cfg_.kv_heads * (cfg_.head_dim / 8);
+  append_kernel<<<grid_for(work, 256), 256, 0, s>>>(ap);
+  CV_CUDA(cudaGetLastError(), "append kernel launch");
+}
+
+void CudaBackend::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
+  if (n_tokens <= 0 || src == dst) return;
+  DeviceGuard g(device_);
+  CopyParams cp;
+  cp.pool = static_cast<uint16_t*>(pool_);
+  cp.slot_stride = int64_t(slot_stride_);
+  cp.layer_stride = int64_t(slots_) * int64_t(slot_stride_);
+  cp.tile = int64_t(cfg_.chunk_size) * cfg_.head_dim;
+  cp.src = src;
+  cp.dst = dst;
+  cp.n_tokens = std::min(n_tokens, cfg_.chunk_size);
+  cp.tiles_per_slot = 2 * cfg_.kv_heads;
+  cp.layers = cfg_.layers;
+  cp.D = cfg_.head_dim;
+  const int64_t work = int64_t(cp.layers) * cp.tiles_per_slot * cp.n_tokens * (cp.D / 8);
+  copy_chunk_kernel<<<grid_for(work, 256), 256, 0, stream()>>>(cp);
+  CV_CUDA(cudaGetLastError(), "copy_chunk kernel launch");
+}
+
+void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
+                            const TensorView* lse) {
+  DeviceGuard g(device_);
+  check_tensor(q, "q");
+  check_tensor(out, "out");
+  if (lse && lse->device_id != device_)
+    throw ValueError("lse: expected a tensor on cuda:" + std::to_string(device_) + ", got cuda:" +
+                     std::to_string(lse->device_id));
+  cudaStream_t s = stream();
+  ensure_plan(plan, s);
+  if (plan.num_tokens == 0) return;
+  const PlanLayout& L = dev_layout_;
+
+  AttnParams ap;
+  ap.pool_layer = static_cast<const uint16_t*>(pool_) + layer_offset(layer);
+  ap.q = q.data;
+  ap.items = reinterpret_cast<const DevItem*>(dplan_ + L.items);
+  ap.chunk_slot = dplan_ + L.chunk_slot;
+  ap.chunk_start = dplan_ + L.chunk_start;
+  ap.chunk_valid = dplan_ + L.chunk_valid;
+  ap.unit_rows = dplan_ + L.unit_rows;
+  ap.positions = dplan_ + L.positions;
+  ap.part_ml = part_ml_;
+  ap.part_o = part_o_;
+  ap.slot_stride = int64_t(slot_stride_);
+  ap.C = cfg_.chunk_size;
+  ap.kv_heads = cfg_.kv_heads;
+  ap.q_heads = cfg_.q_heads;
+  ap.group = cfg_.group();
+  ap.p_tok = L.p_tok;
+  ap.scale_log2 = cfg_.resolved_scale() * 1.4426950408889634f;
+  if (L.n_items > 0) {
+    cudaError_t e = cfg_.dtype == DType::Float16 ? launch_attention_f16(ap, cfg_.head_dim, L.n_items, s)
+                                                 : launch_attention_bf16(ap, cfg_.head_dim, L.n_items, s);
+    CV_CUDA(e, "attention kernel launch");
+  }
+
+  MergeParams mp;
+  mp.row_off = dplan_ + L.row_off;
+  mp.row_parts = dplan_ + L.row_parts;
+  mp.part_ml = part_ml_;
+  mp.part_o = part_o_;
+  mp.out = out.data;
+  mp.lse = lse ? static_cast<float*>(lse->data) : nullptr;
+  mp.num_tokens = plan.num_tokens;
+  mp.q_heads = cfg_.q_heads;
+  mp.group = cfg_.group();
+  mp.p_tok = L.p_tok;
+  mp.D = cfg_.head_dim;
+  const int64_t warps = int64_t(plan.num_tokens) * cfg_.q_heads;
+  const unsigned blocks = unsigned((warps + 3) / 4);
+  if (cfg_.dtype == DType::Float16)
+    merge_kernel<__half><<<blocks, 128, 0, s>>>(mp);
+  else
+    merge_kernel<__nv_bfloat16><<<blocks, 128, 0, s>>>(mp);
+  CV_CUDA(cudaGetLastError(), "merge kernel launch");
+}
+
+void CudaBackend::read_tile(int layer, int32_t slot, int kv, int head, float* dst) const {
+  DeviceGuard g(device_);
+  const size_t n = size_t(cfg_.chunk_size) * cfg_.head_dim;
+  std::vector<uint16_t> buf(n);
+  const uint16_t* src = static_cast<const uint16_t*>(pool_) + layer_offset(layer) + size_t(slot) * slot_stride_ +
+                        (size_t(kv) * cfg_.kv_heads + size_t(head)) * n;
+  CV_CUDA(cudaDeviceSynchronize(), "cudaDeviceSynchronize (read_tile)");
+  CV_CUDA(cudaMemcpy(buf.data(), src, n * 2, cudaMemcpyDeviceToHost), "cudaMemcpy (read_tile)");
+  for (size_t i = 0; i < n; ++i)
+    dst[i] = cfg_.dtype == DType::Float16 ? f16_to_float(buf[i]) : bf16_to_float(buf[i]);
+}
+
+}  // namespace cuda
+
+std::unique_ptr<Backend> make_cuda_backend(const CacheConfig& cfg, int64_t slots) {
+  return std::make_unique<cuda::CudaBackend>(cfg, slots);
+}
+
+}  // namespace chunkvale
