@@ -1,0 +1,128 @@
+"""``chunkvale demo``: chat requests sharing a long system prompt, served by the engine, measured
+against transformers' own generate on the same batch.
+
+Phases: (1) one request on an empty cache: TTFT of a cold prompt; (2) a second request alone:
+TTFT of a prefix hit; (3) the cache is cleared and the whole batch is served with continuous
+batching (its first request prefills the system prompt, the rest reuse it): throughput and KV
+memory with vs without sharing; (4) the same batch through ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from . import baseline, workload
+from .engine import Engine, Request, encode_request
+
+
+@dataclass
+class DemoOptions:
+    model: str | None = None
+    requests: int = 16
+    system_tokens: int = 1500
+    max_new_tokens: int = 64
+    chunk_size: int = 32
+    device: str = "cpu"
+    dtype: str = "float32"
+    ignore_eos: bool = False
+    baseline: bool = True
+    samples: int = 3  # answers printed
+    progress: bool = True
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def run(opts: DemoOptions, console=None) -> dict:
+    """Run the demo, print answers and the summary table; returns the numbers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .models import load_model
+
+    console = console or Console()
+    if opts.requests < 2:
+        raise ValueError(f"requests: the demo needs >= 2 (a cold prompt and a prefix hit), got {opts.requests}")
+    t0 = time.perf_counter()
+    with console.status("loading model (the first run converts the embedded GGUF, ~30 s)"):
+        lm = load_model(opts.model, dtype=opts.dtype, device=opts.device)
+    console.print(f"model: {lm.name}  [{opts.device}, {opts.dtype}]  loaded in {time.perf_counter() - t0:.1f} s")
+
+    chats = workload.chat_requests(lm.tokenizer, requests=opts.requests, system_tokens=opts.system_tokens)
+    reqs = [Request(messages=c, max_new_tokens=opts.max_new_tokens, ignore_eos=opts.ignore_eos, id=i)
+            for i, c in enumerate(chats)]
+    # Room for the shared prompt once plus every request's own tokens, with slack for chunk tails.
+    per_req = opts.max_new_tokens + 256
+    capacity = opts.system_tokens * 2 + opts.requests * (per_req + 2 * opts.chunk_size)
+    engine = Engine(lm.model, lm.tokenizer, chunk_size=opts.chunk_size, capacity_tokens=capacity,
+                    max_batch_size=max(opts.requests, 1))
+    prompts = [encode_request(lm.tokenizer, r) for r in reqs]
+    shared = next((i for i, (a, b) in enumerate(zip(prompts[0], prompts[1])) if a != b), len(prompts[0]))
+    console.print(f"workload: {opts.requests} chat requests sharing a {shared}-token prefix (system prompt), "
+                  f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+                  f"up to {opts.max_new_tokens} new tokens each")
+
+    cold = engine.generate(reqs[:1], progress=False)[0].metrics
+    hit = engine.generate(reqs[1:2], progress=False)[0].metrics
+    console.print(f"TTFT cold prompt {cold.ttft_s:.2f} s ({cold.prompt_tokens} tokens computed), "
+                  f"prefix hit {hit.ttft_s:.3f} s ({hit.prefix_tokens_reused} of {hit.prompt_tokens} reused)")
+
+    engine.cache.clear()
+    engine.reset_metrics()
+    results = engine.generate(reqs, progress=opts.progress)
+    m = engine.metrics()
+    ttfts = sorted(r.metrics.ttft_s for r in results)
+
+    for r in results[: opts.samples]:
+        console.print(f"[bold]Q{r.index}:[/bold] {r.request.messages[-1]['content']}")
+        console.print(f"[bold]A{r.index}:[/bold] {r.samples[0].text.strip()}\n")
+
+    base = None
+    if opts.baseline:
+        with console.status(f"transformers generate on the same {opts.requests} requests (one padded batch)"):
+            base = baseline.hf_generate(lm.model, prompts, max_new_tokens=opts.max_new_tokens,
+                                        eos_ids=engine.eos_ids, pad_id=_pad_id(lm.tokenizer),
+                                        ignore_eos=opts.ignore_eos)
+
+    table = Table(title=f"chunkvale demo: {opts.requests} requests sharing a system prompt")
+    table.add_column("metric")
+    table.add_column("chunkvale", justify="right")
+    table.add_column("transformers generate" if base else "", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_row("KV memory peak (with sharing)", _mib(m.kv_bytes_peak), "", "")
+    table.add_row("KV memory peak without sharing", _mib(m.kv_bytes_peak_unshared),
+                  _mib(base.kv_bytes) if base else "",
+                  f"shared = {100 * m.kv_sharing_ratio:.1f}% of unshared")
+    table.add_row("TTFT cold prompt (alone)", f"{cold.ttft_s:.2f} s", "", "")
+    table.add_row("TTFT prefix hit (alone)", f"{hit.ttft_s:.3f} s", "",
+                  f"{cold.ttft_s / hit.ttft_s:.1f}x faster" if hit.ttft_s > 0 else "")
+    table.add_row("TTFT in the batch (median)", f"{ttfts[len(ttfts) // 2]:.2f} s",
+                  f"{base.ttft_s:.2f} s" if base else "", "")
+    table.add_row("prompt tokens reused / total", f"{m.prefix_tokens_reused:,} / {m.prompt_tokens:,}", "", "")
+    table.add_row("generated tokens", f"{m.generated_tokens:,}", f"{base.generated_tokens:,}" if base else "", "")
+    table.add_row("wall time", f"{m.wall_s:.1f} s", f"{base.wall_s:.1f} s" if base else "", "")
+    table.add_row("throughput", f"{m.tokens_per_s:.1f} tok/s", f"{base.tokens_per_s:.1f} tok/s" if base else "",
+                  f"{m.tokens_per_s / base.tokens_per_s:.2f}x" if base and base.tokens_per_s else "")
+    same = None
+    if base:
+        same = sum(r.samples[0].token_ids == o for r, o in zip(results, base.outputs))
+        table.add_row("answers identical to transformers", f"{same} / {len(results)}", "", "")
+    console.print(table)
+    return {
+        "kv_bytes_peak": m.kv_bytes_peak, "kv_bytes_peak_unshared": m.kv_bytes_peak_unshared,
+        "ttft_cold_s": cold.ttft_s, "ttft_hit_s": hit.ttft_s, "tokens_per_s": m.tokens_per_s,
+        "wall_s": m.wall_s, "generated_tokens": m.generated_tokens,
+        "baseline_tokens_per_s": base.tokens_per_s if base else None,
+        "baseline_wall_s": base.wall_s if base else None,
+        "baseline_kv_bytes": base.kv_bytes if base else None,
+        "identical_answers": same,
+    }
+
+
+def _pad_id(tokenizer) -> int:
+    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if t is not None:
+            return int(t)
+    return 0
