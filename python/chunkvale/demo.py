@@ -29,6 +29,7 @@ class DemoOptions:
     baseline: bool = True
     samples: int = 3  # answers printed
     progress: bool = True
+    threads: int = 0  # chunkvale's attention threads (0 = all cores)
 
 
 def _mib(n: float) -> str:
@@ -57,7 +58,7 @@ def run(opts: DemoOptions, console=None) -> dict:
     per_req = opts.max_new_tokens + 256
     capacity = opts.system_tokens * 2 + opts.requests * (per_req + 2 * opts.chunk_size)
     engine = Engine(lm.model, lm.tokenizer, chunk_size=opts.chunk_size, capacity_tokens=capacity,
-                    max_batch_size=max(opts.requests, 1))
+                    max_batch_size=max(opts.requests, 1), threads=opts.threads)
     prompts = [encode_request(lm.tokenizer, r) for r in reqs]
     shared = next((i for i, (a, b) in enumerate(zip(prompts[0], prompts[1])) if a != b), len(prompts[0]))
     console.print(f"workload: {opts.requests} chat requests sharing a {shared}-token prefix (system prompt), "

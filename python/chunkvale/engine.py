@@ -217,29 +217,30 @@ class Engine:
     def generate(self, requests: Iterable[Request], progress: bool | None = None) -> list[Result]:
         """Serve ``requests`` to completion; results in submission order."""
         indices = [self.submit(r) for r in requests]
-        wanted = set(indices)
-        done: dict[int, Result] = {}
+        done = {r.index: r for r in self.run(progress)}
+        return [done[i] for i in indices]
+
+    def run(self, progress: bool | None = None) -> list[Result]:
+        """Step until every submitted request finished; their results in submission order.
+        ``progress``: True shows a tqdm bar, None shows one only if the run lasts over 2 s."""
+        results = []
         bar = None
         if progress is not False:
             from tqdm.auto import tqdm
 
-            # delay: no bar at all for runs that finish within a moment.
-            bar = tqdm(total=len(indices), unit="req", desc="generating", delay=0 if progress else 2.0,
-                       dynamic_ncols=True)
+            bar = tqdm(total=len(self._waiting) + len(self._running), unit="req", desc="generating",
+                       delay=0 if progress else 2.0, dynamic_ncols=True)
         try:
-            while wanted - done.keys():
-                if not self.has_work():
-                    raise RuntimeError("engine: requests are missing but nothing is queued")
-                for res in self.step():
-                    done[res.index] = res
-                    if bar is not None and res.index in wanted:
-                        bar.update(1)
+            while self.has_work():
+                finished = self.step()
+                results.extend(finished)
                 if bar is not None:
+                    bar.update(len(finished))
                     bar.set_postfix(tok_s=f"{self.metrics().tokens_per_s:.1f}", refresh=False)
         finally:
             if bar is not None:
                 bar.close()
-        return [done[i] for i in indices]
+        return sorted(results, key=lambda r: r.index)
 
     def metrics(self) -> EngineMetrics:
         wall = (self._end or time.perf_counter()) - self._start if self._start is not None else 0.0

@@ -1,0 +1,101 @@
+"""``chunkvale`` command line: ``demo``, ``generate`` and ``bench`` (also ``python -m chunkvale``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _threads(n: int) -> None:
+    # One knob for both thread pools (torch's matmuls and chunkvale's attention): on a small or
+    # busy machine, fewer threads than cores avoids the pools spinning against each other.
+    if n < 0:
+        raise SystemExit(f"chunkvale: --threads: expected >= 0, got {n}")
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="a local transformers model directory; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--chunk-size", type=int, default=32, help="tokens per KV chunk (16..128, power of two)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and chunkvale (0 = all cores)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chunkvale", description="Prefix-sharing KV cache for LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="serve chat requests sharing a long system prompt; compare with transformers")
+    _add_model_args(demo)
+    demo.add_argument("--requests", type=int, default=16)
+    demo.add_argument("--system-tokens", type=int, default=1500, help="length of the shared system prompt")
+    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    demo.add_argument("--no-baseline", action="store_true", help="skip the transformers generate comparison")
+    demo.add_argument("--samples", type=int, default=3, help="answers to print")
+    demo.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
+
+    gen = sub.add_parser("generate", help="complete the prompts of a JSONL file")
+    _add_model_args(gen)
+    gen.add_argument("--prompts", required=True, metavar="FILE.jsonl",
+                     help='one request per line: {"prompt": ...} | {"messages": [...]} | {"token_ids": [...]}, '
+                          "optional max_new_tokens, temperature, top_p, seed, n, stop, namespace, ignore_eos, id")
+    gen.add_argument("--out", default="-", metavar="FILE.jsonl", help="where to write completions (default stdout)")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="default for requests that do not say")
+    gen.add_argument("--temperature", type=float, default=0.0, help="default for requests that do not say")
+    gen.add_argument("--kv-tokens", type=int, default=32768, help="KV cache capacity in tokens")
+    gen.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together")
+    gen.add_argument("--no-progress", action="store_true")
+
+    bench = sub.add_parser("bench", help="run the benchmark suites and draw their plots")
+    bench.add_argument("--suite", default=None, metavar="DIR",
+                       help="folder with pytest-benchmark suites (default: bench/ of this checkout)")
+    bench.add_argument("--out", default="bench-results", metavar="DIR", help="JSON and PNGs go here")
+    bench.add_argument("-k", default=None, metavar="EXPR", help="only benchmarks matching this pytest -k expression")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "generate":
+            from . import generate_cmd
+
+            _threads(args.threads)
+            return generate_cmd.run(args)
+        if args.command == "bench":
+            from . import bench_cmd
+
+            return bench_cmd.run(args)
+    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError, KeyError) as e:
+        # Bad input is reported as one line naming what was wrong, not as a traceback.
+        print(f"chunkvale {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)
+
+
+def _demo(args) -> int:
+    import json
+
+    from .demo import DemoOptions, run
+
+    _threads(args.threads)
+    numbers = run(DemoOptions(model=args.model, requests=args.requests, system_tokens=args.system_tokens,
+                              max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size, device=args.device,
+                              dtype=args.dtype, ignore_eos=args.ignore_eos, baseline=not args.no_baseline,
+                              samples=args.samples, threads=args.threads))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(numbers, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
