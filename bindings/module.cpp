@@ -9,6 +9,7 @@
 
 #include <optional>
 
+#include "../cuda/cuda_api.h"
 #include "chunkvale/kv_cache.h"
 #include "tensor_args.h"
 
@@ -109,6 +110,8 @@ NB_MODULE(_native, m) {
         "Instruction set of the CPU kernels chosen at run time.");
   m.def("cuda_built", [] { return chunkvale::cuda_backend_built(); },
         "Whether this build contains the CUDA backend.");
+  m.def("cuda_device_count", [] { return chunkvale::cuda_api::device_count(); },
+        "CUDA devices usable at run time (0 without the CUDA backend, a driver or a GPU).");
 
   nb::class_<KVCache>(m, "KVCache")
       .def("__init__",
@@ -163,18 +166,21 @@ NB_MODULE(_native, m) {
            },
            "step"_a)
       .def("append",
-           [](KVCache& c, int layer, uint64_t step, const AnyArray& k, const AnyArray& v) {
+           [](KVCache& c, int layer, uint64_t step, const AnyArray& k, const AnyArray& v, uintptr_t stream) {
+             chunkvale::cuda_api::StreamScope on(stream);
              c.append(layer, step, view_of(k), view_of(v));
            },
-           "layer"_a, "step"_a, "k"_a, "v"_a, nb::call_guard<nb::gil_scoped_release>())
+           "layer"_a, "step"_a, "k"_a, "v"_a, "stream"_a = 0,
+           nb::call_guard<nb::gil_scoped_release>())
       .def("attention",
            [](KVCache& c, int layer, uint64_t step, const AnyArray& q, const OutArray& out,
-              std::optional<OutArray> lse) {
+              std::optional<OutArray> lse, uintptr_t stream) {
+             chunkvale::cuda_api::StreamScope on(stream);
              chunkvale::TensorView lv;
              if (lse) lv = view_of(*lse);
              c.attention(layer, step, view_of(q), view_of(out), lse ? &lv : nullptr);
            },
-           "layer"_a, "step"_a, "q"_a, "out"_a, "lse"_a.none(),
+           "layer"_a, "step"_a, "q"_a, "out"_a, "lse"_a.none(), "stream"_a = 0,
            nb::call_guard<nb::gil_scoped_release>())
       .def("cancel", &KVCache::cancel, "step"_a, nb::call_guard<nb::gil_scoped_release>())
       .def("fork", &KVCache::fork, "seq"_a, "n"_a, nb::call_guard<nb::gil_scoped_release>())

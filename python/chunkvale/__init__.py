@@ -15,8 +15,9 @@ def cuda_built() -> bool:
 
 
 def cuda_available() -> bool:
-    """Whether the CUDA backend is built and a GPU is usable."""
-    return cuda_built() and False
+    """Whether the CUDA backend is built and a GPU is usable (cudaGetDeviceCount > 0 at
+    run time; False without a driver or a visible GPU)."""
+    return cuda_built() and int(_native.cuda_device_count()) > 0
 
 
 def kernel_isa() -> str:

@@ -115,7 +115,7 @@ class KVCache:
 
     def append(self, layer: int, step: Step, k, v) -> None:
         """Writes the step's new K/V ([num_tokens, kv_heads, head_dim]) for one layer."""
-        self._native.append(layer, _step_id(step), k, v)
+        self._native.append(layer, _step_id(step), k, v, _stream_of(k))
 
     def attention(self, layer: int, step: Step, q, out=None, return_lse: bool = False):
         """Attention of the step's queries ([num_tokens, q_heads, head_dim]) for one layer.
@@ -135,7 +135,7 @@ class KVCache:
                 lse = np.empty((q.shape[0], self.config.q_heads), dtype=np.float32)
             else:
                 lse = _empty_like(q, (q.shape[0], self.config.q_heads), dtype=_torch().float32)
-        self._native.attention(layer, _step_id(step), q, out, lse)
+        self._native.attention(layer, _step_id(step), q, out, lse, _stream_of(q))
         return (out, lse) if return_lse else out
 
     def cancel(self, step: Step) -> None:
@@ -166,6 +166,17 @@ class KVCache:
     def read_tile(self, layer: int, slot: int, kv: int, head: int) -> np.ndarray:
         """K (kv=0) or V (kv=1) of one stored chunk tile as float32 [chunk_size, head_dim]."""
         return self._native.read_tile(layer, slot, kv, head)
+
+
+def _stream_of(x) -> int:
+    """The caller's current CUDA stream for a torch CUDA tensor (kernels run on it);
+    0 (CUDA's legacy default stream) for anything else."""
+    if isinstance(x, np.ndarray):
+        return 0
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor) and x.is_cuda:
+        return int(torch.cuda.current_stream(x.device).cuda_stream)
+    return 0
 
 
 def _step_id(step) -> int:
