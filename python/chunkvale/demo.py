@@ -9,6 +9,7 @@ memory with vs without sharing; (4) the same batch through ``model.generate``.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -43,7 +44,8 @@ def run(opts: DemoOptions, console=None) -> dict:
 
     from .models import load_model
 
-    console = console or Console()
+    # Piped output gets a fixed width rather than 80 columns, so the table never wraps its cells.
+    console = console or Console(width=None if sys.stdout.isatty() else 100)
     if opts.requests < 2:
         raise ValueError(f"requests: the demo needs >= 2 (a cold prompt and a prefix hit), got {opts.requests}")
     t0 = time.perf_counter()
@@ -77,8 +79,8 @@ def run(opts: DemoOptions, console=None) -> dict:
     ttfts = sorted(r.metrics.ttft_s for r in results)
 
     for r in results[: opts.samples]:
-        console.print(f"[bold]Q{r.index}:[/bold] {r.request.messages[-1]['content']}")
-        console.print(f"[bold]A{r.index}:[/bold] {r.samples[0].text.strip()}\n")
+        console.print(f"[bold]Q{r.request.id}:[/bold] {r.request.messages[-1]['content']}")
+        console.print(f"[bold]A{r.request.id}:[/bold] {r.samples[0].text.strip()}\n")
 
     base = None
     if opts.baseline:
@@ -90,18 +92,16 @@ def run(opts: DemoOptions, console=None) -> dict:
     table = Table(title=f"chunkvale demo: {opts.requests} requests sharing a system prompt")
     table.add_column("metric")
     table.add_column("chunkvale", justify="right")
-    table.add_column("transformers generate" if base else "", justify="right")
+    table.add_column("transformers" if base else "", justify="right")
     table.add_column("ratio", justify="right")
-    table.add_row("KV memory peak (with sharing)", _mib(m.kv_bytes_peak), "", "")
-    table.add_row("KV memory peak without sharing", _mib(m.kv_bytes_peak_unshared),
-                  _mib(base.kv_bytes) if base else "",
-                  f"shared = {100 * m.kv_sharing_ratio:.1f}% of unshared")
-    table.add_row("TTFT cold prompt (alone)", f"{cold.ttft_s:.2f} s", "", "")
-    table.add_row("TTFT prefix hit (alone)", f"{hit.ttft_s:.3f} s", "",
+    table.add_row("KV peak, shared", _mib(m.kv_bytes_peak), "",
+                  f"{100 * m.kv_sharing_ratio:.1f}% of unshared")
+    table.add_row("KV peak, unshared", _mib(m.kv_bytes_peak_unshared), _mib(base.kv_bytes) if base else "", "")
+    table.add_row("TTFT cold prompt", f"{cold.ttft_s:.2f} s", "", "")
+    table.add_row("TTFT prefix hit", f"{hit.ttft_s:.3f} s", "",
                   f"{cold.ttft_s / hit.ttft_s:.1f}x faster" if hit.ttft_s > 0 else "")
-    table.add_row("TTFT in the batch (median)", f"{ttfts[len(ttfts) // 2]:.2f} s",
-                  f"{base.ttft_s:.2f} s" if base else "", "")
-    table.add_row("prompt tokens reused / total", f"{m.prefix_tokens_reused:,} / {m.prompt_tokens:,}", "", "")
+    table.add_row("TTFT batch median", f"{ttfts[len(ttfts) // 2]:.2f} s", f"{base.ttft_s:.2f} s" if base else "", "")
+    table.add_row("prompt tokens reused", f"{m.prefix_tokens_reused:,} / {m.prompt_tokens:,}", "", "")
     table.add_row("generated tokens", f"{m.generated_tokens:,}", f"{base.generated_tokens:,}" if base else "", "")
     table.add_row("wall time", f"{m.wall_s:.1f} s", f"{base.wall_s:.1f} s" if base else "", "")
     table.add_row("throughput", f"{m.tokens_per_s:.1f} tok/s", f"{base.tokens_per_s:.1f} tok/s" if base else "",
@@ -109,7 +109,7 @@ def run(opts: DemoOptions, console=None) -> dict:
     same = None
     if base:
         same = sum(r.samples[0].token_ids == o for r, o in zip(results, base.outputs))
-        table.add_row("answers identical to transformers", f"{same} / {len(results)}", "", "")
+        table.add_row("same answer as HF", f"{same} / {len(results)}", "", "")
     console.print(table)
     return {
         "kv_bytes_peak": m.kv_bytes_peak, "kv_bytes_peak_unshared": m.kv_bytes_peak_unshared,
