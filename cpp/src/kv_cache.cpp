@@ -291,12 +291,21 @@ uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
     in.id = e.seq;
     in.n_new = int32_t(nt.size());
     in.ctx_before = s.length();
-    in.path = &s.path;
-    in.tail = &s.tail;
+    in.n_shared = int32_t(s.path.size());
     batch.push_back(in);
     st->new_tokens.push_back(std::move(nt));
   }
 
+  // Chunk lists: tree nodes' slots, then private ones (kept alive for the plan build).
+  std::vector<std::vector<int32_t>> slot_lists(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const Sequence& s = *seqs_.at(entries[i].seq);
+    auto& sl = slot_lists[i];
+    for (TreeNode* n : s.path) sl.push_back(n->slot);
+    sl.insert(sl.end(), s.tail.begin(), s.tail.end());
+    batch[i].slots = sl.data();
+    batch[i].n_chunks = int32_t(sl.size());
+  }
   PlanParams pp;
   pp.chunk_size = C;
   pp.kv_heads = cfg_.kv_heads;

@@ -64,9 +64,9 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
     s.row_begin = row;
     s.n_new = in.n_new;
     s.ctx_before = in.ctx_before;
+    s.n_shared = in.n_shared;
     s.chunk_begin = int32_t(plan.seq_chunks.size());
-    for (TreeNode* n : *in.path) plan.seq_chunks.push_back(n->slot);
-    plan.seq_chunks.insert(plan.seq_chunks.end(), in.tail->begin(), in.tail->end());
+    plan.seq_chunks.insert(plan.seq_chunks.end(), in.slots, in.slots + in.n_chunks);
     s.chunk_end = int32_t(plan.seq_chunks.size());
     for (int32_t t = 0; t < in.n_new; ++t) {
       plan.positions.push_back(in.ctx_before + t);
@@ -76,13 +76,16 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
     plan.seqs.push_back(s);
   }
   plan.num_tokens = row;
+  auto kept = [&](size_t i, int32_t k) { return !batch[i].keep || batch[i].keep[k]; };
 
-  // Which batch sequences use each shared node, and how many query rows that makes.
-  std::unordered_map<const TreeNode*, std::vector<int32_t>> users;
+  // Which batch sequences attend each shared chunk (a slot is one tree node), and how
+  // many query rows that makes.
+  std::unordered_map<int32_t, std::vector<int32_t>> users;
   for (size_t i = 0; i < batch.size(); ++i)
-    for (TreeNode* n : *batch[i].path) users[n].push_back(int32_t(i));
-  auto first_phase = [&](const TreeNode* n) {
-    const auto& us = users[n];
+    for (int32_t k = 0; k < batch[i].n_shared; ++k)
+      if (kept(i, k)) users[batch[i].slots[k]].push_back(int32_t(i));
+  auto first_phase = [&](int32_t slot) {
+    const auto& us = users[slot];
     if (us.size() < 2) return false;
     int64_t rows = 0;
     for (int32_t s : us) rows += batch[size_t(s)].n_new;
@@ -91,37 +94,41 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
 
   std::vector<std::pair<int32_t, int32_t>> merges;  // (packed row, partial row)
   std::vector<std::vector<uint8_t>> covered(batch.size());
-  for (size_t i = 0; i < batch.size(); ++i) covered[i].assign(batch[i].path->size(), 0);
+  for (size_t i = 0; i < batch.size(); ++i) covered[i].assign(size_t(batch[i].n_chunks), 0);
 
-  // Chunk-first: maximal runs of shared nodes along a path with the same user set (the
-  // set can only shrink going deeper, so equal counts mean equal sets).
-  std::unordered_map<const TreeNode*, bool> done;
+  // Chunk-first: runs of shared chunks, consecutive in a sequence's attended order, with
+  // the same set of users. A chunk sits at the same index in every user's list.
+  std::unordered_map<int32_t, bool> done;
   std::vector<UnitChunk> chunks;
-  std::vector<int32_t> rows;
-  struct Run { size_t seq, begin, end; };
-  std::vector<Run> runs;
+  std::vector<int32_t> rows, run;
+  std::vector<std::pair<size_t, std::vector<int32_t>>> runs;  // (a user, chunk indices)
   for (size_t i = 0; i < batch.size(); ++i) {
-    const auto& path = *batch[i].path;
-    for (size_t k = 0; k < path.size(); ++k) {
-      if (done.count(path[k]) || !first_phase(path[k])) continue;
-      size_t cnt = users[path[k]].size(), e = k;
-      while (e < path.size() && !done.count(path[e]) && users[path[e]].size() == cnt) done[path[e++]] = true;
-      runs.push_back({i, k, e});
-      k = e - 1;
+    const int32_t* sl = batch[i].slots;
+    for (int32_t k = 0; k < batch[i].n_shared; ++k) {
+      if (!kept(i, k) || done.count(sl[k]) || !first_phase(sl[k])) continue;
+      const auto& us = users[sl[k]];
+      run.clear();
+      for (int32_t e = k; e < batch[i].n_shared; ++e) {
+        if (!kept(i, e)) continue;
+        if (done.count(sl[e]) || users[sl[e]] != us) break;
+        done[sl[e]] = true;
+        run.push_back(e);
+      }
+      runs.emplace_back(i, run);
     }
   }
   int64_t run_chunks = 0;
-  for (const Run& r : runs) run_chunks += int64_t(r.end - r.begin);
-  for (const Run& r : runs) {
-    const auto& path = *batch[r.seq].path;
-    const auto& us = users[path[r.begin]];
+  for (const auto& r : runs) run_chunks += int64_t(r.second.size());
+  for (const auto& r : runs) {
+    const int32_t* sl = batch[r.first].slots;
+    const auto& us = users[sl[r.second.front()]];
     rows.clear();
     for (int32_t s : us) {
       for (int32_t t = 0; t < batch[size_t(s)].n_new; ++t) rows.push_back(plan.seqs[size_t(s)].row_begin + t);
-      for (size_t k = r.begin; k < r.end; ++k) covered[size_t(s)][k] = 1;
+      for (int32_t k : r.second) covered[size_t(s)][size_t(k)] = 1;
     }
     chunks.clear();
-    for (size_t k = r.begin; k < r.end; ++k) chunks.push_back({path[k]->slot, C, int64_t(k) * C});
+    for (int32_t k : r.second) chunks.push_back({sl[k], C, int64_t(k) * C});
     // Enough pieces that every thread has work, in proportion to the run's share.
     int64_t pieces = ceil_div(int64_t(2) * p.threads * int64_t(chunks.size()),
                               std::max<int64_t>(1, run_chunks) * p.kv_heads);
@@ -133,8 +140,8 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
     plan.chunk_first_chunks += int32_t(chunks.size());
   }
 
-  // Sequence-first: each sequence's remaining chunks, causal, in row blocks; long
-  // lists are split (flash-decoding style) when there are too few items for the threads.
+  // Sequence-first: each sequence's remaining attended chunks, causal, in row blocks;
+  // long lists are split (flash-decoding style) when there are too few items for the threads.
   int64_t seq_items = 0;
   for (const auto& in : batch) seq_items += ceil_div(in.n_new, kRowBlock);
   int64_t want = int64_t(4) * p.threads;
@@ -143,11 +150,10 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
     const StepSeq& s = plan.seqs[i];
     chunks.clear();
     const int64_t total = s.total();
-    for (int32_t c = s.chunk_begin; c < s.chunk_end; ++c) {
-      size_t k = size_t(c - s.chunk_begin);
-      if (k < covered[i].size() && covered[i][k]) continue;
+    for (int32_t k = 0; k < batch[i].n_chunks; ++k) {
+      if (covered[i][size_t(k)] || !kept(i, k)) continue;
       int64_t start = int64_t(k) * C;
-      chunks.push_back({plan.seq_chunks[size_t(c)], int32_t(std::min<int64_t>(C, total - start)), start});
+      chunks.push_back({batch[i].slots[k], int32_t(std::min<int64_t>(C, total - start)), start});
     }
     for (int32_t t0 = 0; t0 < s.n_new; t0 += kRowBlock) {
       int32_t t1 = std::min(s.n_new, t0 + kRowBlock);
@@ -175,9 +181,8 @@ bool bump_plan(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
   for (size_t i = 0; i < batch.size(); ++i) {
     const StepSeq& s = plan.seqs[i];
     const PlanSeqInput& in = batch[i];
-    int32_t nchunks = int32_t(in.path->size() + in.tail->size());
     if (s.seq_id != in.id || s.n_new != 1 || in.n_new != 1 || in.ctx_before != s.total() ||
-        nchunks != s.chunk_end - s.chunk_begin)
+        in.n_chunks != s.chunk_end - s.chunk_begin || in.keep)
       return false;
   }
   for (size_t i = 0; i < batch.size(); ++i) {

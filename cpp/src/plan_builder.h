@@ -4,7 +4,6 @@
 #include <cstdint>
 #include <vector>
 
-#include "chunkvale/prefix_tree.h"
 #include "chunkvale/step_plan.h"
 
 namespace chunkvale {
@@ -13,8 +12,10 @@ struct PlanSeqInput {
   int64_t id = 0;
   int32_t n_new = 0;
   int64_t ctx_before = 0;
-  const std::vector<TreeNode*>* path = nullptr;  // shared (sealed) chunks, in order
-  const std::vector<int32_t>* tail = nullptr;    // private slots after the path
+  const int32_t* slots = nullptr;  // every chunk of the sequence, in token order
+  int32_t n_chunks = 0;
+  int32_t n_shared = 0;            // leading chunks that are tree nodes (shareable)
+  const uint8_t* keep = nullptr;   // optional: attend only chunks with keep[i] != 0
 };
 
 struct PlanParams {

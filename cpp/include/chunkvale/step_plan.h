@@ -15,6 +15,7 @@ struct StepSeq {
   int64_t ctx_before = 0;   // tokens cached before this step
   int32_t chunk_begin = 0;  // range into StepPlan::seq_chunks: every chunk of the
   int32_t chunk_end = 0;    //   sequence, in token order, covering ctx_before + n_new
+  int32_t n_shared = 0;     // leading chunks that are prefix-tree nodes
   int64_t total() const { return ctx_before + n_new; }
 };
 
