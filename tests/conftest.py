@@ -14,10 +14,20 @@ import random
 import pytest
 
 try:
-    from hypothesis import HealthCheck, settings
+    from hypothesis import HealthCheck, Phase, settings
 
+    # "default" does not shrink (a failing state machine can take minutes to shrink on this
+    # 2-core machine); rerun a failure with CHUNKVALE_HYPOTHESIS_PROFILE=debug for a minimal
+    # example.
     settings.register_profile(
         "default",
+        max_examples=25,
+        deadline=None,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.register_profile(
+        "debug",
         max_examples=25,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -26,6 +36,7 @@ try:
         "thorough",
         max_examples=300,
         deadline=None,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     settings.load_profile(os.environ.get("CHUNKVALE_HYPOTHESIS_PROFILE", "default"))

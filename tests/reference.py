@@ -379,6 +379,7 @@ class Shadow:
         self.last_peak = 0
         self.max_err = {"out": 0.0, "lse": 0.0}  # worst error / allowed error seen
         self.steps_run = 0
+        self.chunk_first_units = 0  # summed over plans (a stats() field beyond docs/API.md)
         self.log: list = []  # operations, for repro notes
 
     # ---------------------------------------------------------------- tree model
@@ -627,6 +628,8 @@ class Shadow:
             sm = self.seqs[sid]
             sm.reserved = 0
             del sm.tokens[max(len(sm.prompt), sm.length):]  # decode tokens of the dropped step
+            del sm.hashes[len(sm.tokens):]  # and what the model derived from them
+            sm.kv = {layer: (k[:len(sm.tokens)], v[:len(sm.tokens)]) for layer, (k, v) in sm.kv.items()}
         self.open = None
         self.check_stats("cancel(step)")
 
@@ -660,7 +663,8 @@ class Shadow:
         assert pos.dtype == np.int64 and pos.shape == (offs[-1],)
         want = np.concatenate([np.arange(base[s], base[s] + n) for s, n in norm])
         np.testing.assert_array_equal(pos, want)
-        self.check_stats("plan")
+        st = self.check_stats("plan")
+        self.chunk_first_units += int(st.get("chunk_first_units", 0))
         return step
 
     def _history(self, sm, layer, upto):

@@ -304,10 +304,13 @@ def test_shared_prefix_decode_batch(cv, seed, thr, threads):
         ids.append(s)
     rng.shuffle(ids)
     sh.run_step([(s, sh.pending_after_open(s) or [7]) for s in ids])  # extend: 23 prefills + a decode
+    sh.chunk_first_units = 0
     for _ in range(3):
         order = list(ids)
         rng.shuffle(order)
         sh.run_step([(s, [int(rng.integers(VOCAB))]) for s in order])
+    if "chunk_first_units" in sh.cache.stats():  # the two paths really both ran
+        assert (sh.chunk_first_units > 0) == (thr <= 24), (thr, sh.chunk_first_units)
 
 
 def test_mixed_prefill_extend_decode_in_one_batch(cv, seed):
