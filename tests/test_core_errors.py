@@ -368,3 +368,23 @@ def test_unknown_and_removed_ids(w):
     w.expect(ValueError, ["n"], lambda: c.fork(w.dec, -2))
     sh.run_step([sh.random_entry(s) for s in (w.pre, w.dec)])
     sh.check_stats("after bad ids")
+
+
+def test_capacity_error_keeps_the_open_step(cv, seed):
+    """A complete step stays open for attention until a call that starts new work succeeds;
+    add_sequence / fork failing with CapacityError must leave it open (the cache unchanged)."""
+    rng = np.random.default_rng(seed)
+    sh = Shadow(cv, layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D, chunk_size=C, seed=seed,
+                capacity_chunks=4)
+    a, _ = sh.add(_fresh(rng, 4 * C - 4))
+    sh.run_step([(a, 4 * C - 4)])  # 4 slots, all a's; the step is complete and still open
+    toks = sh.seqs[a].tokens
+    before = sh.cache.stats()
+    with pytest.raises(cv.CapacityError):
+        sh.cache.add_sequence(toks[:C + 4])  # 1 full chunk + 4 tokens to copy: needs a slot
+    with pytest.raises(cv.CapacityError):
+        sh.cache.fork(a, 1)  # a's 12-token tail must be copied: needs a slot
+    assert sh.cache.stats() == before
+    for layer in range(L):  # attention over the open step still works
+        sh.attend(layer)
+    sh.run_step([(a, [1])])
