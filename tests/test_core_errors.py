@@ -161,7 +161,8 @@ def test_capacity_error_is_a_runtime_error(cv):
 # ------------------------------------------------------------------------------ add_sequence
 
 
-@pytest.mark.parametrize("case", ["empty", "2d", "float", "string", "namespace", "max_reuse", "none"])
+@pytest.mark.parametrize("case", ["empty", "2d", "float", "string", "namespace", "max_reuse", "none",
+                                  "too_big", "objects"])
 def test_add_sequence_bad_input(w, case):
     c = w.cache
     calls = {
@@ -172,6 +173,8 @@ def test_add_sequence_bad_input(w, case):
         "namespace": (TypeError, ["namespace"], lambda: c.add_sequence([1, 2], namespace=5)),
         "max_reuse": (ValueError, ["max_reuse"], lambda: c.add_sequence([1, 2], max_reuse=-1)),
         "none": (TypeError, ["token_ids"], lambda: c.add_sequence(None)),
+        "too_big": (ValueError, ["token_ids"], lambda: c.add_sequence([1, 2**40])),
+        "objects": (TypeError, ["token_ids"], lambda: c.add_sequence([1, "two", 3])),
     }
     exc, names, fn = calls[case]
     w.settle()
@@ -364,6 +367,11 @@ def test_unknown_and_removed_ids(w):
         w.expect(KeyError, [str(bad), "seq"], lambda: c.fork(bad, 1))
         w.expect(KeyError, [str(bad), "seq"], lambda: c.sequence_length(bad))
         w.expect(KeyError, [str(bad), "seq"], lambda: c.plan([(w.dec, [2]), (bad, [1])]))
+    for bad in ("seq-1", 1.5, None):  # not an id at all
+        for call in (lambda: c.remove(bad), lambda: c.fork(bad, 1), lambda: c.sequence_length(bad),
+                     lambda: c.plan([(bad, 1)])):
+            w.expect((TypeError, KeyError), ["seq", "entries"], call)
+    w.expect((TypeError, ValueError), ["n"], lambda: c.fork(w.dec, "2"))
     w.expect(ValueError, ["n"], lambda: c.fork(w.dec, 0))
     w.expect(ValueError, ["n"], lambda: c.fork(w.dec, -2))
     sh.run_step([sh.random_entry(s) for s in (w.pre, w.dec)])
