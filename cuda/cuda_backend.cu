@@ -1,6 +1,7 @@
 #include "cuda_backend.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
@@ -164,12 +165,31 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
   try {
     CV_CUDA(cudaMemset(pool_, 0, bytes), "cudaMemset(pool)");
     for (auto& ev : staging_done_) CV_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
+    CV_CUDA(cudaEventCreateWithFlags(&last_done_, cudaEventDisableTiming), "cudaEventCreate");
   } catch (...) {
     for (auto& ev : staging_done_)
       if (ev) cudaEventDestroy(ev);
+    if (last_done_) cudaEventDestroy(last_done_);
     cudaFree(pool_);
     throw;
   }
+  const char* kern = std::getenv("CHUNKVALE_CUDA_KERNEL");
+  reference_kernel_ = kern && std::string(kern) == "reference";
+}
+
+void CudaBackend::order_after_previous(cudaStream_t s) {
+  if (last_recorded_ && s != last_stream_ && !is_capturing(s))
+    CV_CUDA(cudaStreamWaitEvent(s, last_done_, 0), "cudaStreamWaitEvent");
+}
+
+void CudaBackend::record_done(cudaStream_t s) {
+  if (is_capturing(s)) {
+    last_recorded_ = false;
+    return;
+  }
+  CV_CUDA(cudaEventRecord(last_done_, s), "cudaEventRecord");
+  last_stream_ = s;
+  last_recorded_ = true;
 }
 
 CudaBackend::~CudaBackend() {
@@ -178,6 +198,7 @@ CudaBackend::~CudaBackend() {
   (void)cudaDeviceSynchronize();
   for (auto& ev : staging_done_)
     if (ev) (void)cudaEventDestroy(ev);
+  if (last_done_) (void)cudaEventDestroy(last_done_);
   for (auto& st : staging_)
     if (st) (void)cudaFreeHost(st);
   if (dplan_) (void)cudaFree(dplan_);
@@ -304,6 +325,7 @@ void CudaBackend::append(int layer, const StepPlan& plan, const TensorView& k, c
   check_tensor(k, "k");
   check_tensor(v, "v");
   cudaStream_t s = stream();
+  order_after_previous(s);
   ensure_plan(plan, s);
   if (plan.num_tokens == 0) return;
   AppendParams ap;
@@ -320,6 +342,7 @@ void CudaBackend::append(int layer, const StepPlan& plan, const TensorView& k, c
   const int64_t work = int64_t(plan.num_tokens) * cfg_.kv_heads * (cfg_.head_dim / 8);
   append_kernel<<<grid_for(work, 256), 256, 0, s>>>(ap);
   CV_CUDA(cudaGetLastError(), "append kernel launch");
+  record_done(s);
 }
 
 void CudaBackend::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
@@ -337,8 +360,11 @@ void CudaBackend::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
   cp.layers = cfg_.layers;
   cp.D = cfg_.head_dim;
   const int64_t work = int64_t(cp.layers) * cp.tiles_per_slot * cp.n_tokens * (cp.D / 8);
-  copy_chunk_kernel<<<grid_for(work, 256), 256, 0, stream()>>>(cp);
+  cudaStream_t s = stream();
+  order_after_previous(s);
+  copy_chunk_kernel<<<grid_for(work, 256), 256, 0, s>>>(cp);
   CV_CUDA(cudaGetLastError(), "copy_chunk kernel launch");
+  record_done(s);
 }
 
 void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
@@ -350,6 +376,7 @@ void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q
     throw ValueError("lse: expected a tensor on cuda:" + std::to_string(device_) + ", got cuda:" +
                      std::to_string(lse->device_id));
   cudaStream_t s = stream();
+  order_after_previous(s);
   ensure_plan(plan, s);
   if (plan.num_tokens == 0) return;
   const PlanLayout& L = dev_layout_;
@@ -372,7 +399,14 @@ void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q
   ap.group = cfg_.group();
   ap.p_tok = L.p_tok;
   ap.scale_log2 = cfg_.resolved_scale() * 1.4426950408889634f;
-  if (L.n_items > 0) {
+  if (L.n_items > 0 && reference_kernel_) {
+    const dim3 grid(unsigned(L.n_items), unsigned(cfg_.kv_heads));
+    if (cfg_.dtype == DType::Float16)
+      reference_attention_kernel<__half><<<grid, kThreads, 0, s>>>(ap, cfg_.head_dim);
+    else
+      reference_attention_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(ap, cfg_.head_dim);
+    CV_CUDA(cudaGetLastError(), "reference attention kernel launch");
+  } else if (L.n_items > 0) {
     cudaError_t e = cfg_.dtype == DType::Float16 ? launch_attention_f16(ap, cfg_.head_dim, L.n_items, s)
                                                  : launch_attention_bf16(ap, cfg_.head_dim, L.n_items, s);
     CV_CUDA(e, "attention kernel launch");
@@ -397,6 +431,7 @@ void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q
   else
     merge_kernel<__nv_bfloat16><<<blocks, 128, 0, s>>>(mp);
   CV_CUDA(cudaGetLastError(), "merge kernel launch");
+  record_done(s);
 }
 
 void CudaBackend::read_tile(int layer, int32_t slot, int kv, int head, float* dst) const {

@@ -67,6 +67,14 @@ class CudaBackend final : public Backend {
   size_t part_o_cap_ = 0;
 
   int64_t uploads_ = 0, upload_bytes_ = 0;
+  bool reference_kernel_ = false;  // CHUNKVALE_CUDA_KERNEL=reference (debugging)
+  // Orders a call after the previous call's work when the caller switches streams (the
+  // partial buffers and the plan copy are shared by every call of this cache).
+  cudaEvent_t last_done_ = nullptr;
+  cudaStream_t last_stream_ = nullptr;
+  bool last_recorded_ = false;
+  void order_after_previous(cudaStream_t s);
+  void record_done(cudaStream_t s);
 };
 
 }  // namespace cuda

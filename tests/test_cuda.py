@@ -181,6 +181,18 @@ def test_random_trees(dtype, heads, chunk):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("heads", [(8, 2, 128), (9, 3, 64), (4, 4, 256)], ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
+def test_reference_kernel(dtype, heads, monkeypatch):
+    """The plain fp32 debugging kernel (CHUNKVALE_CUDA_KERNEL=reference) on the same items,
+    partials and merge: tells plan/merge faults from tensor-core kernel faults."""
+    monkeypatch.setenv("CHUNKVALE_CUDA_KERNEL", "reference")
+    seed = random.randrange(2**31)
+    d = Driver(_cfg(dtype, *heads, 32), seed, "cuda")
+    _random_workload(d, random.Random(seed), n_seqs=4, decode_steps=2)
+
+
+@gpu
 @pytest.mark.parametrize("dtype,heads", [("float16", (32, 32, 128)), ("bfloat16", (32, 8, 128))])
 def test_shared_prefix_decode_many_steps(dtype, heads):
     """A benchmark-like shape scaled down: many sequences over one long shared prefix, then
