@@ -257,6 +257,7 @@ void CudaBackend::ensure_plan(const StepPlan& plan, cudaStream_t s) {
   }
   const bool capturing = is_capturing(s);
   const size_t n = pack_.size();
+  ensure_partials(layout_.p_tok, s);  // before anything marks this plan as uploaded
 
   if (n * 4 > dplan_cap_) {
     grow_device(reinterpret_cast<void**>(&dplan_), &dplan_cap_, n * 4, s, "plan");
@@ -310,11 +311,10 @@ void CudaBackend::ensure_plan(const StepPlan& plan, cudaStream_t s) {
   dev_layout_valid_ = !capturing;
   plan_id_ = plan.id;
   plan_valid_ = true;
-  ensure_partials(s);
 }
 
-void CudaBackend::ensure_partials(cudaStream_t s) {
-  const size_t rows = size_t(dev_layout_.p_tok) * cfg_.group() * cfg_.kv_heads;
+void CudaBackend::ensure_partials(int32_t p_tok, cudaStream_t s) {
+  const size_t rows = size_t(p_tok) * cfg_.group() * cfg_.kv_heads;
   grow_device(reinterpret_cast<void**>(&part_ml_), &part_ml_cap_, std::max<size_t>(rows, 1) * 2 * 4, s, "partial (max, sum)");
   grow_device(reinterpret_cast<void**>(&part_o_), &part_o_cap_, std::max<size_t>(rows, 1) * cfg_.head_dim * 4, s,
               "partial output");

@@ -36,7 +36,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream() const;
   void check_tensor(const TensorView& t, const char* arg) const;
   void ensure_plan(const StepPlan& plan, cudaStream_t s);  // refresh the device copy if stale
-  void ensure_partials(cudaStream_t s);
+  void ensure_partials(int32_t p_tok, cudaStream_t s);
   void grow_device(void** ptr, size_t* cap, size_t need, cudaStream_t s, const char* what);
   size_t layer_offset(int layer) const;  // elements
 
