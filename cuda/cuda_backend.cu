@@ -173,8 +173,11 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
     cudaFree(pool_);
     throw;
   }
+  // Tuning and debugging knobs, read once per cache (see docs/NOTES-cuda.md).
   const char* kern = std::getenv("CHUNKVALE_CUDA_KERNEL");
   reference_kernel_ = kern && std::string(kern) == "reference";
+  if (const char* e = std::getenv("CHUNKVALE_CUDA_ITEMS_PER_SM")) items_per_sm_ = std::max(1, std::atoi(e));
+  if (const char* e = std::getenv("CHUNKVALE_CUDA_MIN_PIECE")) min_piece_ = std::max(1, std::atoi(e));
 }
 
 void CudaBackend::order_after_previous(cudaStream_t s) {
@@ -250,6 +253,8 @@ void CudaBackend::ensure_plan(const StepPlan& plan, cudaStream_t s) {
   bp.group = cfg_.group();
   bp.kv_heads = cfg_.kv_heads;
   bp.sm_count = sm_count_;
+  bp.items_per_sm = items_per_sm_;
+  bp.min_piece = min_piece_;
   try {
     build_device_plan(plan, bp, pack_, layout_);
   } catch (const std::invalid_argument& e) {

@@ -54,8 +54,9 @@ void build_device_plan(const StepPlan& P, const PlanBuildParams& bp, std::vector
       work += std::max(1, u.chunk_end - u.chunk_begin);
     }
   }
-  const int64_t target_items = std::max<int64_t>(1, int64_t(4) * bp.sm_count / std::max(1, bp.kv_heads));
-  const int64_t piece = std::max<int64_t>(2, ceil_div(work, target_items));
+  const int64_t target_items =
+      std::max<int64_t>(1, int64_t(std::max(1, bp.items_per_sm)) * bp.sm_count / std::max(1, bp.kv_heads));
+  const int64_t piece = std::max<int64_t>(std::max(1, bp.min_piece), ceil_div(work, target_items));
 
   std::vector<DevItem> items;
   std::vector<std::pair<int32_t, int32_t>> merges;  // (packed row, partial token-row)

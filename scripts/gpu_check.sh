@@ -6,6 +6,7 @@
 #   scripts/gpu_check.sh                 # everything
 #   GPU_CHECK_SKIP_INSTALL=1 scripts/gpu_check.sh
 #   GPU_CHECK_BENCH=0 scripts/gpu_check.sh     # tests only
+#   GPU_CHECK_SANITIZER=0 scripts/gpu_check.sh # skip the compute-sanitizer runs
 #   CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a" scripts/gpu_check.sh   # one arch: faster build
 #
 # FlashInfer is optional: `pip install --no-build-isolation --no-deps flashinfer-python==0.2.14.post1`
@@ -15,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR="${OUT:-build/gpu_check}"
 mkdir -p "$OUTDIR"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 status=0
 
 echo "== device =="
@@ -51,6 +52,20 @@ rc=$?
 tail -25 "$OUTDIR/test_cuda.log"
 [ $rc -eq 0 ] || status=1
 tests_summary=$(tail -1 "$OUTDIR/test_cuda.log")
+
+if [ "${GPU_CHECK_SANITIZER:-1}" != "0" ] && command -v compute-sanitizer > /dev/null; then
+  # One small shape under memcheck (out-of-bounds, misaligned) and racecheck (shared-memory
+  # hazards: the kernels' barriers were reasoned about, never observed).
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool (one small test) =="
+    timeout 900 compute-sanitizer --tool "$tool" --error-exitcode 3 $PY -m pytest -q -x -p no:cacheprovider \
+      "tests/test_cuda.py::test_random_trees[16-8q2kv128d-float16]" \
+      > "$OUTDIR/sanitizer_$tool.log" 2>&1
+    rc=$?
+    tail -5 "$OUTDIR/sanitizer_$tool.log"
+    [ $rc -eq 0 ] || { echo "compute-sanitizer $tool: exit $rc"; status=1; }
+  done
+fi
 
 echo "== core tests on the CPU (same build) =="
 $PY -m pytest tests -q -p no:cacheprovider -k "not hf and not engine and not cli and not test_cuda" \
