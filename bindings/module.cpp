@@ -84,6 +84,9 @@ nb::dict stats_dict(const chunkvale::CacheStats& s) {
   d["plan_reuses"] = s.plan_reuses;
   d["chunk_first_units"] = s.chunk_first_units;
   d["chunk_first_chunks"] = s.chunk_first_chunks;
+  d["evict_scored_chunks"] = s.evict_scored_chunks;
+  d["evict_dropped_chunks"] = s.evict_dropped_chunks;
+  d["evict_select_seconds"] = double(s.evict_select_ns) * 1e-9;
   return d;
 }
 
@@ -117,7 +120,9 @@ NB_MODULE(_native, m) {
       .def("__init__",
            [](KVCache* self, int layers, int q_heads, int kv_heads, int head_dim, int chunk_size,
               const std::string& dtype, int64_t capacity_chunks, int64_t capacity_bytes,
-              int threads, int share_threshold, float sm_scale, const std::string& device) {
+              int threads, int share_threshold, float sm_scale, const std::string& device,
+              int64_t budget_tokens, int sink_chunks, int window_chunks, int topk_chunks,
+              const std::string& digest, int dense_layers) {
              chunkvale::CacheConfig c;
              c.layers = layers;
              c.q_heads = q_heads;
@@ -131,11 +136,20 @@ NB_MODULE(_native, m) {
              c.share_threshold = share_threshold;
              c.sm_scale = sm_scale;
              c.device = device;
+             c.eviction.enabled = budget_tokens > 0;
+             c.eviction.budget_tokens = budget_tokens;
+             c.eviction.sink_chunks = sink_chunks;
+             c.eviction.window_chunks = window_chunks;
+             c.eviction.topk_chunks = topk_chunks;
+             c.eviction.digest = chunkvale::parse_digest(digest);
+             c.eviction.dense_layers = dense_layers;
              new (self) KVCache(c);
            },
            "layers"_a, "q_heads"_a, "kv_heads"_a, "head_dim"_a, "chunk_size"_a, "dtype"_a,
            "capacity_chunks"_a, "capacity_bytes"_a, "threads"_a, "share_threshold"_a,
-           "sm_scale"_a, "device"_a)
+           "sm_scale"_a, "device"_a, "budget_tokens"_a = 0, "sink_chunks"_a = 1,
+           "window_chunks"_a = 2, "topk_chunks"_a = 0, "digest"_a = "cuboid_max",
+           "dense_layers"_a = 2)
       .def("add_sequence",
            [](KVCache& c, const std::vector<int32_t>& tokens, const std::string& ns, int64_t max_reuse) {
              return c.add_sequence(tokens, ns, max_reuse);
@@ -199,5 +213,14 @@ NB_MODULE(_native, m) {
              return nb::ndarray<nb::numpy, float, nb::ndim<2>>(
                  buf->data(), {size_t(cfg.chunk_size), size_t(cfg.head_dim)}, owner);
            },
-           "layer"_a, "slot"_a, "kv"_a, "head"_a);
+           "layer"_a, "slot"_a, "kv"_a, "head"_a)
+      .def("read_digest",
+           [](const KVCache& c, int layer, int32_t slot, int head) {
+             size_t D = size_t(c.config().head_dim);
+             auto* buf = new std::vector<float>(2 * D);
+             c.read_digest(layer, slot, head, buf->data());
+             nb::capsule owner(buf, [](void* v) noexcept { delete static_cast<std::vector<float>*>(v); });
+             return nb::ndarray<nb::numpy, float, nb::ndim<2>>(buf->data(), {2, D}, owner);
+           },
+           "layer"_a, "slot"_a, "head"_a);
 }

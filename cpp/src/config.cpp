@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -23,6 +24,28 @@ DType parse_dtype(const std::string& name) {
   if (name == "float16" || name == "fp16" || name == "half") return DType::Float16;
   if (name == "bfloat16" || name == "bf16") return DType::BFloat16;
   throw ValueError("dtype: expected 'float32', 'float16' or 'bfloat16', got '" + name + "'");
+}
+
+const char* digest_name(DigestKind k) {
+  switch (k) {
+    case DigestKind::CuboidMax: return "cuboid_max";
+    case DigestKind::CuboidMean: return "cuboid_mean";
+    case DigestKind::Sphere: return "sphere";
+  }
+  return "?";
+}
+
+DigestKind parse_digest(const std::string& name) {
+  if (name == "cuboid_max") return DigestKind::CuboidMax;
+  if (name == "cuboid_mean") return DigestKind::CuboidMean;
+  if (name == "sphere") return DigestKind::Sphere;
+  throw ValueError("digest: expected 'cuboid_max', 'cuboid_mean' or 'sphere', got '" + name + "'");
+}
+
+int EvictionConfig::resolved_topk(int chunk_size) const {
+  if (topk_chunks > 0) return topk_chunks;
+  int64_t tokens = std::min<int64_t>(1280, budget_tokens / 2);
+  return int(std::max<int64_t>(1, tokens / chunk_size));
 }
 
 namespace {
@@ -60,6 +83,19 @@ void CacheConfig::validate() const {
   need(share_threshold >= 1, got("share_threshold", "an integer >= 1", share_threshold));
   need(std::isfinite(sm_scale) && sm_scale >= 0.0f,
        "sm_scale: expected a finite value > 0 (or None), got " + std::to_string(sm_scale));
+  if (eviction.enabled) {
+    const EvictionConfig& e = eviction;
+    int64_t fixed = int64_t(e.sink_chunks + e.window_chunks) * chunk_size;
+    need(e.sink_chunks >= 0, got("eviction.sink_chunks", "an integer >= 0", e.sink_chunks));
+    need(e.window_chunks >= 1, got("eviction.window_chunks", "an integer >= 1 (the chunk being written)", e.window_chunks));
+    need(e.topk_chunks >= 0, got("eviction.topk_chunks", "an integer >= 1 (or None)", e.topk_chunks));
+    need(e.dense_layers >= 0, got("eviction.dense_layers", "an integer >= 0", e.dense_layers));
+    need(e.budget_tokens >= fixed + chunk_size,
+         got("eviction.budget_tokens",
+             ("at least (sink_chunks + window_chunks + 1) * chunk_size = " +
+              std::to_string(fixed + chunk_size)).c_str(),
+             e.budget_tokens));
+  }
   if (device != "cpu" && device != "cuda")
     throw ValueError("device: expected 'cpu' or 'cuda', got '" + device + "'");
 }

@@ -25,6 +25,10 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
     throw CapacityError("capacity: could not allocate " + std::to_string(total) +
                         " bytes of KV pool memory");
   scratch_.resize(size_t(threads_.size()));
+  if (cfg.eviction.enabled) {
+    digests_.assign(size_t(cfg.layers) * size_t(slots) * cfg.kv_heads * 2 * cfg.head_dim, 0.0f);
+    score_q_.resize(size_t(cfg.q_heads) * (cfg.head_dim + 1));
+  }
 }
 
 CpuBackend::~CpuBackend() { std::free(pool_); }

@@ -20,9 +20,14 @@ class CpuBackend final : public Backend {
   void attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
                  const TensorView* lse) override;
   void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const override;
+  void update_digests(int layer, const int32_t* slots, size_t n, DigestKind kind) override;
+  void score_chunks(int layer, const TensorView& q, int32_t row, const int32_t* slots, size_t n,
+                    DigestKind kind, float* scores) override;
+  void read_digest(int layer, int32_t slot, int head, float* dst) const override;
 
  private:
   uint8_t* tile(int layer, int32_t slot, int kv, int head) const;
+  float* digest(int layer, int32_t slot, int head) const;
 
   CacheConfig cfg_;
   int64_t slots_;
@@ -32,6 +37,8 @@ class CpuBackend final : public Backend {
   ThreadPool threads_;
   std::vector<KernelScratch> scratch_;  // one per thread
   std::vector<float> part_ml_, part_o_;
+  mutable std::vector<float> digests_;  // [layers][slots][kv_heads][2][D], with eviction only
+  std::vector<float> score_q_;          // one query row widened, for scoring
 };
 
 }  // namespace chunkvale

@@ -29,12 +29,25 @@ struct LayerArgs {
   float* part_o = nullptr;    // [kv_heads][partial_rows * group][D]
 };
 
+// Scoring one query row's chunks against their digests (budgeted attention).
+struct ScoreArgs {
+  const float* digests = nullptr;  // this layer: [slots][kv_heads][2][D]
+  int D = 0, kv_heads = 0, group = 0;
+  const void* q = nullptr;         // the row: [q_heads][D], cache dtype
+  const int32_t* slots = nullptr;
+  size_t n = 0;
+  DigestKind kind = DigestKind::CuboidMax;
+  float* scores = nullptr;         // n
+  float* qf = nullptr;             // scratch: q_heads * (D + 1) floats
+};
+
 struct KernelTable {
   const char* isa;
   // Phase 1: one work unit for one KV head -> softmax partials.
   void (*run_unit)(const LayerArgs&, int32_t unit, int kv_head, KernelScratch&);
   // Phase 2: merge a packed row's partials for every query head -> out (and lse).
   void (*merge_row)(const LayerArgs&, int32_t row);
+  void (*score_chunks)(const ScoreArgs&);
 };
 
 const KernelTable* kernels_for(DType dtype, int head_dim);  // best ISA available

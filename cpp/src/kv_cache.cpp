@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <sstream>
 #include <thread>
 #include <unordered_set>
@@ -46,6 +47,11 @@ KVCache::KVCache(const CacheConfig& config)
       pool_(cfg_.resolved_capacity()),
       tree_(cfg_.chunk_size) {
   backend_ = make_backend(cfg_, cfg_.resolved_capacity());
+  plan_params_.chunk_size = cfg_.chunk_size;
+  plan_params_.kv_heads = cfg_.kv_heads;
+  plan_params_.group = cfg_.group();
+  plan_params_.threads = cfg_.threads > 0 ? cfg_.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  plan_params_.share_threshold = cfg_.share_threshold;
   device_ = cfg_.device == "cuda" ? TensorView::Device::CUDA : TensorView::Device::CPU;
 }
 
@@ -168,7 +174,8 @@ std::pair<int64_t, int64_t> KVCache::add_sequence(const std::vector<int32_t>& to
   if (tokens.empty()) throw ValueError("token_ids: expected a non-empty list of token ids, got []");
   if (max_reuse < -1)
     throw ValueError("max_reuse: expected None or an integer >= 0, got " + std::to_string(max_reuse));
-  end_step("add_sequence");
+  commit_if_complete();
+  if (step_ && !step_->committed) end_step("add_sequence");  // refuses: a layer is missing
   const int C = cfg_.chunk_size;
   int64_t limit = max_reuse < 0 ? int64_t(tokens.size()) : std::min<int64_t>(max_reuse, tokens.size());
 
@@ -195,26 +202,26 @@ std::pair<int64_t, int64_t> KVCache::add_sequence(const std::vector<int32_t>& to
     }
   }
 
+  if (partial_len > 0) {
+    // The copy needs a slot; cached chunks we are about to pin can't be reclaimed for it.
+    int64_t pinned = 0;
+    for (TreeNode* n : m.path) pinned += n->live == 0;
+    if (!tail_src && m.partial->live == 0) ++pinned;
+    require_slots(1, "add_sequence", (step_ ? int64_t(step_->deferred_free.size()) : 0) - pinned);
+  }
+  end_step("add_sequence");  // nothing below can fail
+
   auto s = std::make_unique<Sequence>();
   s->id = next_seq_id_;
   s->root = root ? root : tree_.root(ns);
-  // Pin the matched path (and the copy source) first, so reclaiming can't take them.
   for (TreeNode* n : m.path) tree_.acquire(n);
   s->path = m.path;
   int64_t cached = k * C;
   if (partial_len > 0) {
     // Copy-on-diverge: the matched head of a chunk becomes our private tail.
     TreeNode* pin = tail_src ? nullptr : m.partial;
-    if (pin) tree_.acquire(pin);
-    int32_t slot;
-    try {
-      require_slots(1, "add_sequence");
-      slot = take_slot();
-    } catch (...) {
-      if (pin) tree_.release(pin);
-      for (TreeNode* n : m.path) tree_.release(n);
-      throw;
-    }
+    if (pin) tree_.acquire(pin);  // so reclaiming can't take the source
+    int32_t slot = take_slot();
     backend_->copy_chunk(tail_src ? tail_src->tail.front() : m.partial->slot, slot, partial_len);
     if (pin) tree_.release(pin);
     s->tail.push_back(slot);
@@ -306,12 +313,7 @@ uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
     batch[i].slots = sl.data();
     batch[i].n_chunks = int32_t(sl.size());
   }
-  PlanParams pp;
-  pp.chunk_size = C;
-  pp.kv_heads = cfg_.kv_heads;
-  pp.group = cfg_.group();
-  pp.threads = cfg_.threads > 0 ? cfg_.threads : int(std::max(1u, std::thread::hardware_concurrency()));
-  pp.share_threshold = cfg_.share_threshold;
+  const PlanParams& pp = plan_params_;
   if (!grew && plan_tree_version_ == tree_.version() && bump_plan(plan_, batch, pp)) {
     ++plan_reuses_;
   } else {
@@ -335,6 +337,15 @@ void KVCache::append(int layer, uint64_t step, const TensorView& k, const Tensor
   check_tensor3(k, "k", device_, cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
   check_tensor3(v, "v", device_, cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
   backend_->append(layer, plan_, k, v);
+  if (cfg_.eviction.enabled) {
+    // Chunks this step fills get their digests now, while their keys are hot.
+    const int C = cfg_.chunk_size;
+    filled_.clear();
+    for (const StepSeq& s : plan_.seqs)
+      for (int64_t c = s.ctx_before / C; (c + 1) * C <= s.total(); ++c)
+        filled_.push_back(plan_.seq_chunks[size_t(s.chunk_begin + c)]);
+    backend_->update_digests(layer, filled_.data(), filled_.size(), cfg_.eviction.digest);
+  }
   step_->appended[size_t(layer)] = 1;
   ++step_->layers_appended;
 }
@@ -370,7 +381,66 @@ void KVCache::attention(int layer, uint64_t step, const TensorView& q, const Ten
       throw ValueError(m.str());
     }
   }
-  backend_->attention(layer, plan_, q, out, lse);
+  const StepPlan* plan = &plan_;
+  if (cfg_.eviction.enabled && layer >= cfg_.eviction.dense_layers && select_chunks(layer, q))
+    plan = &layer_plan_;
+  backend_->attention(layer, *plan, q, out, lse);
+}
+
+// Budgeted attention: for each decoding sequence over budget, keep its sink chunks, its
+// recent window and the top-k chunks by digest score for its query; build this layer's
+// plan over the kept chunks (shared ones still attended once). False: nothing to drop.
+bool KVCache::select_chunks(int layer, const TensorView& q) {
+  const EvictionConfig& ev = cfg_.eviction;
+  const int C = cfg_.chunk_size;
+  const int topk = ev.resolved_topk(C);
+  auto t0 = std::chrono::steady_clock::now();
+  const size_t B = plan_.seqs.size();
+  keep_.resize(B);
+  bool any = false;
+  for (size_t i = 0; i < B; ++i) {
+    const StepSeq& s = plan_.seqs[i];
+    const int32_t nch = s.chunk_end - s.chunk_begin;
+    auto& keep = keep_[i];
+    keep.assign(size_t(nch), 1);
+    // Prefill and extend attend to everything; so does a sequence within budget.
+    if (s.n_new != 1 || s.total() <= ev.budget_tokens) continue;
+    const int32_t lo = std::min(ev.sink_chunks, nch), hi = std::max(lo, nch - ev.window_chunks);
+    if (hi - lo <= topk) continue;
+    cand_scores_.resize(size_t(hi - lo));
+    backend_->score_chunks(layer, q, s.row_begin, plan_.seq_chunks.data() + s.chunk_begin + lo,
+                           size_t(hi - lo), ev.digest, cand_scores_.data());
+    order_.resize(size_t(hi - lo));
+    for (int32_t c = 0; c < hi - lo; ++c) order_[size_t(c)] = c;
+    // Ties go to the later chunk (recency), deterministically.
+    std::nth_element(order_.begin(), order_.begin() + topk, order_.end(), [&](int32_t a, int32_t b) {
+      float sa = cand_scores_[size_t(a)], sb = cand_scores_[size_t(b)];
+      return sa > sb || (sa == sb && a > b);
+    });
+    for (int32_t c = lo; c < hi; ++c) keep[size_t(c)] = 0;
+    for (int32_t j = 0; j < topk; ++j) keep[size_t(lo + order_[size_t(j)])] = 1;
+    scored_chunks_ += hi - lo;
+    dropped_chunks_ += hi - lo - topk;
+    any = true;
+  }
+  if (any) {
+    std::vector<PlanSeqInput>& in = layer_inputs_;
+    in.resize(B);
+    for (size_t i = 0; i < B; ++i) {
+      const StepSeq& s = plan_.seqs[i];
+      in[i].id = s.seq_id;
+      in[i].n_new = s.n_new;
+      in[i].ctx_before = s.ctx_before;
+      in[i].slots = plan_.seq_chunks.data() + s.chunk_begin;
+      in[i].n_chunks = s.chunk_end - s.chunk_begin;
+      in[i].n_shared = s.n_shared;
+      in[i].keep = keep_[i].data();
+    }
+    plan_step(layer_plan_, in, plan_params_);
+    layer_plan_.id = plan_.id;
+  }
+  select_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+  return any;
 }
 
 void KVCache::cancel(uint64_t step) {
@@ -394,10 +464,12 @@ std::vector<int64_t> KVCache::fork(int64_t seq, int n) {
   std::lock_guard<std::mutex> g(mu_);
   Sequence& s = get_seq(seq, "seq");
   if (n < 1) throw ValueError("n: expected an integer >= 1, got " + std::to_string(n));
-  end_step("fork");
+  commit_if_complete();
+  if (step_ && !step_->committed) end_step("fork");  // refuses: a layer is missing
   const int C = cfg_.chunk_size;
   const int32_t tail_tokens = int32_t(s.length() - int64_t(s.path.size()) * C);
-  require_slots(tail_tokens > 0 ? n : 0, "fork");
+  require_slots(tail_tokens > 0 ? n : 0, "fork", step_ ? int64_t(step_->deferred_free.size()) : 0);
+  end_step("fork");
   std::vector<int64_t> ids;
   for (int i = 0; i < n; ++i) {
     auto c = std::make_unique<Sequence>();
@@ -473,6 +545,9 @@ CacheStats KVCache::stats() {
   st.bytes_per_chunk = cfg_.bytes_per_chunk();
   st.plan_rebuilds = plan_rebuilds_;
   st.plan_reuses = plan_reuses_;
+  st.evict_scored_chunks = scored_chunks_;
+  st.evict_dropped_chunks = dropped_chunks_;
+  st.evict_select_ns = select_ns_;
   st.chunk_first_units = plan_.chunk_first_units;
   st.chunk_first_chunks = plan_.chunk_first_chunks;
   return st;
@@ -482,6 +557,14 @@ const StepPlan& KVCache::step_plan(uint64_t step) const {
   std::lock_guard<std::mutex> g(mu_);
   open_step(step, "step");
   return plan_;
+}
+
+void KVCache::read_digest(int layer, int32_t slot, int head, float* dst) const {
+  std::lock_guard<std::mutex> g(mu_);
+  if (layer < 0 || layer >= cfg_.layers || slot < 0 || slot >= pool_.capacity() || head < 0 ||
+      head >= cfg_.kv_heads)
+    throw ValueError("read_digest: (layer, slot, head) out of range");
+  backend_->read_digest(layer, slot, head, dst);
 }
 
 void KVCache::read_tile(int layer, int32_t slot, int kv, int head, float* dst) const {

@@ -2,10 +2,10 @@
 from . import _native
 from ._native import CapacityError
 from .cache import KVCache, Step
-from .config import CacheConfig
+from .config import CacheConfig, Eviction
 
 __version__ = "0.1.0"
-__all__ = ["CacheConfig", "CapacityError", "KVCache", "Step", "cuda_available", "cuda_built",
+__all__ = ["CacheConfig", "CapacityError", "Eviction", "KVCache", "Step", "cuda_available", "cuda_built",
            "kernel_isa"]
 
 

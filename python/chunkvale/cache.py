@@ -167,6 +167,11 @@ class KVCache:
         """K (kv=0) or V (kv=1) of one stored chunk tile as float32 [chunk_size, head_dim]."""
         return self._native.read_tile(layer, slot, kv, head)
 
+    def read_digest(self, layer: int, slot: int, head: int) -> np.ndarray:
+        """The digest of one stored chunk as float32 [2, head_dim] (eviction only): (min, max)
+        for cuboid_max, (centre, mean deviation) for cuboid_mean, (centre, [radius, 0...]) for sphere."""
+        return self._native.read_digest(layer, slot, head)
+
 
 def _stream_of(x) -> int:
     """The caller's current CUDA stream for a torch CUDA tensor (kernels run on it);

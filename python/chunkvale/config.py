@@ -1,8 +1,49 @@
 """Cache configuration (a plain dataclass; the native core validates it)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
+
+
+@dataclass
+class Eviction:
+    """Budgeted attention for long contexts (ArkVale-style selection).
+
+    During decode, a sequence longer than ``budget_tokens`` attends, in each layer from
+    ``dense_layers`` on, only to its first ``sink_chunks`` chunks, its last ``window_chunks``
+    chunks and the ``topk_chunks`` chunks whose key digest scores highest for its query
+    (default: ArkVale's min(1280, budget/2) tokens, in chunks). Prefill and extend attend to
+    everything. ``digest``: "cuboid_max" (Quest's min/max bound), "cuboid_mean" (ArkVale's
+    centre + mean deviation) or "sphere" (centre + radius).
+
+    Not yet built: the host tier that frees device memory of unselected chunks
+    (``host_bytes``, ``spill_path``); chunks stay resident, only attention is budgeted.
+    """
+
+    budget_tokens: int
+    sink_chunks: int = 1
+    window_chunks: int = 2
+    topk_chunks: Optional[int] = None
+    digest: str = "cuboid_max"
+    dense_layers: int = 2
+    host_bytes: Optional[int] = None
+    spill_path: Optional[str] = None
+
+    def native_kwargs(self) -> dict:
+        if self.host_bytes is not None or self.spill_path is not None:
+            raise ValueError("eviction.host_bytes/spill_path: the host tier is not implemented yet; "
+                             "leave them None (chunks stay resident, attention is budgeted)")
+        for name in ("budget_tokens", "sink_chunks", "window_chunks", "dense_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"eviction.{name}: expected an int, got {type(value).__name__}")
+        if self.budget_tokens < 1:
+            raise ValueError(f"eviction.budget_tokens: expected an integer >= 1, got {self.budget_tokens}")
+        if self.topk_chunks is not None and self.topk_chunks < 1:
+            raise ValueError(f"eviction.topk_chunks: expected None or an integer >= 1, got {self.topk_chunks}")
+        return dict(budget_tokens=self.budget_tokens, sink_chunks=self.sink_chunks,
+                    window_chunks=self.window_chunks, topk_chunks=self.topk_chunks or 0,
+                    digest=str(self.digest), dense_layers=self.dense_layers)
 
 
 @dataclass
@@ -25,7 +66,7 @@ class CacheConfig:
     threads: int = 0
     share_threshold: int = 2
     sm_scale: Optional[float] = None
-    namespace_default: str = field(default="", repr=False)
+    eviction: Optional[Eviction] = None
 
     def native_kwargs(self) -> dict:
         dtype = _dtype_name(self.dtype)
@@ -36,7 +77,11 @@ class CacheConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+        if self.eviction is not None and not isinstance(self.eviction, Eviction):
+            raise TypeError(f"eviction: expected chunkvale.Eviction or None, got {type(self.eviction).__name__}")
+        evict = self.eviction.native_kwargs() if self.eviction is not None else {}
         return dict(
+            **evict,
             layers=self.layers, q_heads=self.q_heads, kv_heads=self.kv_heads,
             head_dim=self.head_dim, chunk_size=self.chunk_size, dtype=dtype,
             capacity_chunks=int(self.capacity_chunks or 0),

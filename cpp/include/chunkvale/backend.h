@@ -1,6 +1,7 @@
 // What a backend executes; the core (KVCache, plan_builder) decides. Policy code never
 // branches on the device: it only calls these.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include "chunkvale/config.h"
 #include "chunkvale/step_plan.h"
@@ -24,6 +25,16 @@ class Backend {
   // Reads K (kv=0) or V (kv=1) of one (layer, slot, head) tile as float32 [C][D];
   // for tests and debugging, never on a hot path.
   virtual void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const = 0;
+
+  // --- budgeted attention (eviction); backends without it say so ---
+  // Recomputes the digests of full chunks in `slots` for one layer, every KV head.
+  virtual void update_digests(int layer, const int32_t* slots, size_t n, DigestKind kind);
+  // Scores chunks for packed query row `row`: per chunk, the digest bound of q.k summed
+  // over every query head (each against its KV head's digest).
+  virtual void score_chunks(int layer, const TensorView& q, int32_t row, const int32_t* slots,
+                            size_t n, DigestKind kind, float* scores);
+  // The two digest vectors of (layer, slot, head) as float32 [2][D]; tests only.
+  virtual void read_digest(int layer, int32_t slot, int head, float* dst) const;
 };
 
 }  // namespace chunkvale

@@ -12,6 +12,28 @@ const char* dtype_name(DType d);
 size_t dtype_size(DType d);
 DType parse_dtype(const std::string& name);  // "float32" | "float16" | "bfloat16"
 
+// How a chunk's keys are summarised for scoring (two float32 D-vectors per chunk and
+// KV head): cuboid_max = (min, max) box, Quest's bound sum_d max(q_d max_d, q_d min_d);
+// cuboid_mean = (centre, mean absolute deviation), ArkVale's q.c + |q|.e;
+// sphere = (centre, radius), q.c + |q| r.
+enum class DigestKind : uint8_t { CuboidMax = 0, CuboidMean = 1, Sphere = 2 };
+const char* digest_name(DigestKind k);
+DigestKind parse_digest(const std::string& name);
+
+// Budgeted attention: during decode, a sequence longer than the budget attends only to
+// its sink chunks, its recent window and the top-k chunks its query scores highest.
+struct EvictionConfig {
+  bool enabled = false;
+  int64_t budget_tokens = 0;  // per sequence and layer
+  int sink_chunks = 1;
+  int window_chunks = 2;
+  int topk_chunks = 0;        // 0: ArkVale's rule, min(1280, budget / 2) tokens in chunks
+  DigestKind digest = DigestKind::CuboidMax;
+  int dense_layers = 2;       // the first layers never select
+
+  int resolved_topk(int chunk_size) const;
+};
+
 struct CacheConfig {
   int layers = 0;
   int q_heads = 0;
@@ -25,6 +47,7 @@ struct CacheConfig {
   int share_threshold = 2;      // query rows needed to run a shared chunk chunk-first
   float sm_scale = 0.0f;        // 0 = 1/sqrt(head_dim)
   std::string device = "cpu";
+  EvictionConfig eviction;
 
   // Throws ValueError naming the first bad field.
   void validate() const;

@@ -33,6 +33,8 @@ struct CacheStats {
           chunks_cached = 0, peak_chunks = 0, sequences = 0, tokens_cached = 0,
           tokens_saved_by_sharing = 0, reused_prompt_tokens = 0, plan_rebuilds = 0,
           plan_reuses = 0, chunk_first_units = 0, chunk_first_chunks = 0;
+  // Budgeted attention: chunks scored, chunks left out, time spent scoring + selecting.
+  int64_t evict_scored_chunks = 0, evict_dropped_chunks = 0, evict_select_ns = 0;
   size_t bytes_per_chunk = 0;
 };
 
@@ -67,6 +69,8 @@ class KVCache {
   const StepPlan& step_plan(uint64_t step) const;
   // Test/debug access to stored K/V; see Backend::read_tile.
   void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const;
+  // The digest of (layer, slot, head) as float32 [2][head_dim]; eviction only.
+  void read_digest(int layer, int32_t slot, int head, float* dst) const;
   // Slots of a sequence's chunks in token order.
   std::vector<int32_t> sequence_slots(int64_t seq);
 
@@ -86,6 +90,7 @@ class KVCache {
   void require_slots(int64_t n, const char* what, int64_t freed_later = 0);
   const OpenStep& open_step(uint64_t step, const char* arg) const;
   void release_sequence(Sequence& s);
+  bool select_chunks(int layer, const TensorView& q);
 
   CacheConfig cfg_;
   std::unique_ptr<Backend> backend_;
@@ -97,6 +102,14 @@ class KVCache {
   std::unique_ptr<OpenStep> step_;
   StepPlan plan_;                  // the latest plan (reused when the batch repeats)
   uint64_t plan_tree_version_ = ~0ull;
+  PlanParams plan_params_;
+  // Budgeted attention scratch (reused across layers and steps).
+  StepPlan layer_plan_;
+  std::vector<std::vector<uint8_t>> keep_;
+  std::vector<PlanSeqInput> layer_inputs_;
+  std::vector<float> cand_scores_;
+  std::vector<int32_t> order_, filled_;
+  int64_t scored_chunks_ = 0, dropped_chunks_ = 0, select_ns_ = 0;
   int64_t reused_prompt_tokens_ = 0;
   int64_t plan_rebuilds_ = 0, plan_reuses_ = 0;
   mutable std::mutex mu_;

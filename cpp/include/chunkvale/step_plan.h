@@ -58,4 +58,23 @@ struct StepPlan {
   int32_t chunk_first_chunks = 0;
 };
 
+// Inputs of plan_step (cpp/src/plan_builder.h): one batch entry and the tuning knobs.
+struct PlanSeqInput {
+  int64_t id = 0;
+  int32_t n_new = 0;
+  int64_t ctx_before = 0;
+  const int32_t* slots = nullptr;  // every chunk of the sequence, in token order
+  int32_t n_chunks = 0;
+  int32_t n_shared = 0;            // leading chunks that are tree nodes (shareable)
+  const uint8_t* keep = nullptr;   // optional: attend only chunks with keep[i] != 0
+};
+
+struct PlanParams {
+  int chunk_size = 32;
+  int kv_heads = 1;
+  int group = 1;
+  int threads = 1;
+  int share_threshold = 2;
+};
+
 }  // namespace chunkvale

@@ -1,0 +1,85 @@
+// CpuBackend's digests: per (layer, slot, KV head) two float32 D-vectors summarising the
+// chunk's keys; scoring itself is a kernel (attention_kernels.inc).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "chunkvale/errors.h"
+#include "cpu_backend.h"
+
+namespace chunkvale {
+
+float* CpuBackend::digest(int layer, int32_t slot, int head) const {
+  const size_t D = size_t(cfg_.head_dim);
+  return digests_.data() + ((size_t(layer) * size_t(slots_) + size_t(slot)) * cfg_.kv_heads + size_t(head)) * 2 * D;
+}
+
+void CpuBackend::update_digests(int layer, const int32_t* slots, size_t n, DigestKind kind) {
+  if (digests_.empty()) throw ValueError("eviction: digests are off for this cache");
+  const int C = cfg_.chunk_size, D = cfg_.head_dim;
+  std::vector<float> keys(size_t(C) * D);
+  for (size_t i = 0; i < n; ++i) {
+    for (int h = 0; h < cfg_.kv_heads; ++h) {
+      read_tile(layer, slots[i], 0, h, keys.data());
+      float* lo = digest(layer, slots[i], h);
+      float* hi = lo + D;
+      for (int d = 0; d < D; ++d) {
+        float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+        for (int j = 0; j < C; ++j) {
+          mn = std::min(mn, keys[size_t(j) * D + d]);
+          mx = std::max(mx, keys[size_t(j) * D + d]);
+        }
+        lo[d] = mn;
+        hi[d] = mx;
+      }
+      if (kind == DigestKind::CuboidMax) continue;
+      // Both other kinds are centred on the box centre.
+      for (int d = 0; d < D; ++d) lo[d] = 0.5f * (lo[d] + hi[d]);
+      if (kind == DigestKind::CuboidMean) {
+        for (int d = 0; d < D; ++d) {
+          double dev = 0.0;
+          for (int j = 0; j < C; ++j) dev += std::fabs(keys[size_t(j) * D + d] - lo[d]);
+          hi[d] = float(dev / C);
+        }
+      } else {  // sphere: radius in hi[0], the rest zero
+        double r2 = 0.0;
+        for (int j = 0; j < C; ++j) {
+          double s = 0.0;
+          for (int d = 0; d < D; ++d) {
+            double x = keys[size_t(j) * D + d] - lo[d];
+            s += x * x;
+          }
+          r2 = std::max(r2, s);
+        }
+        std::fill(hi, hi + D, 0.0f);
+        hi[0] = float(std::sqrt(r2));
+      }
+    }
+  }
+}
+
+void CpuBackend::score_chunks(int layer, const TensorView& q, int32_t row, const int32_t* slots,
+                              size_t n, DigestKind kind, float* scores) {
+  if (digests_.empty()) throw ValueError("eviction: digests are off for this cache");
+  ScoreArgs a;
+  a.digests = digest(layer, 0, 0);
+  a.D = cfg_.head_dim;
+  a.kv_heads = cfg_.kv_heads;
+  a.group = cfg_.group();
+  a.q = static_cast<const uint8_t*>(q.data) + size_t(row) * cfg_.q_heads * cfg_.head_dim * elem_;
+  a.slots = slots;
+  a.n = n;
+  a.kind = kind;
+  a.scores = scores;
+  a.qf = score_q_.data();
+  kernels_->score_chunks(a);
+}
+
+void CpuBackend::read_digest(int layer, int32_t slot, int head, float* dst) const {
+  if (digests_.empty()) throw ValueError("eviction: digests are off for this cache");
+  const float* p = digest(layer, slot, head);
+  std::copy(p, p + 2 * size_t(cfg_.head_dim), dst);
+}
+
+}  // namespace chunkvale
