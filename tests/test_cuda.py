@@ -163,7 +163,7 @@ def _random_workload(d: Driver, rnd: random.Random, n_prefixes=3, n_seqs=6, deco
 
 
 HEADS = [(4, 4, 64), (8, 2, 128), (8, 1, 128), (32, 8, 128), (9, 3, 64), (4, 2, 256), (6, 2, 96), (5, 5, 80),
-         (16, 1, 64)]
+         (16, 1, 64), (32, 1, 64)]
 
 
 @gpu
