@@ -38,7 +38,7 @@ struct ScoreArgs {
   size_t n = 0;
   DigestKind kind = DigestKind::CuboidMax;
   float* scores = nullptr;         // n
-  float* qf = nullptr;             // scratch: q_heads * (D + 1) floats
+  float* qf = nullptr;             // scratch: kv_heads * (2 D + 1) floats
 };
 
 struct KernelTable {

@@ -1,0 +1,82 @@
+"""Budgeted attention on CPU: decode over a long context, full cache vs a token budget,
+measured in one run (issue: recallable eviction, speed).
+
+B sequences of CTX tokens each, one decode token per sequence, GQA 32 query / 8 KV heads,
+head dim 128, float32, one layer. "full" attends to every token; "budget" keeps
+sink + window + top-k chunks under EVICT_BUDGET tokens (dense_layers=0 so the measured layer
+selects). The time of scoring + selection (stats' evict_select_seconds) is reported as a share
+of the budgeted step.
+
+    pytest bench/test_bench_eviction.py --benchmark-columns=median,iqr,rounds -q
+
+Environment: CHUNKVALE_BENCH_CTX (default 32768), CHUNKVALE_BENCH_BUDGET (default 4096),
+CHUNKVALE_BENCH_B (default 4), CHUNKVALE_BENCH_ROUNDS (default 20).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import chunkvale as cv
+
+CTX = int(os.environ.get("CHUNKVALE_BENCH_CTX", "32768"))
+BUDGET = int(os.environ.get("CHUNKVALE_BENCH_BUDGET", "4096"))
+B = int(os.environ.get("CHUNKVALE_BENCH_B", "4"))
+ROUNDS = int(os.environ.get("CHUNKVALE_BENCH_ROUNDS", "20"))
+HQ, HKV, D, C = 32, 8, 128, 32
+RESULTS: dict = {}
+
+
+def _decode_step(eviction):
+    cfg = cv.CacheConfig(layers=1, q_heads=HQ, kv_heads=HKV, head_dim=D, chunk_size=C,
+                         capacity_chunks=B * (CTX // C + 2), eviction=eviction)
+    cache = cv.KVCache(cfg)
+    rng = np.random.default_rng(0)
+    seqs = [cache.add_sequence(list(range(b * 10**6, b * 10**6 + CTX)))[0] for b in range(B)]
+    piece = 4096
+    for s in seqs:  # prefill in pieces (keys only need to exist; attention is not measured)
+        for _ in range(0, CTX, piece):
+            st = cache.plan([(s, piece)])
+            k = rng.standard_normal((piece, HKV, D)).astype(np.float32)
+            cache.append(0, st, k, k)
+    st = cache.plan([(s, [1]) for s in seqs])
+    k = rng.standard_normal((B, HKV, D)).astype(np.float32)
+    cache.append(0, st, k, k)
+    q = rng.standard_normal((B, HQ, D)).astype(np.float32)
+    return cache, st, q, np.empty_like(q)
+
+
+@pytest.mark.parametrize("mode", ["full", "budget"])
+def test_decode_long_context(benchmark, mode):
+    ev = cv.Eviction(budget_tokens=BUDGET, dense_layers=0) if mode == "budget" else None
+    cache, st, q, out = _decode_step(ev)
+    benchmark.group = f"decode B{B} ctx{CTX} budget{BUDGET}"
+    before = cache.stats()["evict_select_seconds"]
+    calls = []
+    benchmark.pedantic(lambda: calls.append(cache.attention(0, st, q, out=out)), rounds=ROUNDS,
+                       warmup_rounds=2, iterations=1)
+    select = (cache.stats()["evict_select_seconds"] - before) / len(calls)
+    median = benchmark.stats.stats.median
+    RESULTS[mode] = (median, select)
+    benchmark.extra_info.update(select_seconds=select, select_share=select / median)
+    assert np.isfinite(out).all()
+    if mode == "budget":
+        assert cache.stats()["evict_dropped_chunks"] > 0
+
+
+def pytest_terminal_summary_table():
+    if len(RESULTS) < 2:
+        return ""
+    (full, _), (budget, select) = RESULTS["full"], RESULTS["budget"]
+    return (f"\nB={B} ctx={CTX} budget={BUDGET}: full {full * 1e3:.2f} ms, budgeted {budget * 1e3:.2f} ms "
+            f"({full / budget:.2f}x faster), scoring+selection {select * 1e3:.2f} ms "
+            f"({100 * select / budget:.0f}% of the budgeted step)\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_table():
+    yield
+    print(pytest_terminal_summary_table())
