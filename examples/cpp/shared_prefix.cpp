@@ -8,13 +8,7 @@
 using namespace chunkvale;
 
 static TensorView view(std::vector<float>& v, int64_t rows, int64_t heads, int64_t dim) {
-  TensorView t;
-  t.data = v.data();
-  t.dtype = DType::Float32;
-  t.ndim = 3;
-  t.shape[0] = rows, t.shape[1] = heads, t.shape[2] = dim;
-  t.strides[0] = heads * dim, t.strides[1] = dim, t.strides[2] = 1;
-  return t;
+  return tensor_view(v.data(), DType::Float32, rows, heads, dim);
 }
 
 // One model step: K/V/Q would come from the model's projections; constants here.
