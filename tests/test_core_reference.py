@@ -216,6 +216,7 @@ CONFIGS = [
     ("c16-mha2-d96-f32-t1", 16, 2, 2, 96, "float32", 1, 2, 2, {}),
     ("c32-gqa8x2-d128-f32-smscale", 32, 8, 2, 128, "float32", 2, 2, 2, {"sm_scale": 0.05}),
     ("c16-gqa9x3-d64-f16-seqfirst-t2", 16, 9, 3, 64, "float16", NEVER, 2, 1, {}),
+    ("c32-gqa4x2-d64-f32-allcores", 32, 4, 2, 64, "float32", 2, 0, 2, {}),
 ]
 
 
@@ -387,3 +388,44 @@ def test_fork_children_diverge(cv, seed):
     g = sh.fork(kids[0], 2)
     sh.remove(kids[0])
     sh.run_step([sh.random_entry(s) for s in g + [a]])
+
+
+def test_stats_from_another_thread_during_steps(cv, seed):
+    """DESIGN.md: public methods are safe to call from several threads. A reader thread
+    hammers stats()/sequence_length() while the main thread runs checked steps."""
+    import threading
+
+    rng = np.random.default_rng(seed)
+    sh = Shadow(cv, layers=2, q_heads=8, kv_heads=2, head_dim=128, chunk_size=16, seed=seed, threads=2,
+                memory="off")
+    prefix = _fresh(rng, 150)
+    ids = []
+    for i in range(6):
+        s, _ = sh.add(prefix + _fresh(rng, 10 + i))
+        sh.run_step([(s, sh.seqs[s].pending)])
+        ids.append(s)
+    stop = threading.Event()
+    seen = []
+    errors = []
+
+    def reader():
+        try:
+            while not stop.is_set():
+                st = sh.cache.stats()
+                assert st["chunks_in_use"] + st["chunks_free"] == st["capacity_chunks"]
+                for s in list(ids):
+                    sh.cache.sequence_length(s)
+                seen.append(st["tokens_cached"])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(12):
+            sh.run_step([(s, [int(rng.integers(VOCAB))]) for s in ids])
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors
+    assert seen == sorted(seen), "tokens_cached went backwards"
