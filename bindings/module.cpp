@@ -162,18 +162,12 @@ NB_MODULE(_native, m) {
            }, "entries"_a)
       .def("step_info",
            [](KVCache& c, uint64_t step) {
-             const chunkvale::StepPlan& p = c.step_plan(step);
+             chunkvale::StepInfo p = c.step_info(step);
              nb::dict d;
              d["num_tokens"] = p.num_tokens;
-             nb::list ids, offs;
-             for (const auto& s : p.seqs) {
-               ids.append(s.seq_id);
-               offs.append(s.row_begin);
-             }
-             offs.append(p.num_tokens);
-             d["seq_ids"] = ids;
-             d["row_offsets"] = offs;
-             auto* pos = new std::vector<int64_t>(p.positions);
+             d["seq_ids"] = p.seq_ids;
+             d["row_offsets"] = p.row_offsets;
+             auto* pos = new std::vector<int64_t>(std::move(p.positions));
              nb::capsule owner(pos, [](void* v) noexcept { delete static_cast<std::vector<int64_t>*>(v); });
              d["positions"] = nb::ndarray<nb::numpy, int64_t, nb::ndim<1>>(pos->data(), {pos->size()}, owner);
              return d;

@@ -553,6 +553,20 @@ CacheStats KVCache::stats() {
   return st;
 }
 
+StepInfo KVCache::step_info(uint64_t step) const {
+  std::lock_guard<std::mutex> g(mu_);
+  open_step(step, "step");
+  StepInfo info;
+  info.num_tokens = plan_.num_tokens;
+  for (const StepSeq& s : plan_.seqs) {
+    info.seq_ids.push_back(s.seq_id);
+    info.row_offsets.push_back(s.row_begin);
+  }
+  info.row_offsets.push_back(plan_.num_tokens);
+  info.positions = plan_.positions;
+  return info;
+}
+
 const StepPlan& KVCache::step_plan(uint64_t step) const {
   std::lock_guard<std::mutex> g(mu_);
   open_step(step, "step");

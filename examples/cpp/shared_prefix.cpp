@@ -15,7 +15,7 @@ static TensorView view(std::vector<float>& v, int64_t rows, int64_t heads, int64
 static void run(KVCache& cache, const std::vector<PlanEntry>& batch) {
   const CacheConfig& c = cache.config();
   uint64_t step = cache.plan(batch);
-  int64_t rows = cache.step_plan(step).num_tokens;
+  int64_t rows = cache.step_info(step).num_tokens;
   std::vector<float> k(size_t(rows) * c.kv_heads * c.head_dim, 0.5f), v(k.size(), 1.0f);
   std::vector<float> q(size_t(rows) * c.q_heads * c.head_dim, 0.1f), out(q.size());
   for (int layer = 0; layer < c.layers; ++layer) {

@@ -28,6 +28,14 @@ struct PlanEntry {
   std::vector<int32_t> tokens;    // tokens beyond the prompt (decode)
 };
 
+// What a caller needs of a planned step: its rows and their positions.
+struct StepInfo {
+  int32_t num_tokens = 0;
+  std::vector<int64_t> seq_ids;
+  std::vector<int32_t> row_offsets;  // B + 1
+  std::vector<int64_t> positions;    // per packed row, for RoPE
+};
+
 struct CacheStats {
   int64_t capacity_chunks = 0, chunks_in_use = 0, chunks_free = 0, chunks_shared = 0,
           chunks_cached = 0, peak_chunks = 0, sequences = 0, tokens_cached = 0,
@@ -65,7 +73,10 @@ class KVCache {
   // Reads; they also commit a step whose every layer was appended.
   int64_t sequence_length(int64_t seq);
   CacheStats stats();
-  // The open step's plan (read-only; for bindings and tests). Throws if `step` is stale.
+  // A copy of the open step's rows and positions. Throws if `step` is stale.
+  StepInfo step_info(uint64_t step) const;
+  // The open step's plan itself, for tests and backends' checks; valid until the step
+  // ends, and not safe against a concurrent plan() from another thread.
   const StepPlan& step_plan(uint64_t step) const;
   // Test/debug access to stored K/V; see Backend::read_tile.
   void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const;
