@@ -6,9 +6,10 @@ What a benchmark records decides which plots it appears in. Keys are looked up i
 ``extra_info`` first, then its pytest ``params``:
 
 * speedup vs shared-prefix length (``speedup_vs_shared_prefix.png``): records with a
-  shared-prefix length (``shared_tokens``) and an implementation label (``impl``). For each
+  shared-prefix length (``shared_tokens`` or ``ns``) and an implementation label (``impl``). For each
   length, speedup = mean time of each other implementation / mean time of ``chunkvale``;
-  one line per (other implementation, remaining parameters such as batch size).
+  one line per (other implementation, remaining parameters such as batch size). Times are
+  medians (means where a record has none).
 * memory vs number of requests (``memory_vs_requests.png``): records with ``requests`` and
   ``kv_bytes`` (optionally ``kv_bytes_unshared``): MiB against the number of requests.
 * every group, whatever it records (``time_<group>.png``): mean time per benchmark with its
@@ -23,9 +24,11 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-SHARED_KEYS = ("shared_tokens", "shared_prefix", "prefix_len", "shared_len")
+SHARED_KEYS = ("shared_tokens", "ns", "shared_prefix", "prefix_len", "shared_len")
 IMPL_KEYS = ("impl", "backend", "method")
 REQUEST_KEYS = ("requests", "num_requests")
+# extra_info keys that tell series apart (bench/test_bench_cpu.py: dtype, B sequences, nu private tokens).
+SERIES_KEYS = ("dtype", "B", "batch", "nu", "unique_tokens")
 OURS = "chunkvale"
 
 
@@ -48,9 +51,16 @@ def load(path) -> list[dict]:
 
 def _rest(record: dict, skip) -> str:
     """The record's other parameters, as a series label (e.g. batch size)."""
-    params = {**(record.get("params") or {})}
+    extra = record.get("extra_info") or {}
+    params = {k: extra[k] for k in SERIES_KEYS if k in extra}
+    params.update(record.get("params") or {})
     items = [f"{k}={v}" for k, v in sorted(params.items()) if k not in skip and not isinstance(v, (dict, list))]
     return ", ".join(items)
+
+
+def _time(record: dict) -> float:
+    stats = record["stats"]
+    return stats.get("median", stats["mean"])  # the median resists the odd slow round
 
 
 def speedup_series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
@@ -61,7 +71,7 @@ def speedup_series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
         if x is None or impl is None:
             continue
         rest = _rest(r, SHARED_KEYS + IMPL_KEYS)
-        times[(rest, str(impl))][float(x)] = r["stats"]["mean"]
+        times[(rest, str(impl))][float(x)] = _time(r)
     series = {}
     for (rest, impl), by_x in times.items():
         if impl == OURS:
@@ -117,7 +127,8 @@ def draw(json_path, out_dir) -> list[Path]:
         for label, pts in series.items():
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-        ax.set_xscale("log", base=2)
+        # Linear, ticks at the measured lengths: a "no sharing" row (0 tokens) must stay visible.
+        ax.set_xticks(sorted({p[0] for pts in series.values() for p in pts}))
         ax.set_xlabel("shared prefix length (tokens)")
         ax.set_ylabel("speedup of chunkvale (x)")
         ax.set_title("Attention speedup vs shared-prefix length")

@@ -124,9 +124,11 @@ def _plots():
     return module
 
 
-def _record(name, mean, group="attention", params=None, extra=None):
-    return {"name": name, "group": group, "params": params or {}, "extra_info": extra or {},
-            "stats": {"mean": mean, "stddev": mean / 10}}
+def _record(name, mean, group="attention", params=None, extra=None, median=None):
+    stats = {"mean": mean, "stddev": mean / 10}
+    if median is not None:
+        stats["median"] = median
+    return {"name": name, "group": group, "params": params or {}, "extra_info": extra or {}, "stats": stats}
 
 
 def test_plots_compute_speedups_and_write_pngs(tmp_path):
@@ -136,12 +138,16 @@ def test_plots_compute_speedups_and_write_pngs(tmp_path):
         _record("dense-512", 2.0, params={"shared_tokens": 512, "impl": "dense", "batch": 8}),
         _record("ours-1024", 0.5, extra={"shared_tokens": 1024, "impl": "chunkvale"}, params={"batch": 8}),
         _record("dense-1024", 3.0, extra={"shared_tokens": 1024, "impl": "dense"}, params={"batch": 8}),
+        # bench/test_bench_cpu.py's keys: ns shared tokens, impl, dtype; medians preferred to means.
+        _record("cpu-ours", 9.9, extra={"ns": 256, "impl": "chunkvale", "dtype": "float32"}, median=1.0),
+        _record("cpu-torch", 9.9, extra={"ns": 256, "impl": "torch", "dtype": "float32"}, median=2.5),
         _record("mem-4", 0.01, group="memory", params={"requests": 4},
                 extra={"kv_bytes": 2**20, "kv_bytes_unshared": 4 * 2**20}),
         _record("mem-8", 0.01, group="memory", params={"requests": 8},
                 extra={"kv_bytes": 2**20, "kv_bytes_unshared": 8 * 2**20}),
     ]
-    assert plots.speedup_series(records) == {"vs dense (batch=8)": [(512.0, 4.0), (1024.0, 6.0)]}
+    assert plots.speedup_series(records) == {"vs dense (batch=8)": [(512.0, 4.0), (1024.0, 6.0)],
+                                             "vs torch (dtype=float32)": [(256.0, 2.5)]}
     assert plots.memory_series(records)["without sharing"] == [(4.0, 4.0), (8.0, 8.0)]
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"benchmarks": records}))

@@ -16,6 +16,8 @@ def _repo_bench() -> Path:
 def find_suite(suite: str | None) -> Path:
     candidates = [Path(suite)] if suite else [Path.cwd() / "bench", _repo_bench()]
     for c in candidates:
+        if c.is_file() and c.name.startswith("test_") and c.suffix == ".py":
+            return c  # one suite file
         if c.is_dir() and any(c.glob("test_*.py")):
             return c
     where = suite or " or ".join(str(c) for c in candidates)
@@ -24,7 +26,8 @@ def find_suite(suite: str | None) -> Path:
 
 
 def _plots_module(suite: Path):
-    for path in (suite / "plots.py", _repo_bench() / "plots.py"):
+    folder = suite if suite.is_dir() else suite.parent
+    for path in (folder / "plots.py", _repo_bench() / "plots.py"):
         if path.is_file():
             spec = importlib.util.spec_from_file_location("chunkvale_bench_plots", path)
             module = importlib.util.module_from_spec(spec)

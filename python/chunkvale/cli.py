@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run the benchmark suites and draw their plots")
     bench.add_argument("--suite", default=None, metavar="DIR",
-                       help="folder with pytest-benchmark suites (default: bench/ of this checkout)")
+                       help="folder (or one test_*.py file) of pytest-benchmark suites "
+                            "(default: bench/ of this checkout)")
     bench.add_argument("--out", default="bench-results", metavar="DIR", help="JSON and PNGs go here")
     bench.add_argument("-k", default=None, metavar="EXPR", help="only benchmarks matching this pytest -k expression")
     return parser
