@@ -164,3 +164,26 @@ def test_engine_arguments_are_validated(model):
         Engine(model, chunk_size=32, capacity_tokens=8)
     with pytest.raises(TypeError, match="request"):
         Engine(model, capacity_tokens=256).submit({"token_ids": [1]})
+
+
+@pytest.mark.parametrize("complete", [False, True], ids=["before-append", "after-every-layer"])
+def test_a_failed_step_leaves_the_engine_usable(model, complete):
+    prompt = rand_tokens(30, 40)
+    eng = Engine(model, chunk_size=C, capacity_tokens=1024)
+    eng.submit(Request(token_ids=prompt, max_new_tokens=6))
+    eng.step()
+    eng.step()
+    real = eng.runner.forward
+
+    def interrupted(step, ids, rows):
+        if complete:
+            real(step, ids, rows)  # the step is appended in every layer, hence committed
+        raise RuntimeError("interrupted")
+
+    eng.runner.forward = interrupted
+    with pytest.raises(RuntimeError, match="interrupted"):
+        eng.step()
+    eng.runner.forward = real
+    assert eng.cache.stats()["sequences"] == 0  # the request was released and queued again
+    res = eng.run(progress=False)
+    assert res[0].samples[0].token_ids == solo(model, prompt, 6).samples[0].token_ids

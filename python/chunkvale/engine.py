@@ -10,6 +10,7 @@ Requests join and leave at every step; n > 1 samples fork the prompt once it is 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -196,6 +197,7 @@ class Engine:
         """Run one batched forward pass; returns the requests that finished in it."""
         if self._start is None:
             self._start = time.perf_counter()
+        self._end = None  # more work after an idle spell extends the measurement window
         self._admit()
         if not self._running:
             return []
@@ -206,8 +208,13 @@ class Engine:
         try:
             logits = self.runner.forward(step, ids, [r for r in rows if r is not None])
         except BaseException:
-            # Leave the cache consistent (no half-appended step) for whoever handles the error.
-            self.cache.cancel(step)
+            # Leave cache and queue consistent for whoever handles the error (e.g. Ctrl-C in a
+            # server loop): drop the half-done step, and restart the running requests later.
+            with contextlib.suppress(ValueError):  # a step appended in every layer is already committed
+                self.cache.cancel(step)
+            for req in reversed(self._running):
+                self._requeue(req)
+            self._running = []
             raise
         self._steps += 1
         self._consume(batch, entries, rows, logits)
@@ -392,18 +399,22 @@ class Engine:
                         "KV cache too small for a single request; raise capacity_tokens "
                         f"(now {self.cache.stats()['capacity_chunks']} chunks of {self.chunk_size} tokens)"
                     ) from None
-                victim = self._running.pop()
-                for s in victim.seqs:
-                    self.cache.remove(s.seq)
-                self._reused -= victim.n_cached
-                self._generated -= sum(len(s.tokens) for s in victim.seqs)
-                self._waiting.insert(0, _Req(request=victim.request, index=victim.index, prompt=victim.prompt,
-                                             submitted=victim.submitted, stop_ids=victim.stop_ids,
-                                             stop_strings=victim.stop_strings))
+                self._requeue(self._running.pop())
                 self._preemptions += 1
                 _, entries, _, _ = self._build_batch()
                 if not entries:
                     return None
+
+    def _requeue(self, req: _Req) -> None:
+        """Release a running request's sequences and queue it again from scratch (front of the
+        queue). Its RNGs restart from the seed, so a seeded request gives the same samples."""
+        for s in req.seqs:
+            if s.seq is not None:
+                self.cache.remove(s.seq)
+        self._reused -= req.n_cached
+        self._generated -= sum(len(s.tokens) for s in req.seqs)
+        self._waiting.insert(0, _Req(request=req.request, index=req.index, prompt=req.prompt,
+                                     submitted=req.submitted, stop_ids=req.stop_ids, stop_strings=req.stop_strings))
 
     def _consume(self, batch, entries, rows, logits) -> None:
         now = time.perf_counter()
