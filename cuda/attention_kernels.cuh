@@ -20,11 +20,15 @@
 // Merge kernel, one warp per (packed row, query head): the row's partials by log-sum-exp,
 // normalised output in the cache dtype and the natural-log LSE.
 #pragma once
+#include <cstdint>
+
+#ifdef CHUNKVALE_EMULATE
+#include "emulate.h"  // host emulation of the warp-level primitives (test_kernel_emulation.cpp)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-
-#include <cstdint>
+#endif
 
 #include "device_plan.h"
 
@@ -47,6 +51,7 @@ struct AttnShape {
   static constexpr size_t smem_bytes = q_bytes + body_bytes;
 };
 
+#ifndef CHUNKVALE_EMULATE
 // ---- small PTX helpers ----
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -107,6 +112,8 @@ __device__ __forceinline__ float fast_exp2(float x) {  // exp2(-inf) = +0
   return y;
 }
 
+#endif  // CHUNKVALE_EMULATE
+
 // The key-block stream of an item: its chunks in order, each cut into 16-key blocks.
 struct KeyCursor {
   int c, kb;  // chunk index, key offset in the chunk (multiple of 16)
@@ -128,7 +135,11 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   using S = AttnShape<D>;
   constexpr int SB = S::SB, LDS = S::LDS, LDO = S::LDO;
   constexpr int KSTEPS = D / 16, NT = D / 8;
+#ifdef CHUNKVALE_EMULATE
+  unsigned char* smem = emu::dynamic_smem();
+#else
   extern __shared__ __align__(128) unsigned char smem[];
+#endif
   T* Qs = reinterpret_cast<T*>(smem);
   T* KV = reinterpret_cast<T*>(smem + S::q_bytes);  // [stage][K|V][SB*16][LDS]
   float* Os = reinterpret_cast<float*>(smem + S::q_bytes);              // after the loop
@@ -439,9 +450,11 @@ __global__ void __launch_bounds__(128) merge_kernel(const MergeParams p) {
   if (p.lse && lane == 0) p.lse[idx] = L > 0.0f ? (M + __log2f(L)) * 0.69314718055994531f : -INFINITY;
 }
 
+#ifndef CHUNKVALE_EMULATE
 // Launchers (attention_f16.cu, attention_bf16.cu). Return the launch error.
 cudaError_t launch_attention_f16(const AttnParams& p, int D, int n_items, cudaStream_t stream);
 cudaError_t launch_attention_bf16(const AttnParams& p, int D, int n_items, cudaStream_t stream);
+#endif
 
 }  // namespace cuda
 }  // namespace chunkvale

@@ -1,0 +1,261 @@
+// The CUDA attention + merge kernels (attention_kernels.cuh, the same source nvcc builds)
+// run on the CPU through emulate.h, on the device plan of real steps (random prefix
+// trees; prefill, extend, decode; GQA; chunk sizes; fp16 and bf16), compared with the CPU
+// backend's output for the same K/V and queries. No GPU needed; see emulate.h for what
+// this does and does not prove.
+#define CHUNKVALE_EMULATE 1
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <random>
+#include <vector>
+
+#include "attention_kernels.cuh"
+#include "chunkvale/kv_cache.h"
+
+using namespace chunkvale;
+using chunkvale::cuda::AttnShape;
+
+namespace {
+
+int failures = 0;
+#define EXPECT(cond, ...)                                             \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      std::fprintf(stderr, "%s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                              \
+      std::fprintf(stderr, "\n");                                     \
+      ++failures;                                                     \
+    }                                                                 \
+  } while (0)
+
+template <typename T>
+uint16_t bits_of(float x) {
+  uint16_t b;
+  if constexpr (std::is_same<T, __half>::value) {
+    __half h = __float2half_rn(x);
+    std::memcpy(&b, &h, 2);
+  } else {
+    __nv_bfloat16 h = __float2bfloat16_rn(x);
+    std::memcpy(&b, &h, 2);
+  }
+  return b;
+}
+template <typename T>
+float float_of(uint16_t b) {
+  return cuda::elem_to_float<T>(b);
+}
+
+TensorView view3(std::vector<uint16_t>& v, DType dt, int64_t rows, int64_t heads, int64_t dim) {
+  TensorView t;
+  t.data = v.data();
+  t.dtype = dt;
+  t.ndim = 3;
+  t.shape[0] = rows, t.shape[1] = heads, t.shape[2] = dim;
+  t.strides[0] = heads * dim, t.strides[1] = dim, t.strides[2] = 1;
+  return t;
+}
+
+float kv_value(const std::vector<int32_t>& toks, size_t upto, int which, int i) {
+  uint64_t h = 1469598103934665603ull ^ uint64_t(which);
+  for (size_t k = 0; k <= upto; ++k) h = (h ^ uint32_t(toks[k])) * 1099511628211ull;
+  h ^= uint64_t(i) * 0x9e3779b97f4a7c15ull;
+  h ^= h >> 29;
+  h *= 0xbf58476d1ce4e5b9ull;
+  h ^= h >> 32;
+  return float(double(h % 20001) / 10000.0 - 1.0);
+}
+
+struct Case {
+  int q_heads, kv_heads, D, C, threshold, sm_count;
+  bool bf16;
+};
+
+template <typename T, int D>
+void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, int sm_count, bool reference,
+                 std::vector<uint16_t>& q, std::vector<uint16_t>& out, std::vector<float>& lse) {
+  const int G = cfg.group(), H = cfg.kv_heads, Hq = cfg.q_heads, C = cfg.chunk_size;
+  cuda::PlanBuildParams bp;
+  bp.chunk_size = C;
+  bp.group = G;
+  bp.kv_heads = H;
+  bp.sm_count = sm_count;
+  std::vector<int32_t> W;
+  cuda::PlanLayout L;
+  cuda::build_device_plan(plan, bp, W, L);
+  // The device pool [1 layer][slots][2][H][C][D], filled from the CPU cache's tiles.
+  int slots = 0;
+  for (int c = 0; c < L.n_chunks; ++c) slots = std::max(slots, W[size_t(L.chunk_slot + c)] + 1);
+  for (int r = 0; r < L.num_tokens; ++r) slots = std::max(slots, W[size_t(L.row_slot + r)] + 1);
+  const size_t tile = size_t(C) * D, slot_stride = 2 * size_t(H) * tile;
+  std::vector<uint16_t> pool(size_t(slots) * slot_stride, bits_of<T>(NAN));
+  std::vector<float> t(tile);
+  for (int c = 0; c < L.n_chunks; ++c) {
+    const int s = W[size_t(L.chunk_slot + c)];
+    for (int kv = 0; kv < 2; ++kv)
+      for (int h = 0; h < H; ++h) {
+        cache.read_tile(0, s, kv, h, t.data());
+        const int valid = W[size_t(L.chunk_valid + c)];
+        for (size_t i = 0; i < size_t(valid) * D; ++i)  // keys past `valid` stay NaN-poisoned
+          pool[size_t(s) * slot_stride + (size_t(kv) * H + h) * tile + i] = bits_of<T>(t[i]);
+      }
+  }
+  const size_t P = std::max<size_t>(1, size_t(L.p_tok) * G * H);
+  std::vector<float> ml(P * 2, NAN), po(P * D, NAN);
+  cuda::AttnParams ap{};
+  ap.pool_layer = pool.data();
+  ap.q = q.data();
+  ap.items = reinterpret_cast<const cuda::DevItem*>(W.data() + L.items);
+  ap.chunk_slot = W.data() + L.chunk_slot;
+  ap.chunk_start = W.data() + L.chunk_start;
+  ap.chunk_valid = W.data() + L.chunk_valid;
+  ap.unit_rows = W.data() + L.unit_rows;
+  ap.positions = W.data() + L.positions;
+  ap.part_ml = ml.data();
+  ap.part_o = po.data();
+  ap.slot_stride = int64_t(slot_stride);
+  ap.C = C;
+  ap.kv_heads = H;
+  ap.q_heads = Hq;
+  ap.group = G;
+  ap.p_tok = L.p_tok;
+  ap.scale_log2 = cfg.resolved_scale() * 1.4426950408889634f;
+  if (reference)
+    cuda::emu::launch(dim3(unsigned(L.n_items), unsigned(H)), cuda::kThreads, 0,
+                      [&] { cuda::reference_attention_kernel<T>(ap, D); });
+  else
+    cuda::emu::launch(dim3(unsigned(L.n_items), unsigned(H)), cuda::kThreads, AttnShape<D>::smem_bytes,
+                      [&] { cuda::attention_kernel<T, D>(ap); });
+  cuda::MergeParams mp{};
+  mp.row_off = W.data() + L.row_off;
+  mp.row_parts = W.data() + L.row_parts;
+  mp.part_ml = ml.data();
+  mp.part_o = po.data();
+  out.assign(size_t(L.num_tokens) * Hq * D, bits_of<T>(NAN));
+  lse.assign(size_t(L.num_tokens) * Hq, NAN);
+  mp.out = out.data();
+  mp.lse = lse.data();
+  mp.num_tokens = L.num_tokens;
+  mp.q_heads = Hq;
+  mp.group = G;
+  mp.p_tok = L.p_tok;
+  mp.D = D;
+  cuda::emu::launch(dim3(unsigned((int64_t(L.num_tokens) * Hq + 3) / 4)), 128, 0,
+                    [&] { cuda::merge_kernel<T>(mp); });
+}
+
+template <typename T, int D>
+void run_case(const Case& cs, uint32_t seed) {
+  CacheConfig cfg;
+  cfg.layers = 1;
+  cfg.q_heads = cs.q_heads;
+  cfg.kv_heads = cs.kv_heads;
+  cfg.head_dim = D;
+  cfg.chunk_size = cs.C;
+  cfg.dtype = cs.bf16 ? DType::BFloat16 : DType::Float16;
+  cfg.capacity_chunks = 1024;
+  cfg.threads = 2;
+  cfg.share_threshold = cs.threshold;
+  KVCache cache(cfg);
+  std::mt19937 rng(seed);
+  std::map<int64_t, std::vector<int32_t>> toks;
+  const double tol = cs.bf16 ? 1.5e-2 : 3e-3;
+
+  auto step = [&](const std::vector<PlanEntry>& entries) {
+    uint64_t st = cache.plan(entries);
+    const StepPlan& plan = cache.step_plan(st);
+    const int T_ = plan.num_tokens, Hq = cfg.q_heads, H = cfg.kv_heads;
+    std::vector<uint16_t> k(size_t(T_) * H * D), v(k.size()), q(size_t(T_) * Hq * D), out(q.size());
+    std::vector<float> lse(size_t(T_) * Hq);
+    for (int r = 0; r < T_; ++r) {
+      const auto& tk = toks[plan.seqs[size_t(plan.row_seq[size_t(r)])].seq_id];
+      const size_t pos = size_t(plan.positions[size_t(r)]);
+      for (int i = 0; i < H * D; ++i) {
+        k[size_t(r) * H * D + i] = bits_of<T>(kv_value(tk, pos, 0, i));
+        v[size_t(r) * H * D + i] = bits_of<T>(kv_value(tk, pos, 1, i));
+      }
+    }
+    std::normal_distribution<float> nd;
+    for (auto& x : q) x = bits_of<T>(nd(rng) * 1.5f);
+    cache.append(0, st, view3(k, cfg.dtype, T_, H, D), view3(v, cfg.dtype, T_, H, D));
+    TensorView lv;
+    lv.data = lse.data();
+    lv.dtype = DType::Float32;
+    lv.ndim = 2;
+    lv.shape[0] = T_, lv.shape[1] = Hq;
+    lv.strides[0] = Hq, lv.strides[1] = 1;
+    cache.attention(0, st, view3(q, cfg.dtype, T_, Hq, D), view3(out, cfg.dtype, T_, Hq, D), &lv);
+
+    for (int variant = 0; variant < 2; ++variant) {
+      std::vector<uint16_t> eo;
+      std::vector<float> el;
+      run_kernels<T, D>(cache, plan, cfg, cs.sm_count, variant == 1, q, eo, el);
+      double num = 0, den = 0, lerr = 0;
+      bool finite = true;
+      for (size_t i = 0; i < out.size(); ++i) {
+        const double a = float_of<T>(eo[i]), b = float_of<T>(out[i]);
+        finite &= std::isfinite(a);
+        num += (a - b) * (a - b);
+        den += b * b;
+      }
+      for (size_t i = 0; i < lse.size(); ++i) {
+        finite &= std::isfinite(el[i]);
+        lerr = std::max(lerr, std::fabs(double(el[i]) - lse[i]) / std::max(1.0, std::fabs(double(lse[i]))));
+      }
+      const double rel = std::sqrt(num / std::max(den, 1e-30));
+      EXPECT(finite && rel < tol && lerr < 1e-3,
+             "%s kernel, q%d kv%d D%d C%d thr%d sm%d %s seed %u, %d rows: rel %.3g lse %.3g%s",
+             variant ? "reference" : "mma", cs.q_heads, cs.kv_heads, D, cs.C, cs.threshold, cs.sm_count,
+             cs.bf16 ? "bf16" : "fp16", seed, T_, rel, lerr, finite ? "" : " (non-finite)");
+    }
+  };
+
+  const int C = cs.C;
+  std::vector<std::vector<int32_t>> prefixes;
+  for (int p = 0; p < 2; ++p) {
+    std::vector<int32_t> pre(size_t(1 + rng() % (3 * C + 5)));
+    for (auto& x : pre) x = int32_t(rng() % 1000);
+    prefixes.push_back(pre);
+  }
+  std::vector<int64_t> live;
+  for (int s = 0; s < 5; ++s) {
+    const auto& pre = prefixes[rng() % prefixes.size()];
+    std::vector<int32_t> tk(pre.begin(), pre.begin() + long(1 + rng() % pre.size()));
+    for (int i = 0, n = int(1 + rng() % (C + 3)); i < n; ++i) tk.push_back(int32_t(rng() % 1000));
+    auto [id, cached] = cache.add_sequence(tk);
+    toks[id] = tk;
+    const int64_t pend = int64_t(tk.size()) - cached;
+    const int64_t first = pend < 2 || rng() % 2 ? pend : 1 + int64_t(rng() % uint32_t(pend - 1));
+    step({PlanEntry{id, first, {}}});
+    if (pend > first) step({PlanEntry{id, pend - first, {}}});
+    live.push_back(id);
+  }
+  for (int d = 0; d < 3; ++d) {
+    std::vector<PlanEntry> es;
+    for (int64_t id : live) {
+      const int32_t tok = int32_t(rng() % 1000);
+      toks[id].push_back(tok);
+      es.push_back(PlanEntry{id, 0, {tok}});
+    }
+    step(es);
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::random_device rd;
+  const uint32_t base = rd();
+  uint32_t n = 0;
+  // q_heads, kv_heads, D, C, share threshold, SMs (split granularity), bf16
+  run_case<__half, 64>({4, 4, 64, 16, 2, 2, false}, base + n++);
+  run_case<__nv_bfloat16, 64>({8, 2, 64, 32, 1, 3, true}, base + n++);
+  run_case<__half, 64>({9, 3, 64, 16, 2, 1, false}, base + n++);
+  run_case<__nv_bfloat16, 64>({8, 1, 64, 64, 1, 4, true}, base + n++);
+  run_case<__half, 64>({32, 1, 64, 16, 2, 2, false}, base + n++);
+  run_case<__half, 80>({4, 2, 80, 16, 1, 2, false}, base + n++);
+  run_case<__nv_bfloat16, 128>({16, 4, 128, 32, 2, 2, true}, base + n++);
+  run_case<__half, 256>({2, 1, 256, 16, 1, 1, false}, base + n++);
+  std::printf("%s: %d failures (seed base %u)\n", failures ? "FAIL" : "ok", failures, base);
+  return failures ? 1 : 0;
+}
