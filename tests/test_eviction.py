@@ -139,6 +139,19 @@ def test_budgeted_attention_equals_reference_over_selected_chunks(cv, seed, kind
     assert stats["evict_scored_chunks"] > stats["evict_dropped_chunks"]
 
 
+def test_sink_and_window_only(cv, seed):
+    """topk_chunks=0: the StreamingLLM-style baseline attends to sinks and the window alone."""
+    rng = np.random.default_rng(seed)
+    cache = cv.KVCache(_cfg(cv, budget=96, topk=0))
+    run = Run(cv, rng, [cache])
+    a, _ = run.add(list(rng.integers(0, 1000, 150)))
+    run.step([(a, 150)])
+    for _ in range(3):
+        st, qs, outs = run.step([(a, [7])])
+        for layer in range(L):
+            _check_layer(run, st, qs[layer], outs[0][layer], layer, "cuboid_max", 96, 0, dense_layers=1)
+
+
 def test_budget_covering_the_context_changes_nothing(cv, seed):
     rng = np.random.default_rng(seed)
     full = cv.KVCache(_cfg(cv))
@@ -210,6 +223,6 @@ def test_bad_eviction_config_is_rejected(cv):
         cv.KVCache(cv.CacheConfig(layers=1, q_heads=4, kv_heads=2, head_dim=64, chunk_size=16,
                                   capacity_chunks=8, eviction=cv.Eviction(budget_tokens=96, host_bytes=1 << 20)))
     with pytest.raises(ValueError, match="eviction.topk_chunks"):
-        cv.KVCache(_cfg(cv, budget=96, topk=0))
+        cv.KVCache(_cfg(cv, budget=96, topk=-2))
     with pytest.raises(ValueError, match="digests are off|eviction"):
         cv.KVCache(_cfg(cv)).read_digest(0, 0, 0)

@@ -44,6 +44,7 @@ DigestKind parse_digest(const std::string& name) {
 
 int EvictionConfig::resolved_topk(int chunk_size) const {
   if (topk_chunks > 0) return topk_chunks;
+  if (topk_chunks < 0) return 0;
   int64_t tokens = std::min<int64_t>(1280, budget_tokens / 2);
   return int(std::max<int64_t>(1, tokens / chunk_size));
 }
@@ -88,7 +89,7 @@ void CacheConfig::validate() const {
     int64_t fixed = int64_t(e.sink_chunks + e.window_chunks) * chunk_size;
     need(e.sink_chunks >= 0, got("eviction.sink_chunks", "an integer >= 0", e.sink_chunks));
     need(e.window_chunks >= 1, got("eviction.window_chunks", "an integer >= 1 (the chunk being written)", e.window_chunks));
-    need(e.topk_chunks >= 0, got("eviction.topk_chunks", "an integer >= 1 (or None)", e.topk_chunks));
+    need(e.topk_chunks >= -1, got("eviction.topk_chunks", "an integer >= 0 (or None)", e.topk_chunks));
     need(e.dense_layers >= 0, got("eviction.dense_layers", "an integer >= 0", e.dense_layers));
     need(e.budget_tokens >= fixed + chunk_size,
          got("eviction.budget_tokens",

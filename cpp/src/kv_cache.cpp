@@ -413,7 +413,7 @@ bool KVCache::select_chunks(int layer, const TensorView& q) {
     order_.resize(size_t(hi - lo));
     for (int32_t c = 0; c < hi - lo; ++c) order_[size_t(c)] = c;
     // Ties go to the later chunk (recency), deterministically.
-    std::nth_element(order_.begin(), order_.begin() + topk, order_.end(), [&](int32_t a, int32_t b) {
+    std::nth_element(order_.begin(), order_.begin() + std::min<size_t>(size_t(topk), order_.size()), order_.end(), [&](int32_t a, int32_t b) {
       float sa = cand_scores_[size_t(a)], sb = cand_scores_[size_t(b)];
       return sa > sb || (sa == sb && a > b);
     });

@@ -12,7 +12,8 @@ class Eviction:
     During decode, a sequence longer than ``budget_tokens`` attends, in each layer from
     ``dense_layers`` on, only to its first ``sink_chunks`` chunks, its last ``window_chunks``
     chunks and the ``topk_chunks`` chunks whose key digest scores highest for its query
-    (default: ArkVale's min(1280, budget/2) tokens, in chunks). Prefill and extend attend to
+    (default: ArkVale's min(1280, budget/2) tokens, in chunks; 0: none, a StreamingLLM-style
+    sink + window baseline). Prefill and extend attend to
     everything. ``digest``: "cuboid_max" (Quest's min/max bound), "cuboid_mean" (ArkVale's
     centre + mean deviation) or "sphere" (centre + radius).
 
@@ -39,10 +40,12 @@ class Eviction:
                 raise TypeError(f"eviction.{name}: expected an int, got {type(value).__name__}")
         if self.budget_tokens < 1:
             raise ValueError(f"eviction.budget_tokens: expected an integer >= 1, got {self.budget_tokens}")
-        if self.topk_chunks is not None and self.topk_chunks < 1:
-            raise ValueError(f"eviction.topk_chunks: expected None or an integer >= 1, got {self.topk_chunks}")
+        if self.topk_chunks is not None and (isinstance(self.topk_chunks, bool) or not isinstance(self.topk_chunks, int)
+                                             or self.topk_chunks < 0):
+            raise ValueError(f"eviction.topk_chunks: expected None or an integer >= 0, got {self.topk_chunks}")
         return dict(budget_tokens=self.budget_tokens, sink_chunks=self.sink_chunks,
-                    window_chunks=self.window_chunks, topk_chunks=self.topk_chunks or 0,
+                    window_chunks=self.window_chunks,
+                    topk_chunks=0 if self.topk_chunks is None else (self.topk_chunks or -1),
                     digest=str(self.digest), dense_layers=self.dense_layers)
 
 

@@ -27,7 +27,8 @@ struct EvictionConfig {
   int64_t budget_tokens = 0;  // per sequence and layer
   int sink_chunks = 1;
   int window_chunks = 2;
-  int topk_chunks = 0;        // 0: ArkVale's rule, min(1280, budget / 2) tokens in chunks
+  int topk_chunks = 0;        // 0: ArkVale's rule, min(1280, budget / 2) tokens in chunks;
+                              // -1: none (sink + window only, StreamingLLM-style)
   DigestKind digest = DigestKind::CuboidMax;
   int dense_layers = 2;       // the first layers never select
 
