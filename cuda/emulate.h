@@ -47,7 +47,7 @@ struct Fiber {
 
 struct State {
   int n = 0, cur = 0;
-  uint3 block{0, 0, 0};
+  uint3 block{0, 0, 0}, grid{1, 1, 1};
   std::vector<Fiber> f;
   ucontext_t main;
   std::function<void()> body;
@@ -73,6 +73,8 @@ struct Idx {
 };
 inline Idx thread_idx() { return {unsigned(st().cur), 0u, 0u}; }
 inline Idx block_idx() { return {st().block.x, st().block.y, st().block.z}; }
+inline Idx block_dim() { return {unsigned(st().n), 1u, 1u}; }
+inline Idx grid_dim() { return {st().grid.x, st().grid.y, st().grid.z}; }
 
 inline void syncthreads() {
   State& s = st();
@@ -104,6 +106,7 @@ inline unsigned char* dynamic_smem() { return st().smem.data(); }
 inline void launch(dim3 grid, int n, size_t smem_bytes, std::function<void()> body) {
   State& s = st();
   s.n = n;
+  s.grid = {grid.x, grid.y, grid.z};
   s.body = std::move(body);
   for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -144,6 +147,8 @@ inline void launch(dim3 grid, int n, size_t smem_bytes, std::function<void()> bo
 
 #define threadIdx (::chunkvale::cuda::emu::thread_idx())
 #define blockIdx (::chunkvale::cuda::emu::block_idx())
+#define blockDim (::chunkvale::cuda::emu::block_dim())
+#define gridDim (::chunkvale::cuda::emu::grid_dim())
 inline void __syncthreads() { emu::syncthreads(); }
 
 template <typename V>

@@ -12,6 +12,7 @@
 
 #include "attention_kernels.cuh"
 #include "chunkvale/kv_cache.h"
+#include "pool_kernels.cuh"
 
 using namespace chunkvale;
 using chunkvale::cuda::AttnShape;
@@ -144,6 +145,77 @@ void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, i
                     [&] { cuda::merge_kernel<T>(mp); });
 }
 
+// append_kernel on a NaN-poisoned pool: every new row lands where the CPU backend put it.
+template <typename T, int D>
+void check_append(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, std::vector<uint16_t>& k,
+                  std::vector<uint16_t>& v) {
+  const int H = cfg.kv_heads, C = cfg.chunk_size;
+  cuda::PlanBuildParams bp;
+  bp.chunk_size = C;
+  bp.group = cfg.group();
+  bp.kv_heads = H;
+  std::vector<int32_t> W;
+  cuda::PlanLayout L;
+  cuda::build_device_plan(plan, bp, W, L);
+  int slots = 0;
+  for (int r = 0; r < L.num_tokens; ++r) slots = std::max(slots, W[size_t(L.row_slot + r)] + 1);
+  const size_t tile = size_t(C) * D, slot_stride = 2 * size_t(H) * tile;
+  std::vector<uint16_t> pool(size_t(slots) * slot_stride, bits_of<T>(NAN));
+  cuda::AppendParams ap{};
+  ap.pool_layer = pool.data();
+  ap.k = k.data();
+  ap.v = v.data();
+  ap.row_slot = W.data() + L.row_slot;
+  ap.positions = W.data() + L.positions;
+  ap.slot_stride = int64_t(slot_stride);
+  ap.num_tokens = L.num_tokens;
+  ap.kv_heads = H;
+  ap.C = C;
+  ap.D = D;
+  cuda::emu::launch(dim3(3), 64, 0, [&] { cuda::append_kernel(ap); });  // small grid: the stride loop runs
+  std::vector<float> t(tile);
+  int bad = 0;
+  for (int r = 0; r < L.num_tokens; ++r) {
+    const int s = W[size_t(L.row_slot + r)], off = W[size_t(L.positions + r)] % C;
+    for (int kv = 0; kv < 2; ++kv)
+      for (int h = 0; h < H; ++h) {
+        cache.read_tile(0, s, kv, h, t.data());
+        for (int d = 0; d < D; ++d)
+          bad += pool[size_t(s) * slot_stride + (size_t(kv) * H + h) * tile + size_t(off) * D + d] !=
+                 bits_of<T>(t[size_t(off) * D + d]);
+      }
+  }
+  EXPECT(bad == 0, "append_kernel: %d elements differ from the CPU backend's pool", bad);
+}
+
+// copy_chunk_kernel against memcpy semantics on a random pool.
+void check_copy_chunk() {
+  const int layers = 3, slots = 5, H = 2, C = 16, D = 64;
+  const size_t tile = size_t(C) * D, slot_stride = 2 * size_t(H) * tile, layer_stride = slots * slot_stride;
+  std::vector<uint16_t> pool(layers * layer_stride);
+  std::mt19937 rng(7);
+  for (auto& x : pool) x = uint16_t(rng());
+  std::vector<uint16_t> want = pool;
+  const int src = 3, dst = 1, n = 11;
+  for (int l = 0; l < layers; ++l)
+    for (int t = 0; t < 2 * H; ++t)
+      for (size_t i = 0; i < size_t(n) * D; ++i)
+        want[l * layer_stride + dst * slot_stride + t * tile + i] = pool[l * layer_stride + src * slot_stride + t * tile + i];
+  cuda::CopyParams cp{};
+  cp.pool = pool.data();
+  cp.slot_stride = int64_t(slot_stride);
+  cp.layer_stride = int64_t(layer_stride);
+  cp.tile = int64_t(tile);
+  cp.src = src;
+  cp.dst = dst;
+  cp.n_tokens = n;
+  cp.tiles_per_slot = 2 * H;
+  cp.layers = layers;
+  cp.D = D;
+  cuda::emu::launch(dim3(2), 32, 0, [&] { cuda::copy_chunk_kernel(cp); });
+  EXPECT(pool == want, "copy_chunk_kernel: pool differs from the expected copy");
+}
+
 template <typename T, int D>
 void run_case(const Case& cs, uint32_t seed) {
   CacheConfig cfg;
@@ -185,6 +257,7 @@ void run_case(const Case& cs, uint32_t seed) {
     lv.shape[0] = T_, lv.shape[1] = Hq;
     lv.strides[0] = Hq, lv.strides[1] = 1;
     cache.attention(0, st, view3(q, cfg.dtype, T_, Hq, D), view3(out, cfg.dtype, T_, Hq, D), &lv);
+    check_append<T, D>(cache, plan, cfg, k, v);
 
     for (int variant = 0; variant < 2; ++variant) {
       std::vector<uint16_t> eo;
@@ -256,6 +329,7 @@ int main() {
   run_case<__half, 80>({4, 2, 80, 16, 1, 2, false}, base + n++);
   run_case<__nv_bfloat16, 128>({16, 4, 128, 32, 2, 2, true}, base + n++);
   run_case<__half, 256>({2, 1, 256, 16, 1, 1, false}, base + n++);
+  check_copy_chunk();
   std::printf("%s: %d failures (seed base %u)\n", failures ? "FAIL" : "ok", failures, base);
   return failures ? 1 : 0;
 }
