@@ -91,10 +91,12 @@ void CacheConfig::validate() const {
     need(e.window_chunks >= 1, got("eviction.window_chunks", "an integer >= 1 (the chunk being written)", e.window_chunks));
     need(e.topk_chunks >= -1, got("eviction.topk_chunks", "an integer >= 0 (or None)", e.topk_chunks));
     need(e.dense_layers >= 0, got("eviction.dense_layers", "an integer >= 0", e.dense_layers));
-    need(e.budget_tokens >= fixed + chunk_size,
+    // Room for the sinks, the window and (unless top-k is off) one selected chunk.
+    int64_t least = fixed + (e.topk_chunks < 0 ? 0 : chunk_size);
+    need(e.budget_tokens >= least,
          got("eviction.budget_tokens",
-             ("at least (sink_chunks + window_chunks + 1) * chunk_size = " +
-              std::to_string(fixed + chunk_size)).c_str(),
+             ("at least (sink_chunks + window_chunks" + std::string(e.topk_chunks < 0 ? "" : " + 1") +
+              ") * chunk_size = " + std::to_string(least)).c_str(),
              e.budget_tokens));
   }
   if (device != "cpu" && device != "cuda")
