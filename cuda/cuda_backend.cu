@@ -122,6 +122,8 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
   }
   try {
     CV_CUDA(cudaMemset(pool_, 0, bytes), "cudaMemset(pool)");
+    // The memset runs on the legacy stream; a caller's non-blocking stream would not wait.
+    CV_CUDA(cudaDeviceSynchronize(), "cudaDeviceSynchronize (pool init)");
     for (auto& ev : staging_done_) CV_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
     CV_CUDA(cudaEventCreateWithFlags(&last_done_, cudaEventDisableTiming), "cudaEventCreate");
   } catch (...) {
