@@ -96,6 +96,9 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
   if (!head_dim_supported(cfg.head_dim))
     throw ValueError("head_dim: the CUDA backend has kernels for head_dim 64, 80, 96, 128, 256, got " +
                      std::to_string(cfg.head_dim));
+  if (cfg.eviction.enabled)
+    throw ValueError("eviction: budgeted attention (chunk digests and scoring) is not implemented on the "
+                     "CUDA backend yet; construct the cache without eviction, or with device='cpu'");
   if (cfg.group() > 64)
     throw ValueError("q_heads: the CUDA backend supports up to 64 query heads per KV head, got " +
                      std::to_string(cfg.group()));
