@@ -79,8 +79,12 @@ def run(opts: DemoOptions, console=None) -> dict:
     ttfts = sorted(r.metrics.ttft_s for r in results)
 
     for r in results[: opts.samples]:
+        ids = r.samples[0].token_ids
+        # With --ignore-eos the model writes on past its end-of-turn; show the answer only.
+        end = next((i for i, t in enumerate(ids) if t in engine.eos_ids), len(ids))
+        answer = lm.tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
         console.print(f"[bold]Q{r.request.id}:[/bold] {r.request.messages[-1]['content']}")
-        console.print(f"[bold]A{r.request.id}:[/bold] {r.samples[0].text.strip()}\n")
+        console.print(f"[bold]A{r.request.id}:[/bold] {answer}\n")
 
     base = None
     if opts.baseline:
