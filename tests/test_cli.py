@@ -101,6 +101,20 @@ def test_generate_names_a_bad_model_path(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
+def test_generate_names_a_model_dir_without_tokenizer(model_dir, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, bare / name)
+    prompts = tmp_path / "in.jsonl"
+    write_jsonl(prompts, [{"prompt": "hi"}])
+    assert cli.main(["generate", "--model", str(bare), "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err
+    assert "has no usable tokenizer" in err and "Traceback" not in err
+
+
 def test_demo_serves_the_batch_and_compares_with_transformers(model_dir, tmp_path, capsys):
     numbers = tmp_path / "demo.json"
     assert cli.main(["demo", "--model", str(model_dir), "--requests", "4", "--system-tokens", "100",

@@ -136,8 +136,14 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str = "f
                     "directory (no config.json there)"
                 )
             name = str(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"model: could not load a causal LM from {path}: {e}") from e
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"model: {path} has no usable tokenizer: {e}") from e
     model = model.to(device).eval()
     from . import hf
 
