@@ -48,7 +48,7 @@ def run(args) -> int:
     # Validate every request before generating anything, so a bad line fails fast.
     for r in requests:
         engine.submit(r)
-    results = engine.run(progress=not args.no_progress)
+    results = engine.run(progress=False if args.no_progress else None)  # None: a bar only past 2 s
     out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
     try:
         for res in results:
