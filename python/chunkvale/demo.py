@@ -56,13 +56,14 @@ def run(opts: DemoOptions, console=None) -> dict:
     chats = workload.chat_requests(lm.tokenizer, requests=opts.requests, system_tokens=opts.system_tokens)
     reqs = [Request(messages=c, max_new_tokens=opts.max_new_tokens, ignore_eos=opts.ignore_eos, id=i)
             for i, c in enumerate(chats)]
-    # Room for the shared prompt once plus every request's own tokens, with slack for chunk tails.
-    per_req = opts.max_new_tokens + 256
-    capacity = opts.system_tokens * 2 + opts.requests * (per_req + 2 * opts.chunk_size)
-    engine = Engine(lm.model, lm.tokenizer, chunk_size=opts.chunk_size, capacity_tokens=capacity,
-                    max_batch_size=max(opts.requests, 1), threads=opts.threads)
     prompts = [encode_request(lm.tokenizer, r) for r in reqs]
     shared = next((i for i, (a, b) in enumerate(zip(prompts[0], prompts[1])) if a != b), len(prompts[0]))
+    # Room for the shared prefix twice (the batch runs after the single-request phases) plus every
+    # request's own tokens and a chunk tail; the engine preempts rather than fails if it is short.
+    own = max(map(len, prompts)) - shared + opts.max_new_tokens + 2 * opts.chunk_size
+    engine = Engine(lm.model, lm.tokenizer, chunk_size=opts.chunk_size,
+                    capacity_tokens=2 * shared + opts.requests * own,
+                    max_batch_size=max(opts.requests, 1), threads=opts.threads)
     console.print(f"workload: {opts.requests} chat requests sharing a {shared}-token prefix (system prompt), "
                   f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
                   f"up to {opts.max_new_tokens} new tokens each")
@@ -110,6 +111,8 @@ def run(opts: DemoOptions, console=None) -> dict:
     table.add_row("wall time", f"{m.wall_s:.1f} s", f"{base.wall_s:.1f} s" if base else "", "")
     table.add_row("throughput", f"{m.tokens_per_s:.1f} tok/s", f"{base.tokens_per_s:.1f} tok/s" if base else "",
                   f"{m.tokens_per_s / base.tokens_per_s:.2f}x" if base and base.tokens_per_s else "")
+    if m.preemptions:
+        table.add_row("preemptions (cache full)", f"{m.preemptions}", "", "")
     same = None
     if base:
         same = sum(r.samples[0].token_ids == o for r, o in zip(results, base.outputs))
