@@ -187,3 +187,19 @@ def test_a_failed_step_leaves_the_engine_usable(model, complete):
     assert eng.cache.stats()["sequences"] == 0  # the request was released and queued again
     res = eng.run(progress=False)
     assert res[0].samples[0].token_ids == solo(model, prompt, 6).samples[0].token_ids
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    from chunkvale import sampling
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    gen = sampling.make_generator(0, 0)
+    draws = [sampling.next_token(logits, 1.0, 0.75, gen) for _ in range(400)]
+    # {0, 1} holds 0.8 >= 0.75; tokens 2 and 3 are cut, and 0 is drawn about 5/8 of the time.
+    assert set(draws) == {0, 1}
+    assert 0.5 < draws.count(0) / len(draws) < 0.75
+    assert {sampling.next_token(logits, 1.0, 0.5, gen) for _ in range(50)} == {0}
+    # Full nucleus: every token shows up, and the seed fixes the sequence.
+    again = sampling.make_generator(0, 0)
+    assert [sampling.next_token(logits, 1.0, 0.75, again) for _ in range(400)] == draws
+    assert set(sampling.next_token(logits, 1.0, 1.0, gen) for _ in range(400)) == {0, 1, 2, 3}
