@@ -142,6 +142,10 @@ class Engine:
     ``capacity_tokens`` sizes the KV pool (chunks of ``chunk_size`` tokens, every layer);
     ``max_batch_size`` caps concurrent sequences; ``max_step_tokens`` caps the tokens of one step
     (long prompts are prefilled over several steps while others keep decoding).
+
+    On CPU, start the process with ``OMP_WAIT_POLICY=PASSIVE`` (the CLI sets it): torch's spinning
+    OpenMP workers otherwise hold the cores that chunkvale's attention threads need in every layer
+    (2-6x slower steps measured on 2 cores).
     """
 
     def __init__(self, model, tokenizer=None, *, cache=None, chunk_size: int = 32, capacity_tokens: int = 32768,
