@@ -136,14 +136,18 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str = "f
                     "directory (no config.json there)"
                 )
             name = str(path)
+        # Broad on purpose: what transformers raises for a broken or incomplete directory differs by
+        # version and file (OSError, ValueError, safetensors errors, AttributeError from a failed
+        # slow-tokenizer conversion, ImportError for an optional dependency); the user needs to know
+        # which directory and which part, with the cause chained.
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:
             raise ValueError(f"model: could not load a causal LM from {path}: {e}") from e
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"model: {path} has no usable tokenizer: {e}") from e
+        except Exception as e:
+            raise ValueError(f"model: {path} has no usable tokenizer: {type(e).__name__}: {e}") from e
     model = model.to(device).eval()
     from . import hf
 
