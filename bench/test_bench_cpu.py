@@ -8,7 +8,12 @@ sequence has ns shared prefix tokens + nu private tokens (+ the decode token its
   torch      torch.nn.functional.scaled_dot_product_attention on [B, H, L, D] copies
   floor      unique KV bytes (prefix once + every private suffix) / copy bandwidth, the
              bandwidth measured here as (read + write bytes) / time of a large tensor copy
-             (the better of a 1-thread numpy copy and torch's threaded copy_).
+             (the better of a 1-thread numpy copy and torch's threaded copy_) -- the anchor
+             table's definition.
+
+"same, paired": the ratio of medians of 21 alternating chunkvale / torch calls per row,
+which background load drifting between the two benchmarks cannot skew.
+Every timed call starts with a cold last-level cache (see flush_cache).
 
 Run (prints a table of medians and ratios at the end):
 
@@ -48,6 +53,16 @@ THREADS = int(os.environ.get("CHUNKVALE_BENCH_THREADS", "0")) or (os.cpu_count()
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
 
 RESULTS: dict = {}  # row name -> {"chunkvale": s, "torch": s, "floor": s, ...}
+
+# Every timed call starts with a cold last-level cache (32 MiB L3 here): a 64 MiB buffer is
+# rewritten before it, untimed. Without this, repeated calls on a row whose unique KV fits in
+# L3 (the bf16 shared-prefix rows: 21-25 MB) would measure cache, not memory -- and in a real
+# model the other layers' KV and weights pass through the cache between two calls anyway.
+_FLUSH = np.zeros((64 << 20) // 8, np.float64)
+
+
+def flush_cache():
+    np.add(_FLUSH, 1.0, out=_FLUSH)
 
 
 def row_name(dtype, ns, nu):
@@ -151,6 +166,23 @@ class Decode:
     def run_torch(self):
         return self.sdpa(self.tq, self.tk, self.tv)
 
+    def paired(self, n=21):
+        """Medians of alternating chunkvale / torch calls: a ratio that background load
+        drifting between two separate benchmarks cannot skew."""
+        tc, tt = [], []
+        for _ in range(n):
+            flush_cache()
+            t0 = time.perf_counter()
+            self.run_chunkvale()
+            t1 = time.perf_counter()
+            tc.append(t1 - t0)
+            flush_cache()
+            t1 = time.perf_counter()
+            self.run_torch()
+            t2 = time.perf_counter()
+            tt.append(t2 - t1)
+        return float(np.median(tc)), float(np.median(tt))
+
     def check(self, torch):
         a = self.run_chunkvale().float()
         b = self.run_torch().reshape(B, H, D).float()
@@ -175,8 +207,12 @@ def decode(request, torch):
         gc.collect()
         d = Decode(cv, torch, dtype, ns, nu)
         err = d.check(torch)
+        for _ in range(3):  # warm both up
+            d.run_chunkvale()
+            d.run_torch()
+        pc, pt = d.paired()
         _STATE[key] = d
-        RESULTS.setdefault(row_name(*key), {})["max_abs_diff"] = err
+        RESULTS.setdefault(row_name(*key), {}).update(max_abs_diff=err, paired_chunkvale=pc, paired_torch=pt)
     return _STATE[key]
 
 
@@ -203,11 +239,14 @@ def test_decode_attention(benchmark, decode, impl, copy_bandwidth, torch):
     benchmark.group = name
     fn = decode.run_chunkvale if impl == "chunkvale" else decode.run_torch
     floor_s = unique_kv_bytes(decode.dtype, decode.ns, decode.nu) / copy_bandwidth
-    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    benchmark.pedantic(fn, setup=flush_cache, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    r = RESULTS[name]
     _record(benchmark, name, impl, floor_s, {
+        "paired_chunkvale_us": r["paired_chunkvale"] * 1e6, "paired_torch_us": r["paired_torch"] * 1e6,
         "impl": impl, "dtype": decode.dtype, "B": B, "ns": decode.ns, "nu": decode.nu, "heads": H,
         "head_dim": D, "chunk_size": decode.chunk_size, "threads": THREADS,
         "floor_us": floor_s * 1e6, "copy_bandwidth_GBps": copy_bandwidth / 1e9,
+        "loadavg_1min": os.getloadavg()[0],
         "unique_kv_bytes": unique_kv_bytes(decode.dtype, decode.ns, decode.nu),
         "chunks_in_use": decode.chunks_in_use,
     })
@@ -216,17 +255,20 @@ def test_decode_attention(benchmark, decode, impl, copy_bandwidth, torch):
 # ------------------------------------------------------------------------------ the table
 
 
-def format_table(results, bandwidth_gbps=None, chunk_size=None):
+def format_table(results, bandwidth_gbps=None, chunk_size=None, loadavg=None):
     lines = []
     head = f"CPU decode attention, B={B}, {H} heads, head dim {D}, {THREADS} threads"
     if chunk_size:
         head += f", chunk {chunk_size}"
     if bandwidth_gbps:
         head += f"; copy bandwidth {bandwidth_gbps:.1f} GB/s (read + write)"
+    if loadavg is not None:
+        head += f"; load average {loadavg:.2f} during the run"
     lines.append(head + "; medians in µs")
     lines.append("")
-    lines.append("| dtype | B | ns | nu | chunkvale | torch SDPA, no sharing | floor | torch / chunkvale | chunkvale / floor |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| dtype | B | ns | nu | chunkvale | torch SDPA, no sharing | floor "
+                 "| torch / chunkvale | same, paired | chunkvale / floor |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for dtype, ns, nu in ROWS:
         r = results.get(row_name(dtype, ns, nu))
         if not r:
@@ -237,9 +279,11 @@ def format_table(results, bandwidth_gbps=None, chunk_size=None):
             return "–" if x is None else f"{x * 1e6:.0f}"
 
         ratio = f"{tt / cvt:.2f}x" if cvt and tt else "–"
+        pc, pt = r.get("paired_chunkvale"), r.get("paired_torch")
+        pratio = f"{pt / pc:.2f}x" if pc and pt else "–"
         over = f"{cvt / fl:.2f}x" if cvt and fl else "–"
         lines.append(f"| {'fp32' if dtype == 'float32' else 'bf16'} | {B} | {ns} | {nu} | {us(cvt)} | "
-                     f"{us(tt)} | {us(fl)} | {ratio} | {over} |")
+                     f"{us(tt)} | {us(fl)} | {ratio} | {pratio} | {over} |")
     return "\n".join(lines)
 
 
@@ -250,7 +294,9 @@ def _print_table(request):
     if not RESULTS:
         return
     any_row = next(iter(RESULTS.values()))
-    text = format_table(RESULTS, any_row.get("copy_bandwidth_GBps"), any_row.get("chunk_size"))
+    loads = [r["loadavg_1min"] for r in RESULTS.values() if "loadavg_1min" in r]
+    text = format_table(RESULTS, any_row.get("copy_bandwidth_GBps"), any_row.get("chunk_size"),
+                        max(loads) if loads else None)
     capman = request.config.pluginmanager.getplugin("capturemanager")
     if capman is not None:
         with capman.global_and_fixture_disabled():
@@ -262,15 +308,18 @@ def _print_table(request):
 def _table_from_json(path):
     data = json.load(open(path))
     results = {}
-    bw = cs = None
+    bw = cs = load = None
     for b in data["benchmarks"]:
         x = b["extra_info"]
         name = row_name(x["dtype"], x["ns"], x["nu"])
         r = results.setdefault(name, {})
         r[x["impl"]] = b["stats"]["median"]
         r["floor"] = x["floor_us"] / 1e6
+        r["paired_chunkvale"] = x["paired_chunkvale_us"] / 1e6
+        r["paired_torch"] = x["paired_torch_us"] / 1e6
         bw, cs = x["copy_bandwidth_GBps"], x["chunk_size"]
-    return format_table(results, bw, cs)
+        load = max(load or 0.0, x.get("loadavg_1min", 0.0))
+    return format_table(results, bw, cs, load)
 
 
 if __name__ == "__main__":
