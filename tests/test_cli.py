@@ -94,6 +94,11 @@ def test_generate_reports_bad_input_in_one_line(model_dir, tmp_path, capsys, lin
     assert message in err and "Traceback" not in err
 
 
+def test_generate_names_a_missing_prompts_file(tmp_path, capsys):
+    assert cli.main(["generate", "--prompts", str(tmp_path / "missing.jsonl")]) == 2
+    assert "--prompts: no such file" in capsys.readouterr().err
+
+
 def test_generate_names_a_bad_model_path(tmp_path, capsys):
     prompts = tmp_path / "in.jsonl"
     write_jsonl(prompts, [{"prompt": "hi"}])

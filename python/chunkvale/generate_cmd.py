@@ -14,6 +14,10 @@ _FIELDS = {"prompt", "messages", "token_ids", "max_new_tokens", "temperature", "
 
 def read_requests(path: str, *, max_new_tokens: int, temperature: float) -> list[Request]:
     """Parse a JSONL file; errors name the file, the line and the field."""
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--prompts: no such file: {path}")
     requests = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
