@@ -57,7 +57,7 @@ def main(argv=None):
     ap.add_argument("--digests", nargs="+", default=["cuboid_max", "cuboid_mean", "sphere"])
     ap.add_argument("--positions", type=int, default=5, help="key positions, evenly from 0.05 to 0.95")
     ap.add_argument("--seeds", type=int, default=1, help="random keys per position")
-    ap.add_argument("--chunk", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=64)
     args = ap.parse_args(argv)
 
     loaded = load_model()

@@ -23,7 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a local transformers model directory; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--chunk-size", type=int, default=32, help="tokens per KV chunk (16..128, power of two)")
+    p.add_argument("--chunk-size", type=int, default=64, help="tokens per KV chunk (16..128, power of two)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and chunkvale (0 = all cores)")
 
 

@@ -61,7 +61,7 @@ class CacheConfig:
     q_heads: int
     kv_heads: int
     head_dim: int
-    chunk_size: int = 32
+    chunk_size: int = 64
     dtype: str = "float32"
     capacity_chunks: Optional[int] = None
     capacity_bytes: Optional[int] = None

@@ -23,7 +23,7 @@ class DemoOptions:
     requests: int = 16
     system_tokens: int = 1500
     max_new_tokens: int = 64
-    chunk_size: int = 32
+    chunk_size: int = 64
     device: str = "cpu"
     dtype: str = "float32"
     ignore_eos: bool = False

@@ -148,7 +148,7 @@ class Engine:
     (2-6x slower steps measured on 2 cores).
     """
 
-    def __init__(self, model, tokenizer=None, *, cache=None, chunk_size: int = 32, capacity_tokens: int = 32768,
+    def __init__(self, model, tokenizer=None, *, cache=None, chunk_size: int = 64, capacity_tokens: int = 32768,
                  max_batch_size: int = 64, max_step_tokens: int = 2048, threads: int = 0):
         import chunkvale
 

@@ -114,7 +114,7 @@ def _decoder_layers(model):
     return layers
 
 
-def cache_config(model, *, chunk_size: int = 32, capacity_chunks: int | None = None,
+def cache_config(model, *, chunk_size: int = 64, capacity_chunks: int | None = None,
                  capacity_bytes: int | None = None, threads: int = 0, share_threshold: int = 2):
     """A ``chunkvale.CacheConfig`` matching ``model``'s layers, heads, head dim, dtype and device."""
     import chunkvale

@@ -40,7 +40,7 @@ struct CacheConfig {
   int q_heads = 0;
   int kv_heads = 0;
   int head_dim = 0;
-  int chunk_size = 32;          // tokens per chunk: a power of two in [16, 128]
+  int chunk_size = 64;          // tokens per chunk: a power of two in [16, 128]; 64 measured best (bench/README.md)
   DType dtype = DType::Float32;
   int64_t capacity_chunks = 0;  // pool slots; or give capacity_bytes
   int64_t capacity_bytes = 0;
