@@ -278,6 +278,7 @@ uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
   st->appended.assign(size_t(cfg_.layers), 0);
   std::vector<PlanSeqInput> batch;
   batch.reserve(entries.size());
+  std::vector<std::vector<int32_t>> slot_lists(entries.size());  // alive for the plan build
   bool grew = false;
   for (const PlanEntry& e : entries) {
     Sequence& s = *seqs_.at(e.seq);
@@ -299,19 +300,13 @@ uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
     in.n_new = int32_t(nt.size());
     in.ctx_before = s.length();
     in.n_shared = int32_t(s.path.size());
-    batch.push_back(in);
-    st->new_tokens.push_back(std::move(nt));
-  }
-
-  // Chunk lists: tree nodes' slots, then private ones (kept alive for the plan build).
-  std::vector<std::vector<int32_t>> slot_lists(batch.size());
-  for (size_t i = 0; i < batch.size(); ++i) {
-    const Sequence& s = *seqs_.at(entries[i].seq);
-    auto& sl = slot_lists[i];
+    auto& sl = slot_lists[batch.size()];  // tree nodes' slots, then the private ones
     for (TreeNode* n : s.path) sl.push_back(n->slot);
     sl.insert(sl.end(), s.tail.begin(), s.tail.end());
-    batch[i].slots = sl.data();
-    batch[i].n_chunks = int32_t(sl.size());
+    in.slots = sl.data();
+    in.n_chunks = int32_t(sl.size());
+    batch.push_back(in);
+    st->new_tokens.push_back(std::move(nt));
   }
   const PlanParams& pp = plan_params_;
   if (!grew && plan_tree_version_ == tree_.version() && bump_plan(plan_, batch, pp)) {
