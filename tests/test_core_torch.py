@@ -37,7 +37,7 @@ def test_random_trees_torch(cv, seed, cfg):
     rng = np.random.default_rng(seed)
     sh = Shadow(cv, kind="torch", layers=2, q_heads=hq, kv_heads=hkv, head_dim=d, chunk_size=C,
                 dtype=dtype, capacity_chunks=2048, threads=threads, share_threshold=thr, seed=seed)
-    random_scenario(sh, rng, n_ops=20, max_prompt=min(3 * C + 17, 260), max_new=min(2 * C, 128))
+    random_scenario(sh, rng, n_ops=40, max_prompt=min(3 * C + 17, 260), max_new=min(2 * C, 128))
     assert sh.steps_run >= 3
 
 

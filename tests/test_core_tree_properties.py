@@ -192,6 +192,6 @@ class PressureTree(TreeMachine):
 
 _N = settings.default.max_examples  # 25 in conftest's "default" profile, 300 in "thorough"
 TestExactTree = TreeMachine.TestCase
-TestExactTree.settings = settings(settings.default, max_examples=4 * _N, stateful_step_count=30)
+TestExactTree.settings = settings(settings.default, max_examples=6 * _N, stateful_step_count=30)
 TestPressureTree = PressureTree.TestCase
-TestPressureTree.settings = settings(settings.default, max_examples=4 * _N, stateful_step_count=30)
+TestPressureTree.settings = settings(settings.default, max_examples=6 * _N, stateful_step_count=30)
