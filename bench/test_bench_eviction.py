@@ -10,7 +10,8 @@ of the budgeted step.
     pytest bench/test_bench_eviction.py --benchmark-columns=median,iqr,rounds -q
 
 Environment: CHUNKVALE_BENCH_CTX (default 32768), CHUNKVALE_BENCH_BUDGET (default 4096),
-CHUNKVALE_BENCH_B (default 4), CHUNKVALE_BENCH_ROUNDS (default 20).
+CHUNKVALE_BENCH_B (default 4), CHUNKVALE_BENCH_ROUNDS (default 20), CHUNKVALE_BENCH_CHUNK (default 64,
+the default chunk size).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ CTX = int(os.environ.get("CHUNKVALE_BENCH_CTX", "32768"))
 BUDGET = int(os.environ.get("CHUNKVALE_BENCH_BUDGET", "4096"))
 B = int(os.environ.get("CHUNKVALE_BENCH_B", "4"))
 ROUNDS = int(os.environ.get("CHUNKVALE_BENCH_ROUNDS", "20"))
-HQ, HKV, D, C = 32, 8, 128, 32
+HQ, HKV, D = 32, 8, 128
+C = int(os.environ.get("CHUNKVALE_BENCH_CHUNK", "64"))
 RESULTS: dict = {}
 
 

@@ -14,7 +14,7 @@ namespace {
 }  // namespace
 
 void Backend::update_digests(int, const int32_t*, size_t, DigestKind) { unsupported(*this, "digest update"); }
-void Backend::score_chunks(int, const TensorView&, int32_t, const int32_t*, size_t, DigestKind, float*) {
+void Backend::score_chunks(int, const TensorView&, const ScoreRequest*, size_t, DigestKind) {
   unsupported(*this, "chunk scoring");
 }
 void Backend::read_digest(int, int32_t, int, float*) const { unsupported(*this, "reading digests"); }

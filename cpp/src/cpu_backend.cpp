@@ -27,7 +27,7 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
   scratch_.resize(size_t(threads_.size()));
   if (cfg.eviction.enabled) {
     digests_.assign(size_t(cfg.layers) * size_t(slots) * cfg.kv_heads * 2 * cfg.head_dim, 0.0f);
-    score_q_.resize(size_t(cfg.kv_heads) * (2 * cfg.head_dim + 1));
+    score_q_.assign(size_t(threads_.size()), std::vector<float>(size_t(cfg.kv_heads) * (2 * cfg.head_dim + 1)));
   }
 }
 

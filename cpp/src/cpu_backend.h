@@ -21,8 +21,8 @@ class CpuBackend final : public Backend {
                  const TensorView* lse) override;
   void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const override;
   void update_digests(int layer, const int32_t* slots, size_t n, DigestKind kind) override;
-  void score_chunks(int layer, const TensorView& q, int32_t row, const int32_t* slots, size_t n,
-                    DigestKind kind, float* scores) override;
+  void score_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
+                    DigestKind kind) override;
   void read_digest(int layer, int32_t slot, int head, float* dst) const override;
 
  private:
@@ -38,7 +38,8 @@ class CpuBackend final : public Backend {
   std::vector<KernelScratch> scratch_;  // one per thread
   std::vector<float> part_ml_, part_o_;
   mutable std::vector<float> digests_;  // [layers][slots][kv_heads][2][D], with eviction only
-  std::vector<float> score_q_;          // one query row widened, for scoring
+  std::vector<std::vector<float>> score_q_;  // per thread: pooled query, for scoring
+  std::vector<std::pair<size_t, size_t>> score_items_;  // (request, first chunk) pieces
 };
 
 }  // namespace chunkvale

@@ -59,21 +59,33 @@ void CpuBackend::update_digests(int layer, const int32_t* slots, size_t n, Diges
   }
 }
 
-void CpuBackend::score_chunks(int layer, const TensorView& q, int32_t row, const int32_t* slots,
-                              size_t n, DigestKind kind, float* scores) {
+void CpuBackend::score_chunks(int layer, const TensorView& q, const ScoreRequest* requests,
+                              size_t count, DigestKind kind) {
   if (digests_.empty()) throw ValueError("eviction: digests are off for this cache");
-  ScoreArgs a;
-  a.digests = digest(layer, 0, 0);
-  a.D = cfg_.head_dim;
-  a.kv_heads = cfg_.kv_heads;
-  a.group = cfg_.group();
-  a.q = static_cast<const uint8_t*>(q.data) + size_t(row) * cfg_.q_heads * cfg_.head_dim * elem_;
-  a.slots = slots;
-  a.n = n;
-  a.kind = kind;
-  a.scores = scores;
-  a.qf = score_q_.data();
-  kernels_->score_chunks(a);
+  // Pieces of at most kPiece chunks, so one long sequence still spreads over the threads;
+  // reading digests is memory-bound.
+  constexpr size_t kPiece = 128;
+  score_items_.clear();
+  for (size_t r = 0; r < count; ++r)
+    for (size_t c = 0; c < requests[r].n; c += kPiece) score_items_.emplace_back(r, c);
+  const float* base = digest(layer, 0, 0);
+  const size_t row_bytes = size_t(cfg_.q_heads) * cfg_.head_dim * elem_;
+  threads_.parallel_for(int64_t(score_items_.size()), [&](int64_t i, int t) {
+    const ScoreRequest& req = requests[score_items_[size_t(i)].first];
+    const size_t c0 = score_items_[size_t(i)].second;
+    ScoreArgs a;
+    a.digests = base;
+    a.D = cfg_.head_dim;
+    a.kv_heads = cfg_.kv_heads;
+    a.group = cfg_.group();
+    a.q = static_cast<const uint8_t*>(q.data) + size_t(req.row) * row_bytes;
+    a.slots = req.slots + c0;
+    a.n = std::min(kPiece, req.n - c0);
+    a.kind = kind;
+    a.scores = req.scores + c0;
+    a.qf = score_q_[size_t(t)].data();
+    kernels_->score_chunks(a);
+  });
 }
 
 void CpuBackend::read_digest(int layer, int32_t slot, int head, float* dst) const {

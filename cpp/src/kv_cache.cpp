@@ -392,31 +392,51 @@ bool KVCache::select_chunks(int layer, const TensorView& q) {
   auto t0 = std::chrono::steady_clock::now();
   const size_t B = plan_.seqs.size();
   keep_.resize(B);
-  bool any = false;
+  // Which sequences select, and the candidate range [lo, hi) of each (sinks and window stay).
+  score_reqs_.clear();
+  cand_lo_.assign(B, -1);
+  size_t total = 0;
   for (size_t i = 0; i < B; ++i) {
     const StepSeq& s = plan_.seqs[i];
     const int32_t nch = s.chunk_end - s.chunk_begin;
-    auto& keep = keep_[i];
-    keep.assign(size_t(nch), 1);
+    keep_[i].assign(size_t(nch), 1);
     // Prefill and extend attend to everything; so does a sequence within budget.
     if (s.n_new != 1 || s.total() <= ev.budget_tokens) continue;
     const int32_t lo = std::min(ev.sink_chunks, nch), hi = std::max(lo, nch - ev.window_chunks);
     if (hi - lo <= topk) continue;
-    cand_scores_.resize(size_t(hi - lo));
-    backend_->score_chunks(layer, q, s.row_begin, plan_.seq_chunks.data() + s.chunk_begin + lo,
-                           size_t(hi - lo), ev.digest, cand_scores_.data());
-    order_.resize(size_t(hi - lo));
-    for (int32_t c = 0; c < hi - lo; ++c) order_[size_t(c)] = c;
+    cand_lo_[i] = lo;
+    Backend::ScoreRequest r;
+    r.row = s.row_begin;
+    r.slots = plan_.seq_chunks.data() + s.chunk_begin + lo;
+    r.n = size_t(hi - lo);
+    score_reqs_.push_back(r);
+    total += r.n;
+  }
+  const bool any = !score_reqs_.empty();
+  if (any) {
+    cand_scores_.resize(total);
+    size_t off = 0;
+    for (auto& r : score_reqs_) {
+      r.scores = cand_scores_.data() + off;
+      off += r.n;
+    }
+    backend_->score_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), ev.digest);
+  }
+  for (size_t i = 0, k = 0; i < B; ++i) {
+    if (cand_lo_[i] < 0) continue;
+    const Backend::ScoreRequest& r = score_reqs_[k++];
+    const float* sc = r.scores;
+    order_.resize(r.n);
+    for (size_t c = 0; c < r.n; ++c) order_[c] = int32_t(c);
     // Ties go to the later chunk (recency), deterministically.
-    std::nth_element(order_.begin(), order_.begin() + std::min<size_t>(size_t(topk), order_.size()), order_.end(), [&](int32_t a, int32_t b) {
-      float sa = cand_scores_[size_t(a)], sb = cand_scores_[size_t(b)];
-      return sa > sb || (sa == sb && a > b);
-    });
-    for (int32_t c = lo; c < hi; ++c) keep[size_t(c)] = 0;
+    std::nth_element(order_.begin(), order_.begin() + std::min<size_t>(size_t(topk), r.n), order_.end(),
+                     [&](int32_t a, int32_t b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a > b); });
+    auto& keep = keep_[i];
+    const int32_t lo = cand_lo_[i];
+    for (size_t c = 0; c < r.n; ++c) keep[size_t(lo) + c] = 0;
     for (int32_t j = 0; j < topk; ++j) keep[size_t(lo + order_[size_t(j)])] = 1;
-    scored_chunks_ += hi - lo;
-    dropped_chunks_ += hi - lo - topk;
-    any = true;
+    scored_chunks_ += int64_t(r.n);
+    dropped_chunks_ += int64_t(r.n) - topk;
   }
   if (any) {
     std::vector<PlanSeqInput>& in = layer_inputs_;

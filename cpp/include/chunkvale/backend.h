@@ -29,10 +29,16 @@ class Backend {
   // --- budgeted attention (eviction); backends without it say so ---
   // Recomputes the digests of full chunks in `slots` for one layer, every KV head.
   virtual void update_digests(int layer, const int32_t* slots, size_t n, DigestKind kind);
-  // Scores chunks for packed query row `row`: per chunk, the digest bound of q.k summed
-  // over every query head (each against its KV head's digest).
-  virtual void score_chunks(int layer, const TensorView& q, int32_t row, const int32_t* slots,
-                            size_t n, DigestKind kind, float* scores);
+  // Scores chunks for packed query rows: per request and chunk, the digest bound of q.k
+  // summed over every query head (each against its KV head's digest).
+  struct ScoreRequest {
+    int32_t row = 0;               // packed query row
+    const int32_t* slots = nullptr;
+    size_t n = 0;
+    float* scores = nullptr;       // n
+  };
+  virtual void score_chunks(int layer, const TensorView& q, const ScoreRequest* requests,
+                            size_t count, DigestKind kind);
   // The two digest vectors of (layer, slot, head) as float32 [2][D]; tests only.
   virtual void read_digest(int layer, int32_t slot, int head, float* dst) const;
 };

@@ -119,6 +119,8 @@ class KVCache {
   std::vector<std::vector<uint8_t>> keep_;
   std::vector<PlanSeqInput> layer_inputs_;
   std::vector<float> cand_scores_;
+  std::vector<Backend::ScoreRequest> score_reqs_;
+  std::vector<int32_t> cand_lo_;
   std::vector<int32_t> order_, filled_;
   int64_t scored_chunks_ = 0, dropped_chunks_ = 0, select_ns_ = 0;
   int64_t reused_prompt_tokens_ = 0;
