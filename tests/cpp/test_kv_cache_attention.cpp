@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "check.h"
+#include "prefix_kv.h"
 #include "chunkvale/kv_cache.h"
 
 using namespace chunkvale;
@@ -18,13 +19,7 @@ TensorView view3(std::vector<float>& v, int64_t rows, int64_t heads, int64_t dim
 
 // K/V are a function of (token prefix, layer), as a model's would be.
 float kv_value(const std::vector<int32_t>& toks, size_t upto, int layer, int which, int i) {
-  uint64_t h = 1469598103934665603ull ^ uint64_t(layer * 31 + which);
-  for (size_t k = 0; k <= upto; ++k) h = (h ^ uint32_t(toks[k])) * 1099511628211ull;
-  h ^= uint64_t(i) * 0x9e3779b97f4a7c15ull;
-  h ^= h >> 29;
-  h *= 0xbf58476d1ce4e5b9ull;
-  h ^= h >> 32;
-  return float(double(h % 20001) / 10000.0 - 1.0);
+  return prefix_kv_value(toks, upto, uint64_t(layer * 31 + which), i);
 }
 
 struct Model {
