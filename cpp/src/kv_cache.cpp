@@ -34,6 +34,7 @@ struct KVCache::OpenStep {
   int layers_appended = 0;
   bool committed = false;                        // tokens are cached; attention still allowed
   std::vector<int32_t> deferred_free;            // deduplicated slots, freed when the step ends
+  std::vector<int32_t> filled;                   // slots this step fills (digests, eviction only)
 };
 
 namespace {
@@ -317,6 +318,10 @@ uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
     ++plan_rebuilds_;
   }
   plan_.id = st->id;
+  if (cfg_.eviction.enabled)  // the chunks this step fills, once for every layer's append
+    for (const StepSeq& q : plan_.seqs)
+      for (int64_t c = q.ctx_before / C; (c + 1) * C <= q.total(); ++c)
+        st->filled.push_back(plan_.seq_chunks[size_t(q.chunk_begin + c)]);
   step_ = std::move(st);
   return step_->id;
 }
@@ -332,15 +337,8 @@ void KVCache::append(int layer, uint64_t step, const TensorView& k, const Tensor
   check_tensor3(k, "k", device_, cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
   check_tensor3(v, "v", device_, cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
   backend_->append(layer, plan_, k, v);
-  if (cfg_.eviction.enabled) {
-    // Chunks this step fills get their digests now, while their keys are hot.
-    const int C = cfg_.chunk_size;
-    filled_.clear();
-    for (const StepSeq& s : plan_.seqs)
-      for (int64_t c = s.ctx_before / C; (c + 1) * C <= s.total(); ++c)
-        filled_.push_back(plan_.seq_chunks[size_t(s.chunk_begin + c)]);
-    backend_->update_digests(layer, filled_.data(), filled_.size(), cfg_.eviction.digest);
-  }
+  if (cfg_.eviction.enabled)  // chunks this step fills get their digests while their keys are hot
+    backend_->update_digests(layer, step_->filled.data(), step_->filled.size(), cfg_.eviction.digest);
   step_->appended[size_t(layer)] = 1;
   ++step_->layers_appended;
 }

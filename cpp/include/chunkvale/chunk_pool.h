@@ -18,7 +18,6 @@ class ChunkPool {
   int64_t in_use() const { return in_use_; }
   int64_t free_count() const { return capacity_ - in_use_; }
   int64_t peak() const { return peak_; }
-  bool is_used(int32_t slot) const { return used_[slot] != 0; }
 
  private:
   int64_t capacity_;

@@ -121,7 +121,7 @@ class KVCache {
   std::vector<float> cand_scores_;
   std::vector<Backend::ScoreRequest> score_reqs_;
   std::vector<int32_t> cand_lo_;
-  std::vector<int32_t> order_, filled_;
+  std::vector<int32_t> order_;
   int64_t scored_chunks_ = 0, dropped_chunks_ = 0, select_ns_ = 0;
   int64_t reused_prompt_tokens_ = 0;
   int64_t plan_rebuilds_ = 0, plan_reuses_ = 0;
