@@ -1,6 +1,5 @@
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 #include "chunkvale/config.h"
 #include "chunkvale/errors.h"
@@ -54,9 +53,7 @@ void need(bool ok, const std::string& msg) {
   if (!ok) throw ValueError(msg);
 }
 std::string got(const char* field, const char* expected, long long v) {
-  std::ostringstream s;
-  s << field << ": expected " << expected << ", got " << v;
-  return s.str();
+  return std::string(field) + ": expected " + expected + ", got " + std::to_string(v);
 }
 }  // namespace
 
@@ -137,14 +134,13 @@ void check_tensor3(const TensorView& t, const char* arg, TensorView::Device devi
   bool contiguous = shape_ok && (rows <= 1 || t.strides[0] == heads * dim) &&
                     (heads <= 1 || t.strides[1] == dim) && (dim <= 1 || t.strides[2] == 1);
   if (!contiguous) {  // messages are built only on failure: no allocation on the hot path
-    std::ostringstream want, have;
-    want << "[" << rows << ", " << heads << ", " << dim << "]";
-    have << "[";
-    for (int i = 0; i < t.ndim && i < 4; ++i) have << (i ? ", " : "") << t.shape[i];
-    have << "]";
+    const std::string want = "[" + std::to_string(rows) + ", " + std::to_string(heads) + ", " + std::to_string(dim) + "]";
+    std::string have = "[";
+    for (int i = 0; i < t.ndim && i < 4; ++i) have += (i ? ", " : "") + std::to_string(t.shape[i]);
+    have += "]";
     if (!shape_ok)
-      throw ValueError(std::string(arg) + ": expected shape " + want.str() + ", got " + have.str());
-    throw ValueError(std::string(arg) + ": expected a C-contiguous tensor of shape " + want.str() +
+      throw ValueError(std::string(arg) + ": expected shape " + want + ", got " + have);
+    throw ValueError(std::string(arg) + ": expected a C-contiguous tensor of shape " + want +
                      ", got strides (" + std::to_string(t.strides[0]) + ", " +
                      std::to_string(t.strides[1]) + ", " + std::to_string(t.strides[2]) + ")");
   }

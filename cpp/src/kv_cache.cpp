@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <sstream>
 #include <thread>
 #include <unordered_set>
 
@@ -84,12 +83,11 @@ int32_t KVCache::take_slot() {
 void KVCache::require_slots(int64_t n, const char* what, int64_t freed_later) {
   int64_t avail = pool_.free_count() + tree_.cached_nodes() + freed_later;
   if (n > avail) {
-    std::ostringstream m;
-    m << what << ": needs " << n << " free chunks, but only " << avail << " of "
-      << pool_.capacity() << " can be had (" << pool_.free_count() << " free, "
-      << tree_.cached_nodes() << " reclaimable cached prefix); every other chunk is held by a "
-      << "live sequence. Remove sequences or raise capacity_chunks.";
-    throw CapacityError(m.str());
+    throw CapacityError(std::string(what) + ": needs " + std::to_string(n) + " free chunks, but only " +
+                        std::to_string(avail) + " of " + std::to_string(pool_.capacity()) + " can be had (" +
+                        std::to_string(pool_.free_count()) + " free, " + std::to_string(tree_.cached_nodes()) +
+                        " reclaimable cached prefix); every other chunk is held by a live sequence. "
+                        "Remove sequences or raise capacity_chunks.");
   }
 }
 
@@ -368,10 +366,8 @@ void KVCache::attention(int layer, uint64_t step, const TensorView& q, const Ten
     try {
       check_tensor3(l3, "lse", device_, DType::Float32, plan_.num_tokens, cfg_.q_heads, 1);
     } catch (const ValueError&) {
-      std::ostringstream m;
-      m << "lse: expected a C-contiguous float32 tensor of shape [" << plan_.num_tokens << ", "
-        << cfg_.q_heads << "]";
-      throw ValueError(m.str());
+      throw ValueError("lse: expected a C-contiguous float32 tensor of shape [" + std::to_string(plan_.num_tokens) +
+                       ", " + std::to_string(cfg_.q_heads) + "]");
     }
   }
   const StepPlan* plan = &plan_;

@@ -1,5 +1,8 @@
 // Exceptions of the public API. Each maps to one Python exception type in the bindings;
 // messages name the argument, what was expected and what was given.
+// Messages are built with std::to_string, never iostreams: a toolchain that links libstdc++
+// statically into the module (the GPU machine's /opt/gcc does) crashes formatting numbers
+// through ostream once torch has loaded the shared libstdc++ (two copies' locale facets).
 #pragma once
 #include <stdexcept>
 #include <string>
