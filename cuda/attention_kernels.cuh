@@ -38,14 +38,20 @@ namespace cuda {
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kTileRows = 64;  // max stacked rows of an item
 
-template <int D>
+// SB 16-key blocks per pipeline stage, ST stages in flight. The shared-memory footprint
+// decides how many CTAs share an SM, and decode is latency-bound: on an H100 (bench/gpu_sweep.py,
+// D = 128) 2 x 2 (52 KB, 4 CTAs per SM) beat 4 x 2 (87 KB, 2 per SM) by 15-25% on shared-prefix
+// decode, and 2 x 3, 1 x 4 and 2 x 4 by less or not at all.
+template <int D, int SB_ = 2, int ST_ = 2>
 struct AttnShape {
   static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
-  static constexpr int SB = D <= 128 ? 4 : 2;    // 16-key blocks per stage
+  static_assert(ST_ >= 2, "at least two stages (load one while computing the other)");
+  static constexpr int SB = SB_;                 // 16-key blocks per stage
+  static constexpr int ST = ST_;                 // stages
   static constexpr int LDS = D + 8;              // smem row stride (elements): conflict-free ldmatrix
   static constexpr int LDO = D + 8;              // fp32 combine row stride
   static constexpr size_t q_bytes = size_t(kTileRows) * LDS * 2;
-  static constexpr size_t stage_bytes = size_t(2) * 2 * SB * 16 * LDS * 2;  // 2 stages x {K, V}
+  static constexpr size_t stage_bytes = size_t(ST) * 2 * SB * 16 * LDS * 2;  // ST stages x {K, V}
   static constexpr size_t combine_bytes = size_t(4) * 16 * LDO * 4 + size_t(4) * 16 * 2 * 4;
   static constexpr size_t body_bytes = stage_bytes > combine_bytes ? stage_bytes : combine_bytes;
   static constexpr size_t smem_bytes = q_bytes + body_bytes;
@@ -114,26 +120,45 @@ __device__ __forceinline__ float fast_exp2(float x) {  // exp2(-inf) = +0
 
 #endif  // CHUNKVALE_EMULATE
 
+// An item's chunk table (slot, valid keys, first position). Its first kMetaChunks entries are
+// staged in shared memory once, so that walking the key stream costs a shared-memory read per
+// block rather than a chain of dependent global round trips; longer items read the rest from
+// global memory.
+constexpr int kMetaChunks = 128;
+struct ItemChunks {
+  const int32_t *slot_s, *valid_s, *start_s;  // shared: chunks [begin, begin + kMetaChunks)
+  const int32_t *slot_g, *valid_g, *start_g;  // global: the whole plan
+  int begin;
+  __device__ __forceinline__ int valid(int c) const {
+    return c - begin < kMetaChunks ? valid_s[c - begin] : valid_g[c];
+  }
+  __device__ __forceinline__ int slot(int c) const {
+    return c - begin < kMetaChunks ? slot_s[c - begin] : slot_g[c];
+  }
+  __device__ __forceinline__ int start(int c) const {
+    return c - begin < kMetaChunks ? start_s[c - begin] : start_g[c];
+  }
+};
+
 // The key-block stream of an item: its chunks in order, each cut into 16-key blocks.
 struct KeyCursor {
   int c, kb;  // chunk index, key offset in the chunk (multiple of 16)
 };
-__device__ __forceinline__ void cursor_skip_empty(KeyCursor& k, int c_end, const int32_t* valid) {
-  while (k.c < c_end && valid[k.c] <= 0) ++k.c;
+__device__ __forceinline__ void cursor_skip_empty(KeyCursor& k, int c_end, const ItemChunks& ch) {
+  while (k.c < c_end && ch.valid(k.c) <= 0) ++k.c;
 }
-__device__ __forceinline__ void cursor_next(KeyCursor& k, int c_end, const int32_t* valid) {
+__device__ __forceinline__ void cursor_next(KeyCursor& k, int c_end, const ItemChunks& ch) {
   k.kb += 16;
-  if (k.kb >= valid[k.c]) {
+  if (k.kb >= ch.valid(k.c)) {
     ++k.c;
     k.kb = 0;
-    cursor_skip_empty(k, c_end, valid);
+    cursor_skip_empty(k, c_end, ch);
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, typename S = AttnShape<D>>
 __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p) {
-  using S = AttnShape<D>;
-  constexpr int SB = S::SB, LDS = S::LDS, LDO = S::LDO;
+  constexpr int SB = S::SB, ST = S::ST, LDS = S::LDS, LDO = S::LDO;
   constexpr int KSTEPS = D / 16, NT = D / 8;
 #ifdef CHUNKVALE_EMULATE
   unsigned char* smem = emu::dynamic_smem();
@@ -157,6 +182,53 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   const int tile_rows = 16 * (4 / warps_n);
   const int64_t tileCD = int64_t(p.C) * D;
 
+  // ---- the item's chunk table, then the K/V stream ----
+  __shared__ int32_t meta_s[3][kMetaChunks];
+  const int c_end = it.chunk_end;
+  for (int i = tid; i < c_end - it.chunk_begin && i < kMetaChunks; i += kThreads) {
+    meta_s[0][i] = p.chunk_slot[it.chunk_begin + i];
+    meta_s[1][i] = p.chunk_valid[it.chunk_begin + i];
+    meta_s[2][i] = p.chunk_start[it.chunk_begin + i];
+  }
+  __syncthreads();
+  const ItemChunks ch{meta_s[0], meta_s[1], meta_s[2], p.chunk_slot, p.chunk_valid, p.chunk_start, it.chunk_begin};
+  const T* layer = static_cast<const T*>(p.pool_layer);
+  KeyCursor lc{it.chunk_begin, 0};
+  cursor_skip_empty(lc, c_end, ch);
+  KeyCursor cc = lc;
+
+  auto load_stage = [&](int buf) {
+    for (int b = 0; b < SB && lc.c < c_end; ++b) {
+      const int nvalid = min(16, ch.valid(lc.c) - lc.kb);
+      const T* kg = layer + int64_t(ch.slot(lc.c)) * p.slot_stride + int64_t(kvh) * tileCD +
+                    int64_t(lc.kb) * D;
+      const T* vg = kg + int64_t(p.kv_heads) * tileCD;
+      T* ks = KV + ((buf * 2 + 0) * SB * 16 + b * 16) * LDS;
+      T* vs = KV + ((buf * 2 + 1) * SB * 16 + b * 16) * LDS;
+      constexpr int VPR = D / 8;
+      for (int v = tid; v < 16 * VPR; v += kThreads) {
+        const int j = v / VPR, c = v % VPR;
+        const bool ok = j < nvalid;
+        const int jj = ok ? j : 0;
+        cp_async16(ks + j * LDS + c * 8, kg + jj * D + c * 8, ok);
+        cp_async16(vs + j * LDS + c * 8, vg + jj * D + c * 8, ok);
+      }
+      cursor_next(lc, c_end, ch);
+    }
+  };
+
+  float o[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // rows lane/4 and lane/4 + 8
+  const bool warp_active = wm * 16 < real_rows;
+
+  // The first stages go out before the Q tile is read: their latency overlaps it.
+#pragma unroll
+  for (int i = 0; i < ST - 1; ++i) {
+    load_stage(i);
+    cp_async_commit();
+  }
   // ---- Q tile and row positions ----
   {
     const T* q = static_cast<const T*>(p.q);
@@ -175,41 +247,6 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
       pos_s[tid] = tid < real_rows ? p.positions[p.unit_rows[it.row_begin + tid / G]] : -1;
   }
 
-  // ---- K/V stream ----
-  const T* layer = static_cast<const T*>(p.pool_layer);
-  const int c_end = it.chunk_end;
-  KeyCursor lc{it.chunk_begin, 0};
-  cursor_skip_empty(lc, c_end, p.chunk_valid);
-  KeyCursor cc = lc;
-
-  auto load_stage = [&](int buf) {
-    for (int b = 0; b < SB && lc.c < c_end; ++b) {
-      const int nvalid = min(16, p.chunk_valid[lc.c] - lc.kb);
-      const T* kg = layer + int64_t(p.chunk_slot[lc.c]) * p.slot_stride + int64_t(kvh) * tileCD +
-                    int64_t(lc.kb) * D;
-      const T* vg = kg + int64_t(p.kv_heads) * tileCD;
-      T* ks = KV + ((buf * 2 + 0) * SB * 16 + b * 16) * LDS;
-      T* vs = KV + ((buf * 2 + 1) * SB * 16 + b * 16) * LDS;
-      constexpr int VPR = D / 8;
-      for (int v = tid; v < 16 * VPR; v += kThreads) {
-        const int j = v / VPR, c = v % VPR;
-        const bool ok = j < nvalid;
-        const int jj = ok ? j : 0;
-        cp_async16(ks + j * LDS + c * 8, kg + jj * D + c * 8, ok);
-        cp_async16(vs + j * LDS + c * 8, vg + jj * D + c * 8, ok);
-      }
-      cursor_next(lc, c_end, p.chunk_valid);
-    }
-  };
-
-  float o[NT][4];
-#pragma unroll
-  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // rows lane/4 and lane/4 + 8
-  const bool warp_active = wm * 16 < real_rows;
-
-  load_stage(0);
-  cp_async_commit();
   __syncthreads();  // Q tile and positions visible
   const int pr0 = pos_s[wm * 16 + (lane >> 2)], pr1 = pos_s[wm * 16 + (lane >> 2) + 8];
   const int qrow = wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, qcol = (lane >> 4) * 8;
@@ -217,16 +254,15 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   const int vrow = (lane & 7) + ((lane >> 3) & 1) * 8, vcol = (lane >> 4) * 8;
 
   for (int s = 0;; ++s) {
-    const bool more = lc.c < c_end;
-    if (more) load_stage((s + 1) & 1);
+    load_stage((s + ST - 1) % ST);  // nothing once the stream is exhausted; the group stays empty
     cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<ST - 1>();        // stage s has landed
     __syncthreads();
-    const T* Ks = KV + (((s & 1) * 2 + 0) * SB * 16) * LDS;
-    const T* Vs = KV + (((s & 1) * 2 + 1) * SB * 16) * LDS;
+    const T* Ks = KV + (((s % ST) * 2 + 0) * SB * 16) * LDS;
+    const T* Vs = KV + (((s % ST) * 2 + 1) * SB * 16) * LDS;
     for (int b = 0; b < SB && cc.c < c_end; ++b) {
-      const int kstart = p.chunk_start[cc.c] + cc.kb;
-      const int nv = min(16, p.chunk_valid[cc.c] - cc.kb);
+      const int kstart = ch.start(cc.c) + cc.kb;
+      const int nv = min(16, ch.valid(cc.c) - cc.kb);
       if (warp_active && ((s * SB + b) % warps_n) == wn) {
         // S = Q K^T for this warp's 16 rows and the block's 16 keys.
         float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -293,10 +329,10 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
           Mma<T>::run(o[2 * dn + 1], pa, vb[2], vb[3]);
         }
       }
-      cursor_next(cc, c_end, p.chunk_valid);
+      cursor_next(cc, c_end, ch);
     }
     __syncthreads();  // the stage buffer is refilled next iteration
-    if (!more) break;
+    if (cc.c >= c_end) break;  // the compute cursor consumed what the load cursor issued
   }
   cp_async_wait<0>();
   __syncthreads();
@@ -417,37 +453,76 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// One CTA per (packed row, query head). The row's partials are dealt to the 4 warps; a warp's
+// lanes read 32 partials' (max, sum) in one round trip, then stream their outputs as float4
+// columns, unrolled so that several partials' loads are in flight. The warps then combine
+// through shared memory. Rows merge tens of partials when a long shared prefix was split for
+// parallelism, so the latency of that walk, not its bytes, is what this layout attacks.
 template <typename T>
 __global__ void __launch_bounds__(128) merge_kernel(const MergeParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t idx = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
-  if (idx >= int64_t(p.num_tokens) * p.q_heads) return;
+  __shared__ float4 acc_s[4][64];  // D / 4 <= 64
+  __shared__ float red_s[4][2];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t idx = blockIdx.x;
   const int row = int(idx / p.q_heads), h = int(idx % p.q_heads);
-  const int G = p.group, kvh = h / G, g = h % G, D = p.D;
+  const int G = p.group, kvh = h / G, g = h % G, D = p.D, D4 = p.D / 4;
   const int b = p.row_off[row], e = p.row_off[row + 1];
   const int64_t hb = int64_t(kvh) * p.p_tok;
   float M = -INFINITY;
-  for (int i = b; i < e; ++i) M = fmaxf(M, p.part_ml[((hb + p.row_parts[i]) * G + g) * 2]);
-  const float base = M == -INFINITY ? 0.0f : M;
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  float L = 0.0f;
-  for (int i = b; i < e; ++i) {
-    const int64_t pi = (hb + p.row_parts[i]) * G + g;
-    const float mi = p.part_ml[pi * 2];
-    if (mi == -INFINITY) continue;
-    const float w = fast_exp2(mi - base);
-    L += w * p.part_ml[pi * 2 + 1];
-    const float* po = p.part_o + pi * D;
+  for (int i = b + int(threadIdx.x); i < e; i += 128) M = fmaxf(M, p.part_ml[((hb + p.row_parts[i]) * G + g) * 2]);
 #pragma unroll
-    for (int k = 0; k < 8; ++k)
-      if (lane + 32 * k < D) acc[k] += w * po[lane + 32 * k];
+  for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+  if (lane == 0) red_s[warp][0] = M;
+  __syncthreads();
+  M = fmaxf(fmaxf(red_s[0][0], red_s[1][0]), fmaxf(red_s[2][0], red_s[3][0]));
+  const float base = M == -INFINITY ? 0.0f : M;
+  float4 acc[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
+  float L = 0.0f;
+  for (int i0 = b + warp * 32; i0 < e; i0 += 128) {
+    int pi = 0;  // this lane's partial (i0 + lane) and its weight; 0 past the end
+    float w = 0.0f;
+    if (i0 + lane < e) {
+      pi = int((hb + p.row_parts[i0 + lane]) * G + g);
+      const float mi = p.part_ml[int64_t(pi) * 2];
+      w = mi == -INFINITY ? 0.0f : fast_exp2(mi - base);
+      L += w * p.part_ml[int64_t(pi) * 2 + 1];
+    }
+    const int n = min(32, e - i0);
+#pragma unroll 4
+    for (int j = 0; j < n; ++j) {
+      const float wj = __shfl_sync(0xffffffffu, w, j);
+      const int pj = __shfl_sync(0xffffffffu, pi, j);
+      const float4* po = reinterpret_cast<const float4*>(p.part_o + int64_t(pj) * D);
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        if (lane + 32 * k < D4) {
+          const float4 x = po[lane + 32 * k];
+          acc[k].x += wj * x.x;
+          acc[k].y += wj * x.y;
+          acc[k].z += wj * x.z;
+          acc[k].w += wj * x.w;
+        }
+      }
+    }
   }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
+#pragma unroll
+  for (int k = 0; k < 2; ++k)
+    if (lane + 32 * k < D4) acc_s[warp][lane + 32 * k] = acc[k];
+  if (lane == 0) red_s[warp][1] = L;
+  __syncthreads();
+  L = red_s[0][1] + red_s[1][1] + red_s[2][1] + red_s[3][1];
   const float inv = L > 0.0f ? 1.0f / L : 0.0f;
   T* out = static_cast<T*>(p.out) + idx * D;
-#pragma unroll
-  for (int k = 0; k < 8; ++k)
-    if (lane + 32 * k < D) out[lane + 32 * k] = from_float<T>(acc[k] * inv);
-  if (p.lse && lane == 0) p.lse[idx] = L > 0.0f ? (M + __log2f(L)) * 0.69314718055994531f : -INFINITY;
+  for (int c = int(threadIdx.x); c < D4; c += 128) {
+    const float4 a = acc_s[0][c], b1 = acc_s[1][c], c2 = acc_s[2][c], d3 = acc_s[3][c];
+    out[4 * c + 0] = from_float<T>((a.x + b1.x + c2.x + d3.x) * inv);
+    out[4 * c + 1] = from_float<T>((a.y + b1.y + c2.y + d3.y) * inv);
+    out[4 * c + 2] = from_float<T>((a.z + b1.z + c2.z + d3.z) * inv);
+    out[4 * c + 3] = from_float<T>((a.w + b1.w + c2.w + d3.w) * inv);
+  }
+  if (p.lse && threadIdx.x == 0) p.lse[idx] = L > 0.0f ? (M + __log2f(L)) * 0.69314718055994531f : -INFINITY;
 }
 
 #ifndef CHUNKVALE_EMULATE

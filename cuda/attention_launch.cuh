@@ -8,9 +8,9 @@
 namespace chunkvale {
 namespace cuda {
 
-template <typename T, int D>
+template <typename T, int D, typename S = AttnShape<D>>
 cudaError_t launch_attention_dim(const AttnParams& p, int n_items, cudaStream_t stream) {
-  constexpr size_t smem = AttnShape<D>::smem_bytes;
+  constexpr size_t smem = S::smem_bytes;
   // Above 48 KB a kernel needs its dynamic shared-memory limit raised, once per device.
   static std::atomic<uint64_t> raised{0};
   int dev = 0;
@@ -18,11 +18,11 @@ cudaError_t launch_attention_dim(const AttnParams& p, int n_items, cudaStream_t 
   if (err != cudaSuccess) return err;
   const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
   if (smem > 48 * 1024 && (bit == 0 || !(raised.load() & bit))) {
-    err = cudaFuncSetAttribute(attention_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    err = cudaFuncSetAttribute(attention_kernel<T, D, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
     raised.fetch_or(bit);
   }
-  attention_kernel<T, D><<<dim3(unsigned(n_items), unsigned(p.kv_heads)), kThreads, smem, stream>>>(p);
+  attention_kernel<T, D, S><<<dim3(unsigned(n_items), unsigned(p.kv_heads)), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

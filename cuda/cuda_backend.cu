@@ -392,13 +392,14 @@ void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q
   mp.group = cfg_.group();
   mp.p_tok = L.p_tok;
   mp.D = cfg_.head_dim;
-  const int64_t warps = int64_t(plan.num_tokens) * cfg_.q_heads;
-  const unsigned blocks = unsigned((warps + 3) / 4);
-  if (cfg_.dtype == DType::Float16)
-    merge_kernel<__half><<<blocks, 128, 0, s>>>(mp);
-  else
-    merge_kernel<__nv_bfloat16><<<blocks, 128, 0, s>>>(mp);
-  CV_CUDA(cudaGetLastError(), "merge kernel launch");
+  const unsigned blocks = unsigned(int64_t(plan.num_tokens) * cfg_.q_heads);  // one CTA per (row, head)
+  if (blocks > 0) {
+    if (cfg_.dtype == DType::Float16)
+      merge_kernel<__half><<<blocks, 128, 0, s>>>(mp);
+    else
+      merge_kernel<__nv_bfloat16><<<blocks, 128, 0, s>>>(mp);
+    CV_CUDA(cudaGetLastError(), "merge kernel launch");
+  }
   record_done(s);
 }
 

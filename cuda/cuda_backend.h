@@ -44,7 +44,7 @@ class CudaBackend final : public Backend {
   int64_t slots_;
   int device_ = 0;
   int sm_count_ = 1;
-  int items_per_sm_ = 4, min_piece_ = 2;  // CHUNKVALE_CUDA_ITEMS_PER_SM, CHUNKVALE_CUDA_MIN_PIECE
+  int items_per_sm_ = 8, min_piece_ = 4;  // CHUNKVALE_CUDA_ITEMS_PER_SM, CHUNKVALE_CUDA_MIN_PIECE (bench/gpu_sweep.py)
   size_t slot_stride_ = 0;  // elements
   void* pool_ = nullptr;
 

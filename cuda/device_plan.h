@@ -55,8 +55,8 @@ struct PlanBuildParams {
   int group = 1;
   int kv_heads = 1;
   int sm_count = 1;  // multiprocessors of the device (sizes the chunk splits)
-  int items_per_sm = 4;  // aim for about sm_count * items_per_sm CTAs per layer
-  int min_piece = 2;     // chunks per item at least (when a unit's chunks are split)
+  int items_per_sm = 8;  // aim for about sm_count * items_per_sm CTAs per layer
+  int min_piece = 4;     // chunks per item at least (when a unit's chunks are split)
 };
 
 // Packs `plan` into `words` (resized) and fills `layout`. Pure host code.

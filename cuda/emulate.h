@@ -162,6 +162,17 @@ inline V __shfl_xor_sync(unsigned, V v, int mask) {
   return r;
 }
 
+template <typename V>
+inline V __shfl_sync(unsigned, V v, int src) {
+  static_assert(sizeof(V) <= 64, "");
+  std::memcpy(emu::slot(emu::lane()), &v, sizeof(V));
+  emu::syncwarp();
+  V r;
+  std::memcpy(&r, emu::slot(src & 31), sizeof(V));
+  emu::syncwarp();
+  return r;
+}
+
 using std::max;
 using std::min;
 

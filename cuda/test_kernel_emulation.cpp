@@ -61,7 +61,7 @@ struct Case {
   bool bf16;
 };
 
-template <typename T, int D>
+template <typename T, int D, typename S = AttnShape<D>>
 void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, int sm_count, bool reference,
                  std::vector<uint16_t>& q, std::vector<uint16_t>& out, std::vector<float>& lse) {
   const int G = cfg.group(), H = cfg.kv_heads, Hq = cfg.q_heads, C = cfg.chunk_size;
@@ -114,8 +114,8 @@ void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, i
     cuda::emu::launch(dim3(unsigned(L.n_items), unsigned(H)), cuda::kThreads, 0,
                       [&] { cuda::reference_attention_kernel<T>(ap, D); });
   else
-    cuda::emu::launch(dim3(unsigned(L.n_items), unsigned(H)), cuda::kThreads, AttnShape<D>::smem_bytes,
-                      [&] { cuda::attention_kernel<T, D>(ap); });
+    cuda::emu::launch(dim3(unsigned(L.n_items), unsigned(H)), cuda::kThreads, S::smem_bytes,
+                      [&] { cuda::attention_kernel<T, D, S>(ap); });
   cuda::MergeParams mp{};
   mp.row_off = W.data() + L.row_off;
   mp.row_parts = W.data() + L.row_parts;
@@ -130,7 +130,7 @@ void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, i
   mp.group = G;
   mp.p_tok = L.p_tok;
   mp.D = D;
-  cuda::emu::launch(dim3(unsigned((int64_t(L.num_tokens) * Hq + 3) / 4)), 128, 0,
+  cuda::emu::launch(dim3(unsigned(int64_t(L.num_tokens) * Hq)), 128, 0,
                     [&] { cuda::merge_kernel<T>(mp); });
 }
 
@@ -205,7 +205,7 @@ void check_copy_chunk() {
   EXPECT(pool == want, "copy_chunk_kernel: pool differs from the expected copy");
 }
 
-template <typename T, int D>
+template <typename T, int D, typename S = AttnShape<D>>
 void run_case(const Case& cs, uint32_t seed) {
   CacheConfig cfg;
   cfg.layers = 1;
@@ -251,7 +251,7 @@ void run_case(const Case& cs, uint32_t seed) {
     for (int variant = 0; variant < 2; ++variant) {
       std::vector<uint16_t> eo;
       std::vector<float> el;
-      run_kernels<T, D>(cache, plan, cfg, cs.sm_count, variant == 1, q, eo, el);
+      run_kernels<T, D, S>(cache, plan, cfg, cs.sm_count, variant == 1, q, eo, el);
       double num = 0, den = 0, lerr = 0;
       bool finite = true;
       for (size_t i = 0; i < out.size(); ++i) {
@@ -318,6 +318,10 @@ int main() {
   run_case<__half, 80>({4, 2, 80, 16, 1, 2, false}, base + n++);
   run_case<__nv_bfloat16, 128>({16, 4, 128, 32, 2, 2, true}, base + n++);
   run_case<__half, 256>({2, 1, 256, 16, 1, 1, false}, base + n++);
+  // Other pipeline shapes (16-key blocks per stage x stages) over the same stream logic.
+  run_case<__half, 64, AttnShape<64, 2, 3>>({8, 2, 64, 32, 1, 3, false}, base + n++);
+  run_case<__nv_bfloat16, 64, AttnShape<64, 1, 4>>({4, 4, 64, 16, 2, 2, true}, base + n++);
+  run_case<__half, 64, AttnShape<64, 4, 2>>({16, 4, 64, 64, 2, 2, false}, base + n++);
   check_copy_chunk();
   std::printf("%s: %d failures (seed base %u)\n", failures ? "FAIL" : "ok", failures, base);
   return failures ? 1 : 0;
