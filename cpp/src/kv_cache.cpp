@@ -67,7 +67,10 @@ KVCache::KVCache(const CacheConfig& config)
   }
 }
 
-KVCache::~KVCache() = default;
+KVCache::~KVCache() {
+  // The backend first: it drains queued backups, which still write into host_'s blocks.
+  backend_.reset();
+}
 
 // ---- helpers ----
 
