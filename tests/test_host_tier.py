@@ -345,3 +345,81 @@ def test_shared_chunks_keep_their_host_copies_until_freed(cv, seed):
     cache.clear()
     st = cache.stats()
     assert st["evict_host_bytes_in_use"] == 0 and st["evict_device_slots_in_use"] == 0
+
+
+def test_partial_chunks_that_cannot_leave_the_device_are_counted(cv, seed):
+    """A partial chunk has no host copy, so every live sequence's partial chunk holds a device
+    slot in each evicting layer: plan and fork refuse beyond device_chunks, cache unchanged."""
+    rng = np.random.default_rng(seed)
+    cache = cv.KVCache(_cfg(cv, device_chunks=6))
+    run = Run(cv, rng, [cache])
+    seqs = []
+    for _ in range(6):
+        s, _ = run.add(_prompt(8))
+        run.step([(s, 8)])
+        seqs.append(s)
+    s7, _ = run.add(_prompt(8))
+    before = cache.stats()
+    with pytest.raises(cv.CapacityError, match=r"needs up to 7 chunks .*device_chunks=6"):
+        cache.plan([(s7, 8)])
+    with pytest.raises(cv.CapacityError, match=r"fork: needs 8 device chunks .*device_chunks=6"):
+        cache.fork(seqs[0], 1)
+    assert cache.stats() == before
+    cache.remove(seqs[0])
+    run.step([(s7, 8)])  # room again
+    for s in seqs[1:] + [s7]:
+        _check_tiles(cache, run, s)
+
+
+def test_chunk_residency_names_bad_arguments(cv):
+    cache = cv.KVCache(_cfg(cv, device_chunks=8))
+    s, _ = cache.add_sequence(_prompt(16))
+    st = cache.plan([(s, 16)])
+    for layer in range(L):
+        x = np.ones((16, HKV, D), np.float32)
+        cache.append(layer, st, x, x)
+    chunk = cache.sequence_slots(s)[0]
+    assert cache.chunk_residency(0, chunk) == "device"  # a dense layer: always resident
+    assert cache.chunk_residency(1, chunk) == "device+host"
+    assert cache.chunk_residency(1, chunk + 1) == "none"
+    with pytest.raises(ValueError, match=r"chunk_residency: expected layer in 0\.\.2 and slot in 0\.\.255, got \(3, 0\)"):
+        cache.chunk_residency(3, 0)
+    with pytest.raises(ValueError, match=r"got \(0, 256\)"):
+        cache.chunk_residency(0, 256)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_recalls_are_bit_identical(cv, seed, dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    tdt = getattr(torch, dtype)
+
+    def cfg(device_chunks):
+        return cv.CacheConfig(layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D, chunk_size=C, dtype=dtype,
+                              capacity_chunks=64, eviction=cv.Eviction(
+                                  budget_tokens=BUDGET, topk_chunks=TOPK, dense_layers=DENSE,
+                                  device_chunks=device_chunks))
+
+    caches = [cv.KVCache(cfg(8)), cv.KVCache(cfg(None))]
+    seqs = [[c.add_sequence(_p)[0] for c in caches] for _p in (_prompt(100), _prompt(90))]
+    assert all(a == b for a, b in seqs)
+    seqs = [a for a, _ in seqs]
+    for s, n in zip(seqs, (100, 90)):
+        steps = [c.plan([(s, n)]) for c in caches]
+        for layer in range(L):
+            k, v = (torch.from_numpy(rng.standard_normal((n, HKV, D))).to(tdt) for _ in range(2))
+            for c, st in zip(caches, steps):
+                c.append(layer, st, k, v)
+    for t in range(40):  # alternate: each step recalls what the other evicted
+        s = seqs[t % 2]
+        steps = [c.plan([(s, [7])]) for c in caches]
+        for layer in range(L):
+            k, v = (torch.from_numpy(rng.standard_normal((1, HKV, D))).to(tdt) for _ in range(2))
+            q = torch.from_numpy(2 * rng.standard_normal((1, HQ, D))).to(tdt)
+            outs = []
+            for c, st in zip(caches, steps):
+                c.append(layer, st, k, v)
+                outs.append(c.attention(layer, st, q))
+            assert torch.equal(outs[0], outs[1]), (t, layer)
+    assert caches[0].stats()["evict_recalls"] > 0
+    assert caches[0].stats()["evict_bytes_to_host"] % (2 * HKV * C * D * 2) == 0  # 2-byte blocks

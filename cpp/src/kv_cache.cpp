@@ -871,7 +871,9 @@ void KVCache::read_tile(int layer, int32_t slot, int kv, int head, float* dst) c
 std::string KVCache::chunk_residency(int layer, int32_t slot) const {
   std::lock_guard<std::mutex> g(mu_);
   if (layer < 0 || layer >= cfg_.layers || slot < 0 || slot >= pool_.capacity())
-    throw ValueError("chunk_residency: (layer, slot) out of range");
+    throw ValueError("chunk_residency: expected layer in 0.." + std::to_string(cfg_.layers - 1) +
+                     " and slot in 0.." + std::to_string(pool_.capacity() - 1) + ", got (" +
+                     std::to_string(layer) + ", " + std::to_string(slot) + ")");
   if (!cfg_.evicts_to_host(layer)) return "device";
   const bool dev = res_->slot(layer, slot) >= 0, host = res_->host_block(layer, slot) >= 0;
   return dev && host ? "device+host" : dev ? "device" : host ? "host" : "none";
