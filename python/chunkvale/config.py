@@ -32,9 +32,9 @@ class Eviction:
     topk_chunks: Optional[int] = None
     digest: str = "cuboid_max"
     dense_layers: int = 2
-    device_chunks: Optional[int] = None
     host_bytes: Optional[int] = None
     spill_path: Optional[str] = None
+    device_chunks: Optional[int] = None  # last: positional calls written before it still mean the same
 
     def native_kwargs(self) -> dict:
         for name in ("device_chunks", "host_bytes"):
