@@ -103,7 +103,7 @@ def test_small_device_budget_matches_reference_over_random_trees(cv, seed):
     prefix = [int(t) for t in rng.integers(0, 1000, 40)]
     fresh = iter(range(10_000, 10**9))  # unique suffix tokens: no accidental prefix matches
     live, first = [], None
-    refused = 0
+    refused = chunk_first = 0
 
     def add():
         nonlocal first
@@ -144,6 +144,7 @@ def test_small_device_budget_matches_reference_over_random_trees(cv, seed):
                 refused += 1
                 continue
             _same_outputs(outs)
+            chunk_first += host.stats()["chunk_first_units"]
             for layer in range(L):
                 _check_layer(run, st, qs[layer], outs[0][layer], layer, "cuboid_max", BUDGET, TOPK, DENSE)
         _check_host_accounting(host, live)
@@ -151,6 +152,7 @@ def test_small_device_budget_matches_reference_over_random_trees(cv, seed):
         _check_tiles(host, run, s)
     st = host.stats()
     assert st["evict_recalls"] > 0 and st["evict_evictions"] > 0, st
+    assert chunk_first > 0  # shared prefix chunks of a batch ran once for all their rows
     assert refused < 60, refused
 
 
