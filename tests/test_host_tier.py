@@ -243,7 +243,7 @@ def test_slow_backups_never_let_a_slot_be_reused_early(cv, seed, monkeypatch):
 def test_spill_file_takes_what_host_memory_cannot(cv, seed, tmp_path):
     rng = np.random.default_rng(seed)
     path = tmp_path / "spill.bin"
-    host = cv.KVCache(_cfg(cv, device_chunks=14, host_bytes=6 * BLOCK, spill_path=str(path)))
+    host = cv.KVCache(_cfg(cv, device_chunks=14, host_bytes=6 * BLOCK, spill_path=path))  # os.PathLike works
     assert path.exists()
     run, seqs = _alternating_workload(cv, rng, host)
     st = host.stats()

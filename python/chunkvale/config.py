@@ -1,6 +1,7 @@
 """Cache configuration (a plain dataclass; the native core validates it)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,7 +45,6 @@ class Eviction:
             if value is not None and value < 1:
                 raise ValueError(f"eviction.{name}: expected None or an integer >= 1, got {value}")
         if self.spill_path is not None:
-            import os
             if not isinstance(self.spill_path, (str, os.PathLike)):
                 raise TypeError(f"eviction.spill_path: expected a str or os.PathLike or None, "
                                 f"got {type(self.spill_path).__name__}")
@@ -64,7 +64,7 @@ class Eviction:
                     topk_chunks=0 if self.topk_chunks is None else (self.topk_chunks or -1),
                     digest=str(self.digest), dense_layers=self.dense_layers,
                     device_chunks=self.device_chunks or 0, host_bytes=self.host_bytes or 0,
-                    spill_path="" if self.spill_path is None else str(__import__("os").fspath(self.spill_path)))
+                    spill_path="" if self.spill_path is None else str(os.fspath(self.spill_path)))
 
 
 @dataclass
