@@ -175,7 +175,8 @@ def test_planted_key_is_recalled_after_eviction(cv, seed):
         planted[layer] = K[where // C * C:(where // C + 1) * C]
         cache.append(layer, st, K, V)
         cache.attention(layer, st, np.zeros((400, HQ, D), np.float32))
-    # A second long prompt takes the device slots: s1's chunks survive on host only.
+    # A second long prompt takes the device slots. The zero prefill queries score every chunk
+    # alike (ties go to later chunks), so the planted one is among the first evicted.
     s2, _ = cache.add_sequence(list(range(1000, 1400)))
     st = cache.plan([(s2, 400)])
     for layer in range(L):
@@ -425,3 +426,37 @@ def test_half_precision_recalls_are_bit_identical(cv, seed, dtype):
             assert torch.equal(outs[0], outs[1]), (t, layer)
     assert caches[0].stats()["evict_recalls"] > 0
     assert caches[0].stats()["evict_bytes_to_host"] % (2 * HKV * C * D * 2) == 0  # 2-byte blocks
+
+
+def test_after_prefill_the_chunks_the_last_prompt_token_scores_highest_stay(cv, seed):
+    """Prefill attends to everything; when its slots are needed afterwards, an over-budget
+    sequence gives up first the chunks its last prompt token does not select."""
+    rng = np.random.default_rng(seed)
+    where = int(rng.integers(3 * C, 20 * C))
+    direction = rng.standard_normal(D)
+    direction /= np.linalg.norm(direction)
+    cache = cv.KVCache(cv.CacheConfig(
+        layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D, chunk_size=C, capacity_chunks=128,
+        eviction=cv.Eviction(budget_tokens=96, topk_chunks=2, dense_layers=0, device_chunks=30)))
+    s1, _ = cache.add_sequence(_prompt(400))  # 25 full chunks: 1 sink + 2 window + 22 candidates
+    st = cache.plan([(s1, 400)])
+    for layer in range(L):
+        K = (0.1 * rng.standard_normal((400, HKV, D))).astype(np.float32)
+        K[where] = 12 * direction
+        cache.append(layer, st, K, K)
+        q = np.zeros((400, HQ, D), np.float32)
+        q[-1] = 8.0 * direction  # the last prompt token looks for the planted key
+        cache.attention(layer, st, q)
+    # 25 more chunks need the device: 5 slots are free, 20 must be evicted.
+    s2, _ = cache.add_sequence(_prompt(400))
+    st = cache.plan([(s2, 400)])
+    for layer in range(L):
+        x = (0.1 * rng.standard_normal((400, HKV, D))).astype(np.float32)
+        cache.append(layer, st, x, x)
+    slots = cache.sequence_slots(s1)
+    for layer in range(L):
+        kept = [c for c in range(25) if cache.chunk_residency(layer, slots[c]) == "device+host"]
+        assert len(kept) == 5, (layer, kept)
+        assert kept[:1] == [0] and kept[-2:] == [23, 24]  # sink and window
+        assert where // C in kept, (layer, where // C, kept)  # the planted key's chunk
+    assert cache.stats()["evict_evictions"] == 20 * L

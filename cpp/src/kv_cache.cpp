@@ -609,6 +609,49 @@ void KVCache::attention(int layer, uint64_t step, const TensorView& q, const Ten
   // Recall what the selection needs, evicting what no sequence of the step selected.
   if (cfg_.evicts_to_host(layer)) plan = &to_device_slots(layer, *plan, false);
   backend_->attention(layer, *plan, q, out, lse);
+  if (cfg_.evicts_to_host(layer)) demote_after_prefill(layer, q);
+}
+
+// Prefill attends to everything; afterwards an over-budget sequence keeps the chunks that
+// score highest for its last prompt token: the others become the first eviction victims.
+void KVCache::demote_after_prefill(int layer, const TensorView& q) {
+  const EvictionConfig& ev = cfg_.eviction;
+  const int topk = ev.resolved_topk(cfg_.chunk_size);
+  score_reqs_.clear();
+  cand_lo_.clear();
+  size_t total = 0;
+  for (const StepSeq& s : plan_.seqs) {
+    const int32_t nch = s.chunk_end - s.chunk_begin;
+    const int32_t lo = std::min(ev.sink_chunks, nch), hi = std::max(lo, nch - ev.window_chunks);
+    if (s.n_new == 1 || s.total() <= ev.budget_tokens || hi - lo <= topk) continue;
+    Backend::ScoreRequest r;
+    r.row = s.row_begin + s.n_new - 1;
+    r.slots = plan_.seq_chunks.data() + s.chunk_begin + lo;  // full chunks: their digests exist
+    r.n = size_t(hi - lo);
+    score_reqs_.push_back(r);
+    total += r.n;
+  }
+  if (score_reqs_.empty()) return;
+  auto t0 = std::chrono::steady_clock::now();
+  cand_scores_.resize(total);
+  size_t off = 0;
+  for (auto& r : score_reqs_) {
+    r.scores = cand_scores_.data() + off;
+    off += r.n;
+  }
+  backend_->score_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), ev.digest);
+  for (const Backend::ScoreRequest& r : score_reqs_) {
+    const float* sc = r.scores;
+    order_.resize(r.n);
+    for (size_t c = 0; c < r.n; ++c) order_[c] = int32_t(c);
+    std::nth_element(order_.begin(), order_.begin() + topk, order_.end(),
+                     [&](int32_t a, int32_t b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a > b); });
+    for (size_t j = size_t(topk); j < r.n; ++j) {
+      const int32_t c = r.slots[order_[j]];
+      if (res_->slot(layer, c) >= 0) res_->demote(layer, c);
+    }
+  }
+  residency_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
 }
 
 // Budgeted attention: for each decoding sequence over budget, keep its sink chunks, its

@@ -69,6 +69,11 @@ void Residency::touch(int layer, int32_t chunk, uint64_t stamp) {
   L.last_use[size_t(L.slot_of[size_t(chunk)])] = stamp;
 }
 
+void Residency::demote(int layer, int32_t chunk) {
+  Layer& L = at(layer);
+  L.last_use[size_t(L.slot_of[size_t(chunk)])] = 0;
+}
+
 int32_t Residency::victim(int layer, uint64_t stamp) const {
   const Layer& L = at(layer);
   int32_t best = -1;

@@ -30,6 +30,8 @@ class Residency {
   // Marks a resident chunk used by the operation `stamp` (stamps only grow): LRU order,
   // and protection from victim().
   void touch(int layer, int32_t chunk, uint64_t stamp);
+  // Makes a resident chunk the next victim candidate (as if never used).
+  void demote(int layer, int32_t chunk);
   // The least recently used resident chunk that has a host copy and was not touched by
   // the operation `stamp`, or -1.
   int32_t victim(int layer, uint64_t stamp) const;

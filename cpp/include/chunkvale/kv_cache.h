@@ -127,6 +127,7 @@ class KVCache {
   // written ones for append, the attended ones for attention) are made resident first.
   const StepPlan& to_device_slots(int layer, const StepPlan& plan, bool for_append);
   void backup_filled(int layer);
+  void demote_after_prefill(int layer, const TensorView& q);
   void copy_chunk_all_layers(int32_t src, int32_t dst, int32_t n_tokens);
   int64_t open_tails() const;
   // Throws CapacityError unless the step `entries` describe fits the tiers.
