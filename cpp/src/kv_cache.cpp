@@ -43,6 +43,14 @@ struct KVCache::OpenStep {
 
 namespace {
 std::string id_str(int64_t id) { return std::to_string(id); }
+// Whether a sequence selects in a decode step (select_chunks' rule), and its candidate
+// range [lo, hi): the chunks outside it (sinks, window) are always attended.
+bool selects(const EvictionConfig& ev, int topk, int64_t n_new, int64_t total, int64_t nch, int64_t& lo,
+             int64_t& hi) {
+  lo = std::min<int64_t>(ev.sink_chunks, nch);
+  hi = std::max(lo, nch - ev.window_chunks);
+  return n_new == 1 && total > ev.budget_tokens && hi - lo > topk;
+}
 // Step ids are unique across caches, so a step can't be passed to the wrong cache.
 std::atomic<uint64_t> g_next_step_id{1};
 }  // namespace
@@ -258,6 +266,18 @@ const StepPlan& KVCache::to_device_slots(int layer, const StepPlan& plan, bool f
     for (const StepSeq& q : plan.seqs)
       for (int64_t c = q.ctx_before / C; c * C < q.total(); ++c)
         need_.push_back(plan.seq_chunks[size_t(q.chunk_begin + c)]);
+    // Resident chunks this layer's attention is sure to use are not victims either, so
+    // append does not evict what attention would recall at once (require_tiers counted them).
+    const int topk = cfg_.eviction.resolved_topk(C);
+    for (const StepSeq& q : plan.seqs) {
+      const int64_t nch = q.chunk_end - q.chunk_begin;
+      int64_t lo, hi;
+      const bool sel = selects(cfg_.eviction, topk, q.n_new, q.total(), nch, lo, hi);
+      for (int64_t i = 0; i < nch; ++i) {
+        const int32_t c = plan.seq_chunks[size_t(q.chunk_begin + i)];
+        if ((!sel || i < lo || i >= hi) && res_->slot(layer, c) >= 0) res_->touch(layer, c, stamp);
+      }
+    }
   } else {  // every chunk some work unit attends
     for (const UnitChunk& u : plan.unit_chunks) need_.push_back(u.slot);
   }
@@ -351,16 +371,16 @@ void KVCache::require_tiers(const std::vector<PlanEntry>& entries, int64_t new_c
     const int64_t nch = (total + C - 1) / C;
     const int64_t have = int64_t(s.path.size() + s.tail.size());
     filled += total / C - s.length() / C;
-    const int64_t lo = std::min<int64_t>(ev.sink_chunks, nch), hi = std::max(lo, nch - ev.window_chunks);
-    const bool selects = n == 1 && total > ev.budget_tokens && hi - lo > topk;
+    int64_t lo, hi;
+    const bool sel = selects(ev, topk, n, total, nch, lo, hi);
     for (int64_t i = 0; i < nch; ++i) {
-      if (selects && i >= lo && i < hi) continue;
+      if (sel && i >= lo && i < hi) continue;
       if (i >= have)
         ++fresh;
       else
         must.insert(i < int64_t(s.path.size()) ? s.path[size_t(i)]->slot : s.tail[size_t(i) - s.path.size()]);
     }
-    if (selects) fresh += topk;
+    if (sel) fresh += topk;
   }
   for (const auto& kv : seqs_)  // partial chunks of the others stay too
     if (!in_step.count(kv.first) && kv.second->length() % C != 0) ++fresh;
