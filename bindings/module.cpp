@@ -87,6 +87,17 @@ nb::dict stats_dict(const chunkvale::CacheStats& s) {
   d["evict_scored_chunks"] = s.evict_scored_chunks;
   d["evict_dropped_chunks"] = s.evict_dropped_chunks;
   d["evict_select_seconds"] = double(s.evict_select_ns) * 1e-9;
+  d["evict_device_chunks"] = s.evict_device_chunks;
+  d["evict_device_slots_in_use"] = s.evict_device_slots_in_use;
+  d["evict_backups"] = s.evict_backups;
+  d["evict_recalls"] = s.evict_recalls;
+  d["evict_evictions"] = s.evict_evictions;
+  d["evict_backup_waits"] = s.evict_backup_waits;
+  d["evict_bytes_to_host"] = s.evict_bytes_to_host;
+  d["evict_bytes_from_host"] = s.evict_bytes_from_host;
+  d["evict_host_bytes_in_use"] = s.evict_host_bytes_in_use;
+  d["evict_spill_bytes_in_use"] = s.evict_spill_bytes_in_use;
+  d["evict_residency_seconds"] = double(s.evict_residency_ns) * 1e-9;
   return d;
 }
 
@@ -122,7 +133,8 @@ NB_MODULE(_native, m) {
               const std::string& dtype, int64_t capacity_chunks, int64_t capacity_bytes,
               int threads, int share_threshold, float sm_scale, const std::string& device,
               int64_t budget_tokens, int sink_chunks, int window_chunks, int topk_chunks,
-              const std::string& digest, int dense_layers) {
+              const std::string& digest, int dense_layers, int64_t device_chunks,
+              int64_t host_bytes, const std::string& spill_path) {
              chunkvale::CacheConfig c;
              c.layers = layers;
              c.q_heads = q_heads;
@@ -143,13 +155,16 @@ NB_MODULE(_native, m) {
              c.eviction.topk_chunks = topk_chunks;
              c.eviction.digest = chunkvale::parse_digest(digest);
              c.eviction.dense_layers = dense_layers;
+             c.eviction.device_chunks = device_chunks;
+             c.eviction.host_bytes = host_bytes;
+             c.eviction.spill_path = spill_path;
              new (self) KVCache(c);
            },
            "layers"_a, "q_heads"_a, "kv_heads"_a, "head_dim"_a, "chunk_size"_a, "dtype"_a,
            "capacity_chunks"_a, "capacity_bytes"_a, "threads"_a, "share_threshold"_a,
            "sm_scale"_a, "device"_a, "budget_tokens"_a = 0, "sink_chunks"_a = 1,
            "window_chunks"_a = 2, "topk_chunks"_a = 0, "digest"_a = "cuboid_max",
-           "dense_layers"_a = 2)
+           "dense_layers"_a = 2, "device_chunks"_a = 0, "host_bytes"_a = 0, "spill_path"_a = "")
       .def("add_sequence",
            [](KVCache& c, const std::vector<int32_t>& tokens, const std::string& ns, int64_t max_reuse) {
              return c.add_sequence(tokens, ns, max_reuse);
@@ -208,6 +223,7 @@ NB_MODULE(_native, m) {
                  buf->data(), {size_t(cfg.chunk_size), size_t(cfg.head_dim)}, owner);
            },
            "layer"_a, "slot"_a, "kv"_a, "head"_a)
+      .def("chunk_residency", &KVCache::chunk_residency, "layer"_a, "slot"_a)
       .def("read_digest",
            [](const KVCache& c, int layer, int32_t slot, int head) {
              size_t D = size_t(c.config().head_dim);

@@ -128,7 +128,7 @@ def test_budgeted_attention_equals_reference_over_selected_chunks(cv, seed, kind
     run.step([(a, 157)])
     b, cached = run.add(prefix + [2] * 20, share_from=a)  # shares a's first chunks
     assert cached == 120
-    c, _ = run.add(list(rng.integers(0, 1000, 60)))       # under budget: attends everything
+    c, _ = run.add(list(rng.integers(1000, 2000, 60)))       # under budget: attends everything
     run.step([(b, 20), (c, 60), (a, [5])])
     for t in range(20):  # decode across chunk boundaries; shared chunks still chunk-first
         st, qs, outs = run.step([(s, [int(rng.integers(0, 1000))]) for s in (a, b, c)], scale_q=2.0)
@@ -158,7 +158,7 @@ def test_budget_covering_the_context_changes_nothing(cv, seed):
     budgeted = cv.KVCache(_cfg(cv, budget=4096, topk=None))
     run = Run(cv, rng, [full, budgeted])
     a, _ = run.add(list(rng.integers(0, 1000, 300)))
-    b, _ = run.add(list(rng.integers(0, 1000, 70)))
+    b, _ = run.add(list(rng.integers(1000, 2000, 70)))
     run.step([(a, 300), (b, 70)])
     for _ in range(5):
         _, _, outs = run.step([(a, [3]), (b, [4])])

@@ -1,5 +1,6 @@
 #include "chunkvale/backend.h"
 
+#include <cstring>
 #include <string>
 
 #include "chunkvale/errors.h"
@@ -13,10 +14,40 @@ namespace {
 }
 }  // namespace
 
-void Backend::update_digests(int, const int32_t*, size_t, DigestKind) { unsupported(*this, "digest update"); }
+void Backend::update_digests(int, const int32_t*, const int32_t*, size_t, DigestKind) {
+  unsupported(*this, "digest update");
+}
 void Backend::score_chunks(int, const TensorView&, const ScoreRequest*, size_t, DigestKind) {
   unsupported(*this, "chunk scoring");
 }
 void Backend::read_digest(int, int32_t, int, float*) const { unsupported(*this, "reading digests"); }
+void Backend::open_host_tier() { unsupported(*this, "the host tier (device_chunks)"); }
+uint64_t Backend::backup(int, int32_t, void*) { unsupported(*this, "backup to the host tier"); }
+uint64_t Backend::backups_done() const { unsupported(*this, "backup to the host tier"); }
+void Backend::wait_backup(uint64_t) { unsupported(*this, "backup to the host tier"); }
+void Backend::recall(int, int32_t, const void*) { unsupported(*this, "recall from the host tier"); }
+void Backend::copy_chunk_layer(int, int32_t, int32_t, int32_t) { unsupported(*this, "per-layer chunk copy"); }
+
+void tile_to_float(const void* src, DType dtype, size_t n, float* dst) {
+  const uint8_t* p = static_cast<const uint8_t*>(src);
+  for (size_t i = 0; i < n; ++i) {
+    switch (dtype) {
+      case DType::Float32: std::memcpy(&dst[i], p + 4 * i, 4); break;
+      case DType::Float16: {
+        _Float16 h;
+        std::memcpy(&h, p + 2 * i, 2);
+        dst[i] = float(h);
+        break;
+      }
+      case DType::BFloat16: {
+        uint16_t b;
+        std::memcpy(&b, p + 2 * i, 2);
+        uint32_t u = uint32_t(b) << 16;
+        std::memcpy(&dst[i], &u, 4);
+        break;
+      }
+    }
+  }
+}
 
 }  // namespace chunkvale

@@ -95,6 +95,27 @@ void CacheConfig::validate() const {
              ("at least (sink_chunks + window_chunks" + std::string(e.topk_chunks < 0 ? "" : " + 1") +
               ") * chunk_size = " + std::to_string(least)).c_str(),
              e.budget_tokens));
+    const int64_t selection = e.sink_chunks + e.window_chunks + e.resolved_topk(chunk_size);
+    need(e.device_chunks == 0 || e.device_chunks >= selection,
+         got("eviction.device_chunks", ("0 (no host tier) or at least sink_chunks + window_chunks + topk_chunks = " +
+                                        std::to_string(selection) + " (one sequence's selection)").c_str(),
+             e.device_chunks));
+    need(e.device_chunks >= 0 && e.device_chunks < (int64_t(1) << 31),
+         got("eviction.device_chunks", "an integer in [0, 2^31)", e.device_chunks));
+    need(e.host_bytes >= 0, got("eviction.host_bytes", "None or an integer > 0", e.host_bytes));
+    need(e.device_chunks > 0 || (e.host_bytes == 0 && e.spill_path.empty()),
+         "eviction.host_bytes/spill_path: expected device_chunks to be set too (the host tier backs "
+         "up chunks evicted from a bounded device pool), got device_chunks=None");
+    need(e.host_bytes == 0 || e.host_bytes >= int64_t(layer_chunk_bytes()),
+         got("eviction.host_bytes", ("0/None (unbounded) or at least one chunk of one layer (" +
+                                     std::to_string(layer_chunk_bytes()) + " bytes)").c_str(),
+             e.host_bytes));
+    need(e.spill_path.empty() || e.host_bytes > 0,
+         "eviction.spill_path: expected host_bytes to be set too (the file takes what does not fit "
+         "in host_bytes), got host_bytes=None");
+  } else {
+    need(eviction.device_chunks == 0 && eviction.host_bytes == 0 && eviction.spill_path.empty(),
+         "eviction.device_chunks/host_bytes/spill_path: the host tier needs eviction enabled");
   }
   if (device != "cpu" && device != "cuda")
     throw ValueError("device: expected 'cpu' or 'cuda', got '" + device + "'");
@@ -108,6 +129,10 @@ int64_t CacheConfig::resolved_capacity() const {
   if (capacity_chunks > 0) return capacity_chunks;
   size_t b = bytes_per_chunk();
   return b ? int64_t(capacity_bytes / int64_t(b)) : 0;
+}
+
+int64_t CacheConfig::layer_slots(int layer) const {
+  return evicts_to_host(layer) ? eviction.device_chunks : resolved_capacity();
 }
 
 float CacheConfig::resolved_scale() const {

@@ -14,11 +14,15 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
       elem_(dtype_size(cfg.dtype)),
       tile_bytes_(size_t(cfg.chunk_size) * cfg.head_dim * elem_),
       slot_bytes_(2 * size_t(cfg.kv_heads) * tile_bytes_),
-      layer_bytes_(size_t(slots) * slot_bytes_),
       kernels_(kernels_for(cfg.dtype, cfg.head_dim)),
       threads_(cfg.threads) {
   if (!kernels_) throw ValueError("head_dim: no kernel for head_dim " + std::to_string(cfg.head_dim));
-  size_t total = layer_bytes_ * size_t(cfg.layers);
+  size_t total = 0;
+  for (int l = 0; l < cfg.layers; ++l) {
+    layer_offset_.push_back(total);
+    // `slots` is the logical capacity; layers that evict hold only their device slots.
+    total += size_t(cfg.evicts_to_host(l) ? cfg.layer_slots(l) : slots) * slot_bytes_;
+  }
   // 64-byte aligned; pages are only touched when written, so a large capacity is cheap.
   pool_ = static_cast<uint8_t*>(std::aligned_alloc(64, (total + 63) / 64 * 64));
   if (!pool_)
@@ -31,10 +35,13 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
   }
 }
 
-CpuBackend::~CpuBackend() { std::free(pool_); }
+CpuBackend::~CpuBackend() {
+  backups_.reset();  // drains pending copies before the pool goes
+  std::free(pool_);
+}
 
 uint8_t* CpuBackend::tile(int layer, int32_t slot, int kv, int head) const {
-  return pool_ + size_t(layer) * layer_bytes_ + size_t(slot) * slot_bytes_ +
+  return pool_ + layer_offset_[size_t(layer)] + size_t(slot) * slot_bytes_ +
          (size_t(kv) * cfg_.kv_heads + size_t(head)) * tile_bytes_;
 }
 
@@ -77,7 +84,7 @@ void CpuBackend::attention(int layer, const StepPlan& plan, const TensorView& q,
 
   LayerArgs a;
   a.plan = &plan;
-  a.layer_base = pool_ + size_t(layer) * layer_bytes_;
+  a.layer_base = pool_ + layer_offset_[size_t(layer)];
   a.C = cfg_.chunk_size;
   a.D = cfg_.head_dim;
   a.kv_heads = cfg_.kv_heads;
@@ -102,26 +109,33 @@ void CpuBackend::attention(int layer, const StepPlan& plan, const TensorView& q,
 }
 
 void CpuBackend::read_tile(int layer, int32_t slot, int kv, int head, float* dst) const {
-  const uint8_t* p = tile(layer, slot, kv, head);
-  const size_t n = size_t(cfg_.chunk_size) * cfg_.head_dim;
-  for (size_t i = 0; i < n; ++i) {
-    switch (cfg_.dtype) {
-      case DType::Float32: std::memcpy(&dst[i], p + 4 * i, 4); break;
-      case DType::Float16: {
-        _Float16 h;
-        std::memcpy(&h, p + 2 * i, 2);
-        dst[i] = float(h);
-        break;
-      }
-      case DType::BFloat16: {
-        uint16_t b;
-        std::memcpy(&b, p + 2 * i, 2);
-        uint32_t u = uint32_t(b) << 16;
-        std::memcpy(&dst[i], &u, 4);
-        break;
-      }
-    }
-  }
+  tile_to_float(tile(layer, slot, kv, head), cfg_.dtype, size_t(cfg_.chunk_size) * cfg_.head_dim, dst);
+}
+
+// ---- host tier: a (layer, slot) is one contiguous slot_bytes_ block ----
+
+void CpuBackend::open_host_tier() {
+  // Test-only: slows every backup so tests can catch a slot reused before its backup.
+  const char* d = std::getenv("CHUNKVALE_TEST_BACKUP_DELAY_US");
+  backups_ = std::make_unique<CpuBackupWorker>(d ? std::atoi(d) : 0);
+}
+
+uint64_t CpuBackend::backup(int layer, int32_t slot, void* host_dst) {
+  return backups_->submit(tile(layer, slot, 0, 0), host_dst, slot_bytes_);
+}
+
+uint64_t CpuBackend::backups_done() const { return backups_->done(); }
+
+void CpuBackend::wait_backup(uint64_t ticket) { backups_->wait(ticket); }
+
+void CpuBackend::recall(int layer, int32_t slot, const void* host_src) {
+  std::memcpy(tile(layer, slot, 0, 0), host_src, slot_bytes_);
+}
+
+void CpuBackend::copy_chunk_layer(int layer, int32_t src, int32_t dst, int32_t n_tokens) {
+  const size_t bytes = size_t(n_tokens) * cfg_.head_dim * elem_;
+  for (int kv = 0; kv < 2; ++kv)
+    for (int h = 0; h < cfg_.kv_heads; ++h) std::memcpy(tile(layer, dst, kv, h), tile(layer, src, kv, h), bytes);
 }
 
 }  // namespace chunkvale

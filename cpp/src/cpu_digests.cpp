@@ -15,14 +15,15 @@ float* CpuBackend::digest(int layer, int32_t slot, int head) const {
   return digests_.data() + ((size_t(layer) * size_t(slots_) + size_t(slot)) * cfg_.kv_heads + size_t(head)) * 2 * D;
 }
 
-void CpuBackend::update_digests(int layer, const int32_t* slots, size_t n, DigestKind kind) {
+void CpuBackend::update_digests(int layer, const int32_t* chunks, const int32_t* slots, size_t n,
+                                DigestKind kind) {
   if (digests_.empty()) throw ValueError("eviction: digests are off for this cache");
   const int C = cfg_.chunk_size, D = cfg_.head_dim;
   std::vector<float> keys(size_t(C) * D);
   for (size_t i = 0; i < n; ++i) {
     for (int h = 0; h < cfg_.kv_heads; ++h) {
       read_tile(layer, slots[i], 0, h, keys.data());
-      float* lo = digest(layer, slots[i], h);
+      float* lo = digest(layer, chunks[i], h);
       float* hi = lo + D;
       for (int d = 0; d < D; ++d) {
         float mn = std::numeric_limits<float>::infinity(), mx = -mn;

@@ -3,11 +3,15 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <limits>
+#include <stdexcept>
 #include <thread>
 #include <unordered_set>
 
 #include "backend_factory.h"
+#include "host_tier.h"
 #include "plan_builder.h"
+#include "residency.h"
 
 namespace chunkvale {
 
@@ -38,6 +42,14 @@ struct KVCache::OpenStep {
 
 namespace {
 std::string id_str(int64_t id) { return std::to_string(id); }
+// Whether a sequence selects in a decode step (select_chunks' rule), and its candidate
+// range [lo, hi): the chunks outside it (sinks, window) are always attended.
+bool selects(const EvictionConfig& ev, int topk, int64_t n_new, int64_t total, int64_t nch, int64_t& lo,
+             int64_t& hi) {
+  lo = std::min<int64_t>(ev.sink_chunks, nch);
+  hi = std::max(lo, nch - ev.window_chunks);
+  return n_new == 1 && total > ev.budget_tokens && hi - lo > topk;
+}
 // Step ids are unique across caches, so a step can't be passed to the wrong cache.
 std::atomic<uint64_t> g_next_step_id{1};
 }  // namespace
@@ -53,9 +65,19 @@ KVCache::KVCache(const CacheConfig& config)
   plan_params_.threads = cfg_.threads > 0 ? cfg_.threads : int(std::max(1u, std::thread::hardware_concurrency()));
   plan_params_.share_threshold = cfg_.share_threshold;
   device_ = cfg_.device == "cuda" ? TensorView::Device::CUDA : TensorView::Device::CPU;
+  if (cfg_.eviction.host_tier()) {
+    backend_->open_host_tier();  // a backend without a host tier refuses here
+    host_ = std::make_unique<HostTier>(cfg_.layer_chunk_bytes(), cfg_.eviction.host_bytes,
+                                       cfg_.eviction.spill_path);
+    res_ = std::make_unique<Residency>(std::min(cfg_.eviction.dense_layers, cfg_.layers), cfg_.layers,
+                                       cfg_.resolved_capacity(), cfg_.eviction.device_chunks);
+  }
 }
 
-KVCache::~KVCache() = default;
+KVCache::~KVCache() {
+  // The backend first: it drains queued backups, which still write into host_'s blocks.
+  backend_.reset();
+}
 
 // ---- helpers ----
 
@@ -76,7 +98,7 @@ int32_t KVCache::take_slot() {
   if (s >= 0) return s;
   s = tree_.reclaim_one();  // least recently used cached prefix chunk
   if (s < 0) throw CapacityError("internal: no slot after require_slots");
-  pool_.free(s);
+  free_chunk(s);
   return pool_.alloc();
 }
 
@@ -105,7 +127,7 @@ void KVCache::end_step(const char* caller) {
                      " is still open (appended in " + std::to_string(step_->layers_appended) +
                      " of " + std::to_string(cfg_.layers) +
                      " layers); append every layer or cancel(step) first");
-  for (int32_t slot : step_->deferred_free) pool_.free(slot);
+  for (int32_t slot : step_->deferred_free) free_chunk(slot);
   step_.reset();
 }
 
@@ -160,9 +182,228 @@ const KVCache::OpenStep& KVCache::open_step(uint64_t step, const char* arg) cons
 
 void KVCache::release_sequence(Sequence& s) {
   for (TreeNode* n : s.path) tree_.release(n);
-  for (int32_t slot : s.tail) pool_.free(slot);
+  for (int32_t slot : s.tail) free_chunk(slot);
   s.path.clear();
   s.tail.clear();
+}
+
+// ---- host tier: the core decides residency, the backend moves the bytes ----
+
+void KVCache::free_chunk(int32_t chunk) {
+  if (res_) drop_residency(chunk);
+  pool_.free(chunk);
+}
+
+void KVCache::wait_backup(uint64_t ticket) {
+  if (ticket == 0 || ticket <= backend_->backups_done()) return;
+  backend_->wait_backup(ticket);
+  ++backup_waits_;
+}
+
+void KVCache::drop_host_copies(int32_t chunk) {
+  for (int l = res_->first_layer(); l < cfg_.layers; ++l) {
+    int64_t b = res_->host_block(l, chunk);
+    if (b < 0) continue;
+    wait_backup(res_->ticket(l, chunk));  // the backup still writes into the block
+    host_->free(b);
+    res_->clear_host(l, chunk);
+  }
+}
+
+void KVCache::drop_residency(int32_t chunk) {
+  drop_host_copies(chunk);  // waits for pending backups, so the device slots are free to reuse
+  for (int l = res_->first_layer(); l < cfg_.layers; ++l)
+    if (res_->slot(l, chunk) >= 0) res_->evict(l, chunk);
+}
+
+int32_t KVCache::device_slot_for(int layer, int32_t chunk, uint64_t stamp) {
+  int32_t s = res_->take_free(layer);
+  if (s < 0) {
+    int32_t v = res_->victim(layer, stamp);
+    if (v < 0)  // require_tiers / require_device_tails rule this out
+      throw std::logic_error("chunkvale internal error: no device slot to evict in layer " + std::to_string(layer));
+    wait_backup(res_->ticket(layer, v));  // a slot is reused only after its backup completed
+    res_->evict(layer, v);
+    ++evictions_;
+    s = res_->take_free(layer);
+  }
+  res_->place(layer, chunk, s);
+  res_->touch(layer, chunk, stamp);
+  return s;
+}
+
+void KVCache::make_resident(int layer, int32_t chunk, uint64_t stamp) {
+  if (res_->slot(layer, chunk) >= 0) return;
+  const int64_t b = res_->host_block(layer, chunk);
+  const int32_t s = device_slot_for(layer, chunk, stamp);
+  if (b < 0) return;  // first written in this step: nothing to recall
+  wait_backup(res_->ticket(layer, chunk));
+  host_->settle(backend_->backups_done());
+  backend_->recall(layer, s, host_->read(b, host_scratch_));
+  ++recalls_;
+  bytes_from_host_ += int64_t(host_->block_bytes());
+}
+
+int64_t KVCache::take_host_block() {
+  int64_t b = host_->alloc();
+  while (b < 0) {  // host memory full, no spill file: reclaim cached prefix (require_tiers counted it)
+    int32_t s = tree_.reclaim_one();
+    if (s < 0) throw std::logic_error("chunkvale internal error: host tier full after require_tiers");
+    free_chunk(s);
+    b = host_->alloc();
+  }
+  return b;
+}
+
+const StepPlan& KVCache::to_device_slots(int layer, const StepPlan& plan, bool for_append) {
+  auto t0 = std::chrono::steady_clock::now();
+  const uint64_t stamp = ++res_clock_;
+  const int C = cfg_.chunk_size;
+  need_.clear();
+  if (for_append) {  // the chunks this step writes
+    for (const StepSeq& q : plan.seqs)
+      for (int64_t c = q.ctx_before / C; c * C < q.total(); ++c)
+        need_.push_back(plan.seq_chunks[size_t(q.chunk_begin + c)]);
+    // Resident chunks this layer's attention is sure to use are not victims either, so
+    // append does not evict what attention would recall at once (require_tiers counted them).
+    const int topk = cfg_.eviction.resolved_topk(C);
+    for (const StepSeq& q : plan.seqs) {
+      const int64_t nch = q.chunk_end - q.chunk_begin;
+      int64_t lo, hi;
+      const bool sel = selects(cfg_.eviction, topk, q.n_new, q.total(), nch, lo, hi);
+      for (int64_t i = 0; i < nch; ++i) {
+        const int32_t c = plan.seq_chunks[size_t(q.chunk_begin + i)];
+        if ((!sel || i < lo || i >= hi) && res_->slot(layer, c) >= 0) res_->touch(layer, c, stamp);
+      }
+    }
+  } else {  // every chunk some work unit attends
+    for (const UnitChunk& u : plan.unit_chunks) need_.push_back(u.slot);
+  }
+  // Protect every resident chunk the step uses before taking slots for the missing ones.
+  for (int32_t c : need_)
+    if (res_->slot(layer, c) >= 0) res_->touch(layer, c, stamp);
+  for (int32_t c : need_) make_resident(layer, c, stamp);
+  xplan_ = plan;
+  for (UnitChunk& u : xplan_.unit_chunks) u.slot = res_->slot(layer, u.slot);
+  for (int32_t& c : xplan_.seq_chunks) c = res_->slot(layer, c);  // -1: not on the device (unused)
+  residency_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+  return xplan_;
+}
+
+void KVCache::backup_filled(int layer) {
+  const std::vector<int32_t>& f = step_->filled;
+  fill_slots_.resize(f.size());
+  for (size_t i = 0; i < f.size(); ++i) fill_slots_[i] = res_->slot(layer, f[i]);
+  backend_->update_digests(layer, f.data(), fill_slots_.data(), f.size(), cfg_.eviction.digest);
+  host_->settle(backend_->backups_done());
+  for (size_t i = 0; i < f.size(); ++i) {
+    const int64_t b = take_host_block();
+    const uint64_t t = backend_->backup(layer, fill_slots_[i], host_->backup_target(b));
+    host_->backup_queued(b, t);
+    res_->set_host(layer, f[i], b, t);
+    ++backups_;
+    bytes_to_host_ += int64_t(host_->block_bytes());
+  }
+}
+
+void KVCache::copy_chunk_all_layers(int32_t src, int32_t dst, int32_t n_tokens) {
+  if (!res_) {
+    backend_->copy_chunk(src, dst, n_tokens);
+    return;
+  }
+  for (int l = 0; l < cfg_.layers; ++l) {
+    if (!cfg_.evicts_to_host(l)) {
+      backend_->copy_chunk_layer(l, src, dst, n_tokens);
+      continue;
+    }
+    const uint64_t stamp = ++res_clock_;
+    const int32_t from = res_->slot(l, src);
+    if (from >= 0) res_->touch(l, src, stamp);
+    const int32_t to = device_slot_for(l, dst, stamp);
+    if (from >= 0) {
+      backend_->copy_chunk_layer(l, from, to, n_tokens);
+    } else {  // the source is on host only: recall it straight into the copy
+      wait_backup(res_->ticket(l, src));
+      host_->settle(backend_->backups_done());
+      backend_->recall(l, to, host_->read(res_->host_block(l, src), host_scratch_));
+      ++recalls_;
+      bytes_from_host_ += int64_t(host_->block_bytes());
+    }
+  }
+}
+
+int64_t KVCache::open_tails() const {
+  int64_t n = 0;
+  for (const auto& kv : seqs_) n += kv.second->length() % cfg_.chunk_size != 0;
+  return n;
+}
+
+void KVCache::require_device_tails(int64_t new_tails, const char* what) const {
+  if (!res_ || res_->first_layer() >= cfg_.layers || new_tails == 0) return;
+  // Partial chunks have no host copy, so they never leave the device; +1: the copy source.
+  const int64_t need = open_tails() + new_tails + 1;
+  if (need > cfg_.eviction.device_chunks)
+    throw CapacityError(std::string(what) + ": needs " + std::to_string(need) +
+                        " device chunks per evicting layer (every live sequence's partial chunk stays on "
+                        "the device, plus the copy), but eviction.device_chunks=" +
+                        std::to_string(cfg_.eviction.device_chunks) +
+                        ". Remove sequences or raise eviction.device_chunks.");
+}
+
+void KVCache::require_tiers(const std::vector<PlanEntry>& entries, int64_t new_chunks) {
+  if (!res_ || res_->first_layer() >= cfg_.layers) return;
+  const EvictionConfig& ev = cfg_.eviction;
+  const int C = cfg_.chunk_size;
+  const int topk = ev.resolved_topk(C);
+  const int64_t E = cfg_.layers - res_->first_layer();
+  // Device: what one evicting layer holds at once in this step. The same rule as
+  // select_chunks: a decoding sequence over budget keeps sinks + window + top-k.
+  std::unordered_set<int32_t> must;
+  std::unordered_set<int64_t> in_step;
+  int64_t fresh = 0, filled = 0;
+  for (const PlanEntry& e : entries) {
+    const Sequence& s = *seqs_.at(e.seq);
+    in_step.insert(e.seq);
+    const int64_t n = e.tokens.empty() ? e.count : int64_t(e.tokens.size());
+    const int64_t total = s.length() + n;
+    const int64_t nch = (total + C - 1) / C;
+    const int64_t have = int64_t(s.path.size() + s.tail.size());
+    filled += total / C - s.length() / C;
+    int64_t lo, hi;
+    const bool sel = selects(ev, topk, n, total, nch, lo, hi);
+    for (int64_t i = 0; i < nch; ++i) {
+      if (sel && i >= lo && i < hi) continue;
+      if (i >= have)
+        ++fresh;
+      else
+        must.insert(i < int64_t(s.path.size()) ? s.path[size_t(i)]->slot : s.tail[size_t(i) - s.path.size()]);
+    }
+    if (sel) fresh += topk;
+  }
+  for (const auto& kv : seqs_)  // partial chunks of the others stay too
+    if (!in_step.count(kv.first) && kv.second->length() % C != 0) ++fresh;
+  const int64_t need_dev = int64_t(must.size()) + fresh;
+  if (need_dev > ev.device_chunks)
+    throw CapacityError("plan: this step needs up to " + std::to_string(need_dev) +
+                        " chunks on the device in each evicting layer (every chunk of sequences that "
+                        "prefill or are within budget, sinks + window + top-k of the others, every live "
+                        "sequence's partial chunk), but eviction.device_chunks=" +
+                        std::to_string(ev.device_chunks) +
+                        ". Plan fewer tokens or sequences per step, or raise eviction.device_chunks.");
+  // Host: one block per chunk this step fills, per evicting layer.
+  const int64_t need_host = filled * E, avail = host_->available();
+  if (avail == std::numeric_limits<int64_t>::max() || need_host <= avail) return;
+  const int64_t deferred = step_ ? int64_t(step_->deferred_free.size()) : 0;
+  const int64_t cached_left =
+      std::max<int64_t>(0, tree_.cached_nodes() - std::max<int64_t>(0, new_chunks - pool_.free_count() - deferred));
+  if (need_host > avail + cached_left * E)
+    throw CapacityError("plan: the host tier needs " + std::to_string(need_host) + " more blocks of " +
+                        std::to_string(host_->block_bytes()) +
+                        " bytes (K/V of one chunk in one layer) for the chunks this step fills, but "
+                        "eviction.host_bytes=" + std::to_string(ev.host_bytes) + " has room for " +
+                        std::to_string(avail) + " (and " + std::to_string(cached_left * E) +
+                        " from reclaimable cached prefix). Set eviction.spill_path, raise "
+                        "eviction.host_bytes, or remove sequences.");
 }
 
 // ---- public API ----
@@ -207,6 +448,7 @@ std::pair<int64_t, int64_t> KVCache::add_sequence(const std::vector<int32_t>& to
     for (TreeNode* n : m.path) pinned += n->live == 0;
     if (!tail_src && m.partial->live == 0) ++pinned;
     require_slots(1, "add_sequence", (step_ ? int64_t(step_->deferred_free.size()) : 0) - pinned);
+    require_device_tails(1, "add_sequence");
   }
   end_step("add_sequence");  // nothing below can fail
 
@@ -221,7 +463,7 @@ std::pair<int64_t, int64_t> KVCache::add_sequence(const std::vector<int32_t>& to
     TreeNode* pin = tail_src ? nullptr : m.partial;
     if (pin) tree_.acquire(pin);  // so reclaiming can't take the source
     int32_t slot = take_slot();
-    backend_->copy_chunk(tail_src ? tail_src->tail.front() : m.partial->slot, slot, partial_len);
+    copy_chunk_all_layers(tail_src ? tail_src->tail.front() : m.partial->slot, slot, partial_len);
     if (pin) tree_.release(pin);
     s->tail.push_back(slot);
     cached += partial_len;
@@ -270,6 +512,7 @@ uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
   if (rows >= (int64_t(1) << 31)) throw ValueError("entries: too many tokens in one step");
   if (step_ && !step_->committed) end_step("plan");  // refuses: a layer is missing
   require_slots(need, "plan", step_ ? int64_t(step_->deferred_free.size()) : 0);
+  require_tiers(entries, need);
   end_step("plan");
 
   auto st = std::make_unique<OpenStep>();
@@ -334,9 +577,15 @@ void KVCache::append(int layer, uint64_t step, const TensorView& k, const Tensor
                      std::to_string(step));
   check_tensor3(k, "k", device_, cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
   check_tensor3(v, "v", device_, cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
-  backend_->append(layer, plan_, k, v);
-  if (cfg_.eviction.enabled)  // chunks this step fills get their digests while their keys are hot
-    backend_->update_digests(layer, step_->filled.data(), step_->filled.size(), cfg_.eviction.digest);
+  if (cfg_.evicts_to_host(layer)) {
+    backend_->append(layer, to_device_slots(layer, plan_, true), k, v);
+    backup_filled(layer);  // digests, then the asynchronous copies to the host tier
+  } else {
+    backend_->append(layer, plan_, k, v);
+    if (cfg_.eviction.enabled)  // chunks this step fills get their digests while their keys are hot
+      backend_->update_digests(layer, step_->filled.data(), step_->filled.data(), step_->filled.size(),
+                               cfg_.eviction.digest);
+  }
   step_->appended[size_t(layer)] = 1;
   ++step_->layers_appended;
 }
@@ -373,7 +622,52 @@ void KVCache::attention(int layer, uint64_t step, const TensorView& q, const Ten
   const StepPlan* plan = &plan_;
   if (cfg_.eviction.enabled && layer >= cfg_.eviction.dense_layers && select_chunks(layer, q))
     plan = &layer_plan_;
+  // Recall what the selection needs, evicting what no sequence of the step selected.
+  if (cfg_.evicts_to_host(layer)) plan = &to_device_slots(layer, *plan, false);
   backend_->attention(layer, *plan, q, out, lse);
+  if (cfg_.evicts_to_host(layer)) demote_after_prefill(layer, q);
+}
+
+// Prefill attends to everything; afterwards an over-budget sequence keeps the chunks that
+// score highest for its last prompt token: the others become the first eviction victims.
+void KVCache::demote_after_prefill(int layer, const TensorView& q) {
+  const EvictionConfig& ev = cfg_.eviction;
+  const int topk = ev.resolved_topk(cfg_.chunk_size);
+  score_reqs_.clear();
+  cand_lo_.clear();
+  size_t total = 0;
+  for (const StepSeq& s : plan_.seqs) {
+    const int32_t nch = s.chunk_end - s.chunk_begin;
+    const int32_t lo = std::min(ev.sink_chunks, nch), hi = std::max(lo, nch - ev.window_chunks);
+    if (s.n_new == 1 || s.total() <= ev.budget_tokens || hi - lo <= topk) continue;
+    Backend::ScoreRequest r;
+    r.row = s.row_begin + s.n_new - 1;
+    r.slots = plan_.seq_chunks.data() + s.chunk_begin + lo;  // full chunks: their digests exist
+    r.n = size_t(hi - lo);
+    score_reqs_.push_back(r);
+    total += r.n;
+  }
+  if (score_reqs_.empty()) return;
+  auto t0 = std::chrono::steady_clock::now();
+  cand_scores_.resize(total);
+  size_t off = 0;
+  for (auto& r : score_reqs_) {
+    r.scores = cand_scores_.data() + off;
+    off += r.n;
+  }
+  backend_->score_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), ev.digest);
+  for (const Backend::ScoreRequest& r : score_reqs_) {
+    const float* sc = r.scores;
+    order_.resize(r.n);
+    for (size_t c = 0; c < r.n; ++c) order_[c] = int32_t(c);
+    std::nth_element(order_.begin(), order_.begin() + topk, order_.end(),
+                     [&](int32_t a, int32_t b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a > b); });
+    for (size_t j = size_t(topk); j < r.n; ++j) {
+      const int32_t c = r.slots[order_[j]];
+      if (res_->slot(layer, c) >= 0) res_->demote(layer, c);
+    }
+  }
+  residency_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
 }
 
 // Budgeted attention: for each decoding sequence over budget, keep its sink chunks, its
@@ -459,10 +753,14 @@ void KVCache::cancel(uint64_t step) {
   if (st.committed)
     throw ValueError("step: step " + std::to_string(step) +
                      " was appended in every layer and is committed; it can no longer be cancelled");
+  // Chunks this step filled hold uncommitted rows: their host copies must go, or a partial
+  // chunk could be evicted and its later rows written into a fresh slot.
+  if (res_)
+    for (int32_t c : st.filled) drop_host_copies(c);
   for (size_t i = 0; i < st.seq_ids.size(); ++i) {
     Sequence& s = *seqs_.at(st.seq_ids[i]);
     for (int32_t k = 0; k < st.reserved[i]; ++k) {
-      pool_.free(s.tail.back());
+      free_chunk(s.tail.back());
       s.tail.pop_back();
     }
   }
@@ -478,6 +776,7 @@ std::vector<int64_t> KVCache::fork(int64_t seq, int n) {
   const int C = cfg_.chunk_size;
   const int32_t tail_tokens = int32_t(s.length() - int64_t(s.path.size()) * C);
   require_slots(tail_tokens > 0 ? n : 0, "fork", step_ ? int64_t(step_->deferred_free.size()) : 0);
+  require_device_tails(tail_tokens > 0 ? n : 0, "fork");
   end_step("fork");
   std::vector<int64_t> ids;
   for (int i = 0; i < n; ++i) {
@@ -488,7 +787,7 @@ std::vector<int64_t> KVCache::fork(int64_t seq, int n) {
     for (TreeNode* node : c->path) tree_.acquire(node);
     if (tail_tokens > 0) {
       int32_t slot = take_slot();  // cannot fail: require_slots counted it
-      backend_->copy_chunk(s.tail.front(), slot, tail_tokens);
+      copy_chunk_all_layers(s.tail.front(), slot, tail_tokens);
       c->tail.push_back(slot);
     }
     c->tokens = s.tokens;
@@ -510,7 +809,7 @@ void KVCache::remove(int64_t seq) {
 void KVCache::clear() {
   std::lock_guard<std::mutex> g(mu_);
   end_step("clear");
-  for (int32_t slot : tree_.reclaim_all()) pool_.free(slot);
+  for (int32_t slot : tree_.reclaim_all()) free_chunk(slot);
 }
 
 int64_t KVCache::sequence_length(int64_t seq) {
@@ -557,6 +856,19 @@ CacheStats KVCache::stats() {
   st.evict_scored_chunks = scored_chunks_;
   st.evict_dropped_chunks = dropped_chunks_;
   st.evict_select_ns = select_ns_;
+  if (res_) {
+    st.evict_device_chunks = cfg_.eviction.device_chunks;
+    st.evict_device_slots_in_use = res_->slots_in_use();
+    st.evict_backups = backups_;
+    st.evict_recalls = recalls_;
+    st.evict_evictions = evictions_;
+    st.evict_backup_waits = backup_waits_;
+    st.evict_bytes_to_host = bytes_to_host_;
+    st.evict_bytes_from_host = bytes_from_host_;
+    st.evict_host_bytes_in_use = host_->ram_bytes_in_use();
+    st.evict_spill_bytes_in_use = host_->spill_bytes_in_use();
+    st.evict_residency_ns = residency_ns_;
+  }
   st.chunk_first_units = plan_.chunk_first_units;
   st.chunk_first_chunks = plan_.chunk_first_chunks;
   return st;
@@ -595,7 +907,35 @@ void KVCache::read_tile(int layer, int32_t slot, int kv, int head, float* dst) c
   if (layer < 0 || layer >= cfg_.layers || slot < 0 || slot >= pool_.capacity() || kv < 0 ||
       kv > 1 || head < 0 || head >= cfg_.kv_heads)
     throw ValueError("read_tile: (layer, slot, kv, head) out of range");
-  backend_->read_tile(layer, slot, kv, head, dst);
+  if (!cfg_.evicts_to_host(layer)) {
+    backend_->read_tile(layer, slot, kv, head, dst);
+    return;
+  }
+  const int32_t dev = res_->slot(layer, slot);
+  if (dev >= 0) {
+    backend_->read_tile(layer, dev, kv, head, dst);
+    return;
+  }
+  const int64_t b = res_->host_block(layer, slot);
+  if (b < 0)
+    throw ValueError("read_tile: chunk " + std::to_string(slot) + " holds no data in layer " + std::to_string(layer));
+  KVCache* self = const_cast<KVCache*>(this);  // waiting and settling change bookkeeping only
+  self->wait_backup(res_->ticket(layer, slot));
+  host_->settle(backend_->backups_done());
+  const size_t tile = size_t(cfg_.chunk_size) * cfg_.head_dim;
+  const uint8_t* p = static_cast<const uint8_t*>(host_->read(b, host_scratch_));
+  tile_to_float(p + (size_t(kv) * cfg_.kv_heads + size_t(head)) * tile * dtype_size(cfg_.dtype), cfg_.dtype, tile, dst);
+}
+
+std::string KVCache::chunk_residency(int layer, int32_t slot) const {
+  std::lock_guard<std::mutex> g(mu_);
+  if (layer < 0 || layer >= cfg_.layers || slot < 0 || slot >= pool_.capacity())
+    throw ValueError("chunk_residency: expected layer in 0.." + std::to_string(cfg_.layers - 1) +
+                     " and slot in 0.." + std::to_string(pool_.capacity() - 1) + ", got (" +
+                     std::to_string(layer) + ", " + std::to_string(slot) + ")");
+  if (!cfg_.evicts_to_host(layer)) return "device";
+  const bool dev = res_->slot(layer, slot) >= 0, host = res_->host_block(layer, slot) >= 0;
+  return dev && host ? "device+host" : dev ? "device" : host ? "host" : "none";
 }
 
 }  // namespace chunkvale

@@ -164,8 +164,15 @@ class KVCache:
         return self._native.sequence_slots(seq)
 
     def read_tile(self, layer: int, slot: int, kv: int, head: int) -> np.ndarray:
-        """K (kv=0) or V (kv=1) of one stored chunk tile as float32 [chunk_size, head_dim]."""
+        """K (kv=0) or V (kv=1) of one stored chunk tile as float32 [chunk_size, head_dim].
+        With the host tier, a chunk that is not on the device in this layer is read from its
+        host copy (memory or spill file)."""
         return self._native.read_tile(layer, slot, kv, head)
+
+    def chunk_residency(self, layer: int, slot: int) -> str:
+        """Where a chunk's K/V of one layer are (host tier): "device", "host", "device+host"
+        or "none"; always "device" in layers that keep everything resident."""
+        return self._native.chunk_residency(layer, slot)
 
     def read_digest(self, layer: int, slot: int, head: int) -> np.ndarray:
         """The digest of one stored chunk as float32 [2, head_dim] (eviction only): (min, max)

@@ -1,6 +1,7 @@
 """Cache configuration (a plain dataclass; the native core validates it)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,8 +18,13 @@ class Eviction:
     everything. ``digest``: "cuboid_max" (Quest's min/max bound), "cuboid_mean" (ArkVale's
     centre + mean deviation) or "sphere" (centre + radius).
 
-    Not yet built: the host tier that frees device memory of unselected chunks
-    (``host_bytes``, ``spill_path``); chunks stay resident, only attention is budgeted.
+    Host tier (bounded memory): with ``device_chunks`` set, each layer from
+    ``dense_layers`` on holds at most that many chunks on the device. Every chunk that fills
+    is backed up asynchronously to host memory; a decode step recalls the selected chunks
+    that are not on the device and evicts chunks no sequence of the step selected.
+    ``host_bytes`` bounds the host copies (None: unbounded); past it they go to the file
+    ``spill_path`` (None: no file, a step that would need more raises CapacityError).
+    Without ``device_chunks`` every chunk stays resident and only attention is budgeted.
     """
 
     budget_tokens: int
@@ -29,11 +35,21 @@ class Eviction:
     dense_layers: int = 2
     host_bytes: Optional[int] = None
     spill_path: Optional[str] = None
+    device_chunks: Optional[int] = None  # last: positional calls written before it still mean the same
 
     def native_kwargs(self) -> dict:
-        if self.host_bytes is not None or self.spill_path is not None:
-            raise ValueError("eviction.host_bytes/spill_path: the host tier is not implemented yet; "
-                             "leave them None (chunks stay resident, attention is budgeted)")
+        for name in ("device_chunks", "host_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"eviction.{name}: expected an int or None, got {type(value).__name__}")
+            if value is not None and value < 1:
+                raise ValueError(f"eviction.{name}: expected None or an integer >= 1, got {value}")
+        if self.spill_path is not None:
+            if not isinstance(self.spill_path, (str, os.PathLike)):
+                raise TypeError(f"eviction.spill_path: expected a str or os.PathLike or None, "
+                                f"got {type(self.spill_path).__name__}")
+            if not os.fspath(self.spill_path):
+                raise ValueError("eviction.spill_path: expected a file path or None, got ''")
         for name in ("budget_tokens", "sink_chunks", "window_chunks", "dense_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -46,7 +62,9 @@ class Eviction:
         return dict(budget_tokens=self.budget_tokens, sink_chunks=self.sink_chunks,
                     window_chunks=self.window_chunks,
                     topk_chunks=0 if self.topk_chunks is None else (self.topk_chunks or -1),
-                    digest=str(self.digest), dense_layers=self.dense_layers)
+                    digest=str(self.digest), dense_layers=self.dense_layers,
+                    device_chunks=self.device_chunks or 0, host_bytes=self.host_bytes or 0,
+                    spill_path="" if self.spill_path is None else str(os.fspath(self.spill_path)))
 
 
 @dataclass

@@ -27,8 +27,11 @@ class Backend {
   virtual void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const = 0;
 
   // --- budgeted attention (eviction); backends without it say so ---
-  // Recomputes the digests of full chunks in `slots` for one layer, every KV head.
-  virtual void update_digests(int layer, const int32_t* slots, size_t n, DigestKind kind);
+  // Recomputes the digests of full chunks for one layer, every KV head: digests are kept
+  // per logical chunk `chunks[i]` (resident or not), its keys are read from device slot
+  // `slots[i]` (the same numbers unless the layer evicts to the host tier).
+  virtual void update_digests(int layer, const int32_t* chunks, const int32_t* slots, size_t n,
+                              DigestKind kind);
   // Scores chunks for packed query rows: per request and chunk, the digest bound of q.k
   // summed over every query head (each against its KV head's digest).
   struct ScoreRequest {
@@ -41,6 +44,26 @@ class Backend {
                             size_t count, DigestKind kind);
   // The two digest vectors of (layer, slot, head) as float32 [2][D]; tests only.
   virtual void read_digest(int layer, int32_t slot, int head, float* dst) const;
+
+  // --- host tier (eviction to host memory); backends without it say so ---
+  // One host-tier block is one (layer, slot): K and V of every KV head, in the device
+  // layout (CacheConfig::layer_chunk_bytes()). In layers that evict, slots number the
+  // layer's own CacheConfig::layer_slots(layer) device slots.
+  // Prepares the asynchronous copy engine (CPU: a worker thread; CUDA: a copy stream).
+  virtual void open_host_tier();
+  // Queues a copy of (layer, slot) to `host_dst` and returns its ticket (1, 2, ...).
+  // Backups complete in ticket order; the slot must not be written or reused, and
+  // host_dst must stay valid, until wait_backup(ticket) returned or backups_done() >= ticket.
+  virtual uint64_t backup(int layer, int32_t slot, void* host_dst);
+  virtual uint64_t backups_done() const;  // every ticket <= this has completed
+  virtual void wait_backup(uint64_t ticket);
+  // Copies a block from host memory into (layer, slot); done when it returns.
+  virtual void recall(int layer, int32_t slot, const void* host_src);
+  // copy_chunk for one layer: the first n_tokens tokens of slot src into slot dst.
+  virtual void copy_chunk_layer(int layer, int32_t src, int32_t dst, int32_t n_tokens);
 };
+
+// One stored C x D tile (the backend's dtype) as float32, for read_tile.
+void tile_to_float(const void* src, DType dtype, size_t n, float* dst);
 
 }  // namespace chunkvale

@@ -31,8 +31,15 @@ struct EvictionConfig {
                               // -1: none (sink + window only, StreamingLLM-style)
   DigestKind digest = DigestKind::CuboidMax;
   int dense_layers = 2;       // the first layers never select
+  // Host tier (bounded device memory): 0 = off, every chunk stays resident in every layer.
+  // Otherwise each layer from dense_layers on holds at most device_chunks chunks on the
+  // device; every filled chunk is backed up to host memory and recalled when selected.
+  int64_t device_chunks = 0;
+  int64_t host_bytes = 0;     // host tier capacity; 0 = unbounded
+  std::string spill_path;     // file for what does not fit in host_bytes; empty = none
 
   int resolved_topk(int chunk_size) const;
+  bool host_tier() const { return enabled && device_chunks > 0; }
 };
 
 struct CacheConfig {
@@ -57,6 +64,12 @@ struct CacheConfig {
   size_t bytes_per_chunk() const;
   int64_t resolved_capacity() const;
   float resolved_scale() const;
+  // Device slots of one layer: resolved_capacity(), or eviction.device_chunks in the
+  // layers that evict to the host tier.
+  int64_t layer_slots(int layer) const;
+  bool evicts_to_host(int layer) const { return eviction.host_tier() && layer >= eviction.dense_layers; }
+  // Bytes of one chunk in one layer: K and V of every KV head (one host-tier block).
+  size_t layer_chunk_bytes() const { return bytes_per_chunk() / size_t(layers); }
 };
 
 }  // namespace chunkvale

@@ -43,8 +43,17 @@ struct CacheStats {
           plan_reuses = 0, chunk_first_units = 0, chunk_first_chunks = 0;
   // Budgeted attention: chunks scored, chunks left out, time spent scoring + selecting.
   int64_t evict_scored_chunks = 0, evict_dropped_chunks = 0, evict_select_ns = 0;
+  // Host tier (zero without it): chunk moves and bytes per (layer, chunk), waits for a
+  // backup before a slot was reused, what the tiers hold now, time spent on residency.
+  int64_t evict_device_chunks = 0, evict_device_slots_in_use = 0, evict_backups = 0,
+          evict_recalls = 0, evict_evictions = 0, evict_backup_waits = 0,
+          evict_bytes_to_host = 0, evict_bytes_from_host = 0, evict_host_bytes_in_use = 0,
+          evict_spill_bytes_in_use = 0, evict_residency_ns = 0;
   size_t bytes_per_chunk = 0;
 };
+
+class HostTier;
+class Residency;
 
 class KVCache {
  public:
@@ -78,8 +87,12 @@ class KVCache {
   // The open step's plan itself, for tests and backends' checks; valid until the step
   // ends, and not safe against a concurrent plan() from another thread.
   const StepPlan& step_plan(uint64_t step) const;
-  // Test/debug access to stored K/V; see Backend::read_tile.
+  // Test/debug access to stored K/V; see Backend::read_tile. `slot` is a chunk id as
+  // sequence_slots() gives it; with the host tier, a chunk not on the device in this
+  // layer is read from its host copy.
   void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const;
+  // Where a chunk's K/V of one layer are: "device", "host", "device+host" or "none".
+  std::string chunk_residency(int layer, int32_t slot) const;
   // The digest of (layer, slot, head) as float32 [2][head_dim]; eviction only.
   void read_digest(int layer, int32_t slot, int head, float* dst) const;
   // Slots of a sequence's chunks in token order.
@@ -102,6 +115,24 @@ class KVCache {
   const OpenStep& open_step(uint64_t step, const char* arg) const;
   void release_sequence(Sequence& s);
   bool select_chunks(int layer, const TensorView& q);
+  // --- host tier ---
+  void free_chunk(int32_t chunk);       // pool slot, device slots and host copies
+  void drop_residency(int32_t chunk);
+  void drop_host_copies(int32_t chunk);
+  void wait_backup(uint64_t ticket);
+  int32_t device_slot_for(int layer, int32_t chunk, uint64_t stamp);
+  void make_resident(int layer, int32_t chunk, uint64_t stamp);
+  int64_t take_host_block();
+  // The plan with chunk ids replaced by the layer's device slots; `need` chunks (the
+  // written ones for append, the attended ones for attention) are made resident first.
+  const StepPlan& to_device_slots(int layer, const StepPlan& plan, bool for_append);
+  void backup_filled(int layer);
+  void demote_after_prefill(int layer, const TensorView& q);
+  void copy_chunk_all_layers(int32_t src, int32_t dst, int32_t n_tokens);
+  int64_t open_tails() const;
+  // Throws CapacityError unless the step `entries` describe fits the tiers.
+  void require_tiers(const std::vector<PlanEntry>& entries, int64_t new_chunks);
+  void require_device_tails(int64_t new_tails, const char* what) const;
 
   CacheConfig cfg_;
   std::unique_ptr<Backend> backend_;
@@ -124,6 +155,15 @@ class KVCache {
   std::vector<int32_t> order_;
   int64_t scored_chunks_ = 0, dropped_chunks_ = 0, select_ns_ = 0;
   int64_t reused_prompt_tokens_ = 0;
+  // Host tier (null without it).
+  std::unique_ptr<HostTier> host_;
+  std::unique_ptr<Residency> res_;
+  uint64_t res_clock_ = 0;
+  StepPlan xplan_;                     // a plan in one evicting layer's device slots
+  std::vector<int32_t> need_, fill_slots_;
+  mutable std::vector<uint8_t> host_scratch_;
+  int64_t backups_ = 0, recalls_ = 0, evictions_ = 0, backup_waits_ = 0, bytes_to_host_ = 0,
+          bytes_from_host_ = 0, residency_ns_ = 0;
   int64_t plan_rebuilds_ = 0, plan_reuses_ = 0;
   mutable std::mutex mu_;
 };

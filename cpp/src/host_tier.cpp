@@ -1,0 +1,118 @@
+#include "host_tier.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+
+#include "chunkvale/errors.h"
+
+namespace chunkvale {
+
+HostTier::HostTier(size_t block_bytes, int64_t ram_bytes, const std::string& spill_path)
+    : block_bytes_(block_bytes),
+      ram_limit_(ram_bytes > 0 ? ram_bytes / int64_t(block_bytes) : -1),
+      spill_path_(spill_path) {
+  if (!spill_path.empty()) {
+    fd_ = ::open(spill_path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd_ < 0)
+      throw ValueError("eviction.spill_path: expected a file chunkvale can create and write, got '" +
+                       spill_path + "' (" + std::strerror(errno) + ")");
+  }
+}
+
+HostTier::~HostTier() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    ::unlink(spill_path_.c_str());  // the file is scratch space of this cache only
+  }
+}
+
+int64_t HostTier::alloc() {
+  if (!ram_free_.empty()) {
+    int64_t b = ram_free_.back();
+    ram_free_.pop_back();
+    ++ram_used_;
+    return b;
+  }
+  if (ram_limit_ < 0 || ram_next_ < ram_limit_) {
+    ram_.emplace_back(new uint8_t[block_bytes_]);
+    ++ram_used_;
+    return ram_next_++;
+  }
+  if (fd_ < 0) return -1;
+  ++file_used_;
+  if (!file_free_.empty()) {
+    int64_t b = file_free_.back();
+    file_free_.pop_back();
+    return b;
+  }
+  return ram_limit_ + file_next_++;
+}
+
+void HostTier::free(int64_t block) {
+  if (in_ram(block)) {
+    ram_free_.push_back(block);
+    --ram_used_;
+    return;
+  }
+  for (size_t i = 0; i < staged_.size(); ++i)
+    if (staged_[i].block == block) {
+      staged_.erase(staged_.begin() + long(i));
+      break;
+    }
+  file_free_.push_back(block);
+  --file_used_;
+}
+
+int64_t HostTier::available() const {
+  if (ram_limit_ < 0 || fd_ >= 0) return std::numeric_limits<int64_t>::max();
+  return ram_limit_ - ram_used_;
+}
+
+void* HostTier::backup_target(int64_t block) {
+  if (in_ram(block)) return ram_[size_t(block)].get();
+  // Not written out before backup_queued gives the real ticket.
+  staged_.push_back({block, std::numeric_limits<uint64_t>::max(),
+                     std::unique_ptr<uint8_t[]>(new uint8_t[block_bytes_])});
+  return staged_.back().bytes.get();
+}
+
+void HostTier::backup_queued(int64_t block, uint64_t ticket) {
+  for (Staged& s : staged_)
+    if (s.block == block) s.ticket = ticket;
+}
+
+void HostTier::settle(uint64_t done) {
+  size_t keep = 0;
+  for (size_t i = 0; i < staged_.size(); ++i) {
+    Staged& s = staged_[i];
+    if (s.ticket > done) {
+      if (keep != i) staged_[keep] = std::move(s);
+      ++keep;
+      continue;
+    }
+    const off_t off = off_t(file_index(s.block)) * off_t(block_bytes_);
+    if (::pwrite(fd_, s.bytes.get(), block_bytes_, off) != ssize_t(block_bytes_))
+      throw CapacityError("eviction.spill_path: writing " + std::to_string(block_bytes_) + " bytes to '" +
+                          spill_path_ + "' failed (" + std::strerror(errno) + ")");
+  }
+  staged_.resize(keep);
+}
+
+const void* HostTier::read(int64_t block, std::vector<uint8_t>& scratch) {
+  if (in_ram(block)) return ram_[size_t(block)].get();
+  for (const Staged& s : staged_)
+    if (s.block == block) return s.bytes.get();
+  scratch.resize(block_bytes_);
+  const off_t off = off_t(file_index(block)) * off_t(block_bytes_);
+  if (::pread(fd_, scratch.data(), block_bytes_, off) != ssize_t(block_bytes_))
+    throw std::runtime_error("chunkvale: reading a spilled chunk from '" + spill_path_ + "' failed (" +
+                             std::strerror(errno) + ")");
+  return scratch.data();
+}
+
+}  // namespace chunkvale

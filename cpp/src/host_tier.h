@@ -1,0 +1,64 @@
+// The host tier's store: fixed-size blocks (one chunk of one layer each) in host memory
+// up to a byte limit, and past it, when a spill file is configured, in that file.
+// Backups land in a block's host memory directly; a block in the file gets a staging
+// buffer that is written to the file once its backup completed (settle()).
+// Only the core's thread touches it (under the cache's lock).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace chunkvale {
+
+class HostTier {
+ public:
+  // ram_bytes: 0 = unbounded; spill_path: "" = no file. Throws ValueError naming
+  // eviction.spill_path when the file can't be created.
+  HostTier(size_t block_bytes, int64_t ram_bytes, const std::string& spill_path);
+  ~HostTier();
+  HostTier(const HostTier&) = delete;
+  HostTier& operator=(const HostTier&) = delete;
+
+  // A free block, or -1 when host memory is full and there is no spill file.
+  int64_t alloc();
+  void free(int64_t block);  // its backup must have completed
+  // Blocks alloc() can still hand out (INT64_MAX when unbounded).
+  int64_t available() const;
+
+  // Where a backup of this block must be copied to; then say its ticket.
+  void* backup_target(int64_t block);
+  void backup_queued(int64_t block, uint64_t ticket);
+  // Writes staged file blocks whose backup (ticket <= done) completed out to the file.
+  void settle(uint64_t done);
+  // The block's bytes (its backup must have completed): host memory, or read from the
+  // file into scratch.
+  const void* read(int64_t block, std::vector<uint8_t>& scratch);
+
+  size_t block_bytes() const { return block_bytes_; }
+  int64_t ram_bytes_in_use() const { return ram_used_ * int64_t(block_bytes_); }
+  int64_t spill_bytes_in_use() const { return file_used_ * int64_t(block_bytes_); }
+
+ private:
+  bool in_ram(int64_t block) const { return ram_limit_ < 0 || block < ram_limit_; }
+  int64_t file_index(int64_t block) const { return block - ram_limit_; }
+
+  size_t block_bytes_;
+  int64_t ram_limit_;                          // blocks; -1 = unbounded
+  std::vector<std::unique_ptr<uint8_t[]>> ram_;  // allocated on first use, kept for reuse
+  std::vector<int64_t> ram_free_;
+  int64_t ram_next_ = 0, ram_used_ = 0;
+  std::string spill_path_;
+  int fd_ = -1;
+  std::vector<int64_t> file_free_;
+  int64_t file_next_ = 0, file_used_ = 0;
+  struct Staged {
+    int64_t block;
+    uint64_t ticket;
+    std::unique_ptr<uint8_t[]> bytes;
+  };
+  std::vector<Staged> staged_;  // file blocks whose bytes are not in the file yet
+};
+
+}  // namespace chunkvale

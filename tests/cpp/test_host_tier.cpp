@@ -1,0 +1,93 @@
+// The host tier's pieces on their own: the block store (memory, then spill file; staged
+// file blocks written out once their backup completed) and the per-layer residency table
+// (slot reuse, LRU victims that have a host copy and are not protected).
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+#include "check.h"
+#include "chunkvale/errors.h"
+#include "host_tier.h"
+#include "residency.h"
+
+using namespace chunkvale;
+
+static void fill(void* p, size_t n, int seed) {
+  auto* b = static_cast<uint8_t*>(p);
+  for (size_t i = 0; i < n; ++i) b[i] = uint8_t(seed * 31 + i * 7);
+}
+
+static bool holds(const void* p, size_t n, int seed) {
+  std::vector<uint8_t> want(n);
+  fill(want.data(), n, seed);
+  return std::memcmp(p, want.data(), n) == 0;
+}
+
+static void host_tier_spills_past_its_memory() {
+  const size_t B = 256;
+  std::string path = "/tmp/chunkvale_test_spill_" + std::to_string(::getpid());
+  std::vector<uint8_t> scratch;
+  {
+    HostTier h(B, 2 * B, path);
+    CHECK(h.available() > 1000);  // a spill file makes it unbounded
+    std::vector<int64_t> blocks;
+    for (int i = 0; i < 5; ++i) {
+      int64_t b = h.alloc();
+      CHECK(b >= 0);
+      fill(h.backup_target(b), B, i);  // what a backend's copy would do
+      h.backup_queued(b, uint64_t(i + 1));
+      blocks.push_back(b);
+    }
+    CHECK(h.ram_bytes_in_use() == int64_t(2 * B) && h.spill_bytes_in_use() == int64_t(3 * B));
+    h.settle(3);  // backups 1..3 done: the file block among them is written out
+    for (int i = 0; i < 5; ++i) CHECK(holds(h.read(blocks[size_t(i)], scratch), B, i));
+    h.settle(5);
+    for (int i = 0; i < 5; ++i) CHECK(holds(h.read(blocks[size_t(i)], scratch), B, i));
+    h.free(blocks[3]);
+    CHECK(h.spill_bytes_in_use() == int64_t(2 * B));
+    int64_t again = h.alloc();
+    CHECK(again == blocks[3]);  // the freed file block is reused
+    CHECK(access(path.c_str(), F_OK) == 0);
+  }
+  CHECK(access(path.c_str(), F_OK) != 0);  // removed with the tier
+
+  HostTier bounded(B, 2 * B, "");
+  CHECK(bounded.available() == 2);
+  CHECK(bounded.alloc() >= 0 && bounded.alloc() >= 0);
+  CHECK(bounded.alloc() == -1);  // full, no file: the caller decides
+  CHECK_THROWS(HostTier(B, 2 * B, "/nonexistent-dir/x"), ValueError, "eviction.spill_path");
+}
+
+static void residency_reuses_slots_and_picks_lru_victims() {
+  Residency r(1, 3, /*chunks=*/10, /*slots=*/2);  // layers 1 and 2 evict
+  CHECK(r.first_layer() == 1);
+  int32_t s0 = r.take_free(1), s1 = r.take_free(1);
+  CHECK(s0 >= 0 && s1 >= 0 && s0 != s1 && r.take_free(1) == -1);
+  r.place(1, 4, s0);
+  r.place(1, 7, s1);
+  r.touch(1, 4, 1);
+  r.touch(1, 7, 2);
+  CHECK(r.slot(1, 4) == s0 && r.slot(2, 4) == -1);  // residency is per layer
+  CHECK(r.victim(1, 3) == -1);                        // no host copies yet: nothing evictable
+  r.set_host(1, 4, 100, 5);
+  r.set_host(1, 7, 101, 6);
+  CHECK(r.victim(1, 3) == 4);  // least recently used
+  r.touch(1, 4, 3);
+  CHECK(r.victim(1, 3) == 7);  // 4 is protected by the current operation
+  r.touch(1, 7, 3);
+  CHECK(r.victim(1, 3) == -1);
+  r.evict(1, 4);
+  CHECK(r.slot(1, 4) == -1 && r.host_block(1, 4) == 100 && r.ticket(1, 4) == 5);
+  CHECK(r.take_free(1) == s0);
+  CHECK_THROWS(r.place(1, 7, s0), std::logic_error, "double placement");
+  CHECK(r.slots_in_use() == 2);
+}
+
+int main() {
+  host_tier_spills_past_its_memory();
+  residency_reuses_slots_and_picks_lru_victims();
+  return finish("host_tier");
+}
