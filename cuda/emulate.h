@@ -151,27 +151,23 @@ inline void launch(dim3 grid, int n, size_t smem_bytes, std::function<void()> bo
 #define gridDim (::chunkvale::cuda::emu::grid_dim())
 inline void __syncthreads() { emu::syncthreads(); }
 
+namespace emu {
+// Every lane publishes v, then reads lane src's (src computed per lane).
 template <typename V>
-inline V __shfl_xor_sync(unsigned, V v, int mask) {
+inline V exchange(V v, int src) {
   static_assert(sizeof(V) <= 64, "");
-  std::memcpy(emu::slot(emu::lane()), &v, sizeof(V));
-  emu::syncwarp();
+  std::memcpy(slot(lane()), &v, sizeof(V));
+  syncwarp();
   V r;
-  std::memcpy(&r, emu::slot(emu::lane() ^ mask), sizeof(V));
-  emu::syncwarp();
+  std::memcpy(&r, slot(src & 31), sizeof(V));
+  syncwarp();
   return r;
 }
-
+}  // namespace emu
 template <typename V>
-inline V __shfl_sync(unsigned, V v, int src) {
-  static_assert(sizeof(V) <= 64, "");
-  std::memcpy(emu::slot(emu::lane()), &v, sizeof(V));
-  emu::syncwarp();
-  V r;
-  std::memcpy(&r, emu::slot(src & 31), sizeof(V));
-  emu::syncwarp();
-  return r;
-}
+inline V __shfl_xor_sync(unsigned, V v, int mask) { return emu::exchange(v, emu::lane() ^ mask); }
+template <typename V>
+inline V __shfl_sync(unsigned, V v, int src) { return emu::exchange(v, src); }
 
 using std::max;
 using std::min;

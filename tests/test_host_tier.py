@@ -156,14 +156,21 @@ def test_small_device_budget_matches_reference_over_random_trees(cv, seed):
     assert refused < 60, refused
 
 
-def test_planted_key_is_recalled_after_eviction(cv, seed):
+def _planted_key_cache(cv, seed, device_chunks):
+    """A random planted-key position and unit direction, and a host-tier cache of
+    `device_chunks` device slots per layer (budget 96 tokens, top-2)."""
     rng = np.random.default_rng(seed)
     where = int(rng.integers(3 * C, 20 * C))
     direction = rng.standard_normal(D)
     direction /= np.linalg.norm(direction)
     cache = cv.KVCache(cv.CacheConfig(
         layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D, chunk_size=C, capacity_chunks=128,
-        eviction=cv.Eviction(budget_tokens=96, topk_chunks=2, dense_layers=0, device_chunks=28)))
+        eviction=cv.Eviction(budget_tokens=96, topk_chunks=2, dense_layers=0, device_chunks=device_chunks)))
+    return rng, where, direction, cache
+
+
+def test_planted_key_is_recalled_after_eviction(cv, seed):
+    rng, where, direction, cache = _planted_key_cache(cv, seed, device_chunks=28)
     planted = {}
     s1, _ = cache.add_sequence(list(range(400)))
     st = cache.plan([(s1, 400)])
@@ -431,13 +438,7 @@ def test_half_precision_recalls_are_bit_identical(cv, seed, dtype):
 def test_after_prefill_the_chunks_the_last_prompt_token_scores_highest_stay(cv, seed):
     """Prefill attends to everything; when its slots are needed afterwards, an over-budget
     sequence gives up first the chunks its last prompt token does not select."""
-    rng = np.random.default_rng(seed)
-    where = int(rng.integers(3 * C, 20 * C))
-    direction = rng.standard_normal(D)
-    direction /= np.linalg.norm(direction)
-    cache = cv.KVCache(cv.CacheConfig(
-        layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D, chunk_size=C, capacity_chunks=128,
-        eviction=cv.Eviction(budget_tokens=96, topk_chunks=2, dense_layers=0, device_chunks=30)))
+    rng, where, direction, cache = _planted_key_cache(cv, seed, device_chunks=30)
     s1, _ = cache.add_sequence(_prompt(400))  # 25 full chunks: 1 sink + 2 window + 22 candidates
     st = cache.plan([(s1, 400)])
     for layer in range(L):

@@ -628,6 +628,27 @@ void KVCache::attention(int layer, uint64_t step, const TensorView& q, const Ten
   if (cfg_.evicts_to_host(layer)) demote_after_prefill(layer, q);
 }
 
+// Scores every request of score_reqs_ (total candidates) into cand_scores_.
+void KVCache::score_requests(int layer, const TensorView& q, size_t total) {
+  cand_scores_.resize(total);
+  size_t off = 0;
+  for (auto& r : score_reqs_) {
+    r.scores = cand_scores_.data() + off;
+    off += r.n;
+  }
+  backend_->score_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), cfg_.eviction.digest);
+}
+
+// order_ = the request's candidate indices, its top-k first (ties go to the later chunk:
+// recency, deterministically).
+void KVCache::rank_candidates(const Backend::ScoreRequest& r, int topk) {
+  const float* sc = r.scores;
+  order_.resize(r.n);
+  for (size_t c = 0; c < r.n; ++c) order_[c] = int32_t(c);
+  std::nth_element(order_.begin(), order_.begin() + std::min<size_t>(size_t(topk), r.n), order_.end(),
+                   [&](int32_t a, int32_t b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a > b); });
+}
+
 // Prefill attends to everything; afterwards an over-budget sequence keeps the chunks that
 // score highest for its last prompt token: the others become the first eviction victims.
 void KVCache::demote_after_prefill(int layer, const TensorView& q) {
@@ -638,8 +659,8 @@ void KVCache::demote_after_prefill(int layer, const TensorView& q) {
   size_t total = 0;
   for (const StepSeq& s : plan_.seqs) {
     const int32_t nch = s.chunk_end - s.chunk_begin;
-    const int32_t lo = std::min(ev.sink_chunks, nch), hi = std::max(lo, nch - ev.window_chunks);
-    if (s.n_new == 1 || s.total() <= ev.budget_tokens || hi - lo <= topk) continue;
+    int64_t lo, hi;  // prefill/extend rows whose sequence selects from its next decode step on
+    if (s.n_new == 1 || !selects(ev, topk, 1, s.total(), nch, lo, hi)) continue;
     Backend::ScoreRequest r;
     r.row = s.row_begin + s.n_new - 1;
     r.slots = plan_.seq_chunks.data() + s.chunk_begin + lo;  // full chunks: their digests exist
@@ -649,19 +670,9 @@ void KVCache::demote_after_prefill(int layer, const TensorView& q) {
   }
   if (score_reqs_.empty()) return;
   auto t0 = std::chrono::steady_clock::now();
-  cand_scores_.resize(total);
-  size_t off = 0;
-  for (auto& r : score_reqs_) {
-    r.scores = cand_scores_.data() + off;
-    off += r.n;
-  }
-  backend_->score_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), ev.digest);
+  score_requests(layer, q, total);
   for (const Backend::ScoreRequest& r : score_reqs_) {
-    const float* sc = r.scores;
-    order_.resize(r.n);
-    for (size_t c = 0; c < r.n; ++c) order_[c] = int32_t(c);
-    std::nth_element(order_.begin(), order_.begin() + topk, order_.end(),
-                     [&](int32_t a, int32_t b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a > b); });
+    rank_candidates(r, topk);
     for (size_t j = size_t(topk); j < r.n; ++j) {
       const int32_t c = r.slots[order_[j]];
       if (res_->slot(layer, c) >= 0) res_->demote(layer, c);
@@ -689,10 +700,9 @@ bool KVCache::select_chunks(int layer, const TensorView& q) {
     const int32_t nch = s.chunk_end - s.chunk_begin;
     keep_[i].assign(size_t(nch), 1);
     // Prefill and extend attend to everything; so does a sequence within budget.
-    if (s.n_new != 1 || s.total() <= ev.budget_tokens) continue;
-    const int32_t lo = std::min(ev.sink_chunks, nch), hi = std::max(lo, nch - ev.window_chunks);
-    if (hi - lo <= topk) continue;
-    cand_lo_[i] = lo;
+    int64_t lo, hi;
+    if (!selects(ev, topk, s.n_new, s.total(), nch, lo, hi)) continue;
+    cand_lo_[i] = int32_t(lo);
     Backend::ScoreRequest r;
     r.row = s.row_begin;
     r.slots = plan_.seq_chunks.data() + s.chunk_begin + lo;
@@ -701,24 +711,11 @@ bool KVCache::select_chunks(int layer, const TensorView& q) {
     total += r.n;
   }
   const bool any = !score_reqs_.empty();
-  if (any) {
-    cand_scores_.resize(total);
-    size_t off = 0;
-    for (auto& r : score_reqs_) {
-      r.scores = cand_scores_.data() + off;
-      off += r.n;
-    }
-    backend_->score_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), ev.digest);
-  }
+  if (any) score_requests(layer, q, total);
   for (size_t i = 0, k = 0; i < B; ++i) {
     if (cand_lo_[i] < 0) continue;
     const Backend::ScoreRequest& r = score_reqs_[k++];
-    const float* sc = r.scores;
-    order_.resize(r.n);
-    for (size_t c = 0; c < r.n; ++c) order_[c] = int32_t(c);
-    // Ties go to the later chunk (recency), deterministically.
-    std::nth_element(order_.begin(), order_.begin() + std::min<size_t>(size_t(topk), r.n), order_.end(),
-                     [&](int32_t a, int32_t b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a > b); });
+    rank_candidates(r, topk);
     auto& keep = keep_[i];
     const int32_t lo = cand_lo_[i];
     for (size_t c = 0; c < r.n; ++c) keep[size_t(lo) + c] = 0;

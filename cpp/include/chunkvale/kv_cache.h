@@ -115,6 +115,8 @@ class KVCache {
   const OpenStep& open_step(uint64_t step, const char* arg) const;
   void release_sequence(Sequence& s);
   bool select_chunks(int layer, const TensorView& q);
+  void score_requests(int layer, const TensorView& q, size_t total);
+  void rank_candidates(const Backend::ScoreRequest& r, int topk);
   // --- host tier ---
   void free_chunk(int32_t chunk);       // pool slot, device slots and host copies
   void drop_residency(int32_t chunk);
