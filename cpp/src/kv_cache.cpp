@@ -237,9 +237,13 @@ void KVCache::make_resident(int layer, int32_t chunk, uint64_t stamp) {
   const int64_t b = res_->host_block(layer, chunk);
   const int32_t s = device_slot_for(layer, chunk, stamp);
   if (b < 0) return;  // first written in this step: nothing to recall
+  recall(layer, chunk, s);
+}
+
+void KVCache::recall(int layer, int32_t chunk, int32_t slot) {
   wait_backup(res_->ticket(layer, chunk));
   host_->settle(backend_->backups_done());
-  backend_->recall(layer, s, host_->read(b, host_scratch_));
+  backend_->recall(layer, slot, host_->read(res_->host_block(layer, chunk), host_scratch_));
   ++recalls_;
   bytes_from_host_ += int64_t(host_->block_bytes());
 }
@@ -323,11 +327,7 @@ void KVCache::copy_chunk_all_layers(int32_t src, int32_t dst, int32_t n_tokens) 
     if (from >= 0) {
       backend_->copy_chunk_layer(l, from, to, n_tokens);
     } else {  // the source is on host only: recall it straight into the copy
-      wait_backup(res_->ticket(l, src));
-      host_->settle(backend_->backups_done());
-      backend_->recall(l, to, host_->read(res_->host_block(l, src), host_scratch_));
-      ++recalls_;
-      bytes_from_host_ += int64_t(host_->block_bytes());
+      recall(l, src, to);
     }
   }
 }

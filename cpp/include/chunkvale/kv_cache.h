@@ -124,6 +124,7 @@ class KVCache {
   void wait_backup(uint64_t ticket);
   int32_t device_slot_for(int layer, int32_t chunk, uint64_t stamp);
   void make_resident(int layer, int32_t chunk, uint64_t stamp);
+  void recall(int layer, int32_t chunk, int32_t slot);  // its host copy into a device slot
   int64_t take_host_block();
   // The plan with chunk ids replaced by the layer's device slots; `need` chunks (the
   // written ones for append, the attended ones for attention) are made resident first.
