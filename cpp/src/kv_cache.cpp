@@ -52,6 +52,8 @@ bool selects(const EvictionConfig& ev, int topk, int64_t n_new, int64_t total, i
 }
 // Step ids are unique across caches, so a step can't be passed to the wrong cache.
 std::atomic<uint64_t> g_next_step_id{1};
+std::atomic<uint64_t> g_next_plan_revision{1};
+void new_revision(StepPlan& p) { p.revision = g_next_plan_revision++; }
 }  // namespace
 
 KVCache::KVCache(const CacheConfig& config)
@@ -68,7 +70,7 @@ KVCache::KVCache(const CacheConfig& config)
   if (cfg_.eviction.host_tier()) {
     backend_->open_host_tier();  // a backend without a host tier refuses here
     host_ = std::make_unique<HostTier>(cfg_.layer_chunk_bytes(), cfg_.eviction.host_bytes,
-                                       cfg_.eviction.spill_path);
+                                       cfg_.eviction.spill_path, backend_->host_memory());
     res_ = std::make_unique<Residency>(std::min(cfg_.eviction.dense_layers, cfg_.layers), cfg_.layers,
                                        cfg_.resolved_capacity(), cfg_.eviction.device_chunks);
   }
@@ -290,6 +292,7 @@ const StepPlan& KVCache::to_device_slots(int layer, const StepPlan& plan, bool f
   xplan_ = plan;
   for (UnitChunk& u : xplan_.unit_chunks) u.slot = res_->slot(layer, u.slot);
   for (int32_t& c : xplan_.seq_chunks) c = res_->slot(layer, c);  // -1: not on the device (unused)
+  new_revision(xplan_);
   residency_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
   return xplan_;
 }
@@ -559,6 +562,7 @@ uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
     ++plan_rebuilds_;
   }
   plan_.id = st->id;
+  new_revision(plan_);
   if (cfg_.eviction.enabled)  // the chunks this step fills, once for every layer's append
     for (const StepSeq& q : plan_.seqs)
       for (int64_t c = q.ctx_before / C; (c + 1) * C <= q.total(); ++c)
@@ -738,6 +742,7 @@ bool KVCache::select_chunks(int layer, const TensorView& q) {
     }
     plan_step(layer_plan_, in, plan_params_);
     layer_plan_.id = plan_.id;
+    new_revision(layer_plan_);
   }
   select_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
   return any;

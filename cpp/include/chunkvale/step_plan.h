@@ -38,7 +38,10 @@ struct WorkUnit {
 };
 
 struct StepPlan {
-  uint64_t id = 0;
+  uint64_t id = 0;          // the step it belongs to
+  // Unique per content the core hands out (a step's plan, a layer's selection, a plan in
+  // one layer's device slots): a backend keeping a device copy re-uploads when it changes.
+  uint64_t revision = 0;
   int32_t num_tokens = 0;
   std::vector<StepSeq> seqs;
   std::vector<int32_t> seq_chunks;     // slots, per StepSeq range
