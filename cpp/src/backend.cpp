@@ -1,5 +1,6 @@
 #include "chunkvale/backend.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -27,6 +28,10 @@ uint64_t Backend::backups_done() const { unsupported(*this, "backup to the host 
 void Backend::wait_backup(uint64_t) { unsupported(*this, "backup to the host tier"); }
 void Backend::recall(int, int32_t, const void*) { unsupported(*this, "recall from the host tier"); }
 void Backend::copy_chunk_layer(int, int32_t, int32_t, int32_t) { unsupported(*this, "per-layer chunk copy"); }
+
+HostMemory plain_host_memory() {
+  return {[](size_t n) { return std::aligned_alloc(64, (n + 63) / 64 * 64); }, [](void* p) { std::free(p); }};
+}
 
 void tile_to_float(const void* src, DType dtype, size_t n, float* dst) {
   const uint8_t* p = static_cast<const uint8_t*>(src);

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <limits>
@@ -12,9 +13,15 @@
 
 namespace chunkvale {
 
-HostTier::HostTier(size_t block_bytes, int64_t ram_bytes, const std::string& spill_path)
+namespace {
+constexpr size_t kSlabBytes = size_t(64) << 20;
+constexpr int64_t kFirstSlabBlocks = 8;
+}  // namespace
+
+HostTier::HostTier(size_t block_bytes, int64_t ram_bytes, const std::string& spill_path, HostMemory memory)
     : block_bytes_(block_bytes),
       ram_limit_(ram_bytes > 0 ? ram_bytes / int64_t(block_bytes) : -1),
+      mem_(std::move(memory)),
       spill_path_(spill_path) {
   if (!spill_path.empty()) {
     fd_ = ::open(spill_path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -25,10 +32,25 @@ HostTier::HostTier(size_t block_bytes, int64_t ram_bytes, const std::string& spi
 }
 
 HostTier::~HostTier() {
+  for (void* p : slabs_) mem_.release(p);
   if (fd_ >= 0) {
     ::close(fd_);
     ::unlink(spill_path_.c_str());  // the file is scratch space of this cache only
   }
+}
+
+void HostTier::grow_ram() {
+  const int64_t have = int64_t(block_ptr_.size());
+  int64_t n = std::max<int64_t>(kFirstSlabBlocks, have);  // doubling
+  n = std::min<int64_t>(n, std::max<int64_t>(1, int64_t(kSlabBytes / block_bytes_)));
+  if (ram_limit_ >= 0) n = std::min(n, ram_limit_ - have);
+  void* p = mem_.alloc(size_t(n) * block_bytes_);
+  if (!p)
+    throw CapacityError("eviction.host_bytes: could not allocate " + std::to_string(size_t(n) * block_bytes_) +
+                        " bytes of host memory for the host tier (" + std::to_string(have) +
+                        " blocks in use); lower eviction.host_bytes or set eviction.spill_path");
+  slabs_.push_back(p);
+  for (int64_t i = 0; i < n; ++i) block_ptr_.push_back(static_cast<uint8_t*>(p) + size_t(i) * block_bytes_);
 }
 
 int64_t HostTier::alloc() {
@@ -39,7 +61,7 @@ int64_t HostTier::alloc() {
     return b;
   }
   if (ram_limit_ < 0 || ram_next_ < ram_limit_) {
-    ram_.emplace_back(new uint8_t[block_bytes_]);
+    if (ram_next_ == int64_t(block_ptr_.size())) grow_ram();
     ++ram_used_;
     return ram_next_++;
   }
@@ -74,7 +96,7 @@ int64_t HostTier::available() const {
 }
 
 void* HostTier::backup_target(int64_t block) {
-  if (in_ram(block)) return ram_[size_t(block)].get();
+  if (in_ram(block)) return block_ptr_[size_t(block)];
   // Not written out before backup_queued gives the real ticket.
   staged_.push_back({block, std::numeric_limits<uint64_t>::max(),
                      std::unique_ptr<uint8_t[]>(new uint8_t[block_bytes_])});
@@ -104,7 +126,7 @@ void HostTier::settle(uint64_t done) {
 }
 
 const void* HostTier::read(int64_t block, std::vector<uint8_t>& scratch) {
-  if (in_ram(block)) return ram_[size_t(block)].get();
+  if (in_ram(block)) return block_ptr_[size_t(block)];
   for (const Staged& s : staged_)
     if (s.block == block) return s.bytes.get();
   scratch.resize(block_bytes_);

@@ -10,13 +10,16 @@
 #include <string>
 #include <vector>
 
+#include "chunkvale/backend.h"
+
 namespace chunkvale {
 
 class HostTier {
  public:
   // ram_bytes: 0 = unbounded; spill_path: "" = no file. Throws ValueError naming
   // eviction.spill_path when the file can't be created.
-  HostTier(size_t block_bytes, int64_t ram_bytes, const std::string& spill_path);
+  HostTier(size_t block_bytes, int64_t ram_bytes, const std::string& spill_path,
+           HostMemory memory = plain_host_memory());
   ~HostTier();
   HostTier(const HostTier&) = delete;
   HostTier& operator=(const HostTier&) = delete;
@@ -44,9 +47,15 @@ class HostTier {
   bool in_ram(int64_t block) const { return ram_limit_ < 0 || block < ram_limit_; }
   int64_t file_index(int64_t block) const { return block - ram_limit_; }
 
+  void grow_ram();  // one more slab of blocks (doubling, up to kSlabBytes)
+
   size_t block_bytes_;
   int64_t ram_limit_;                          // blocks; -1 = unbounded
-  std::vector<std::unique_ptr<uint8_t[]>> ram_;  // allocated on first use, kept for reuse
+  HostMemory mem_;
+  // Host memory comes in slabs (few, large allocations: pinned ones are slow to make),
+  // allocated on first use and kept for reuse.
+  std::vector<void*> slabs_;
+  std::vector<uint8_t*> block_ptr_;            // every block handed out so far
   std::vector<int64_t> ram_free_;
   int64_t ram_next_ = 0, ram_used_ = 0;
   std::string spill_path_;

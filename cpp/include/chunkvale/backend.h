@@ -3,11 +3,21 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include "chunkvale/config.h"
 #include "chunkvale/step_plan.h"
 #include "chunkvale/tensor.h"
 
 namespace chunkvale {
+
+// Where the host tier's memory comes from: the backend's copy engine may need its own kind
+// (CUDA: pinned, so copies run asynchronously). `release` must not need the backend alive:
+// the host tier outlives it.
+struct HostMemory {
+  std::function<void*(size_t)> alloc;  // null when out of memory
+  std::function<void(void*)> release;
+};
+HostMemory plain_host_memory();  // 64-byte aligned malloc
 
 class Backend {
  public:
@@ -51,6 +61,7 @@ class Backend {
   // layer's own CacheConfig::layer_slots(layer) device slots.
   // Prepares the asynchronous copy engine (CPU: a worker thread; CUDA: a copy stream).
   virtual void open_host_tier();
+  virtual HostMemory host_memory() const { return plain_host_memory(); }
   // Queues a copy of (layer, slot) to `host_dst` and returns its ticket (1, 2, ...).
   // Backups complete in ticket order; the slot must not be written or reused, and
   // host_dst must stay valid, until wait_backup(ticket) returned or backups_done() >= ticket.
