@@ -30,6 +30,59 @@ except ImportError:  # pragma: no cover
 
 DTYPES = ("float32", "float16", "bfloat16")
 
+
+# --------------------------------------------------------------------------------------
+# budgeted attention: digests, bounds and the chunks a decode row keeps (docs/API.md)
+# --------------------------------------------------------------------------------------
+
+
+def digest_reference(keys, kind):
+    """keys [C, D] float64 -> the two digest vectors chunkvale documents."""
+    lo, hi = keys.min(0), keys.max(0)
+    if kind == "cuboid_max":
+        return lo, hi
+    centre = (lo + hi) / 2
+    if kind == "cuboid_mean":
+        return centre, np.abs(keys - centre).mean(0)
+    radius = np.sqrt(((keys - centre) ** 2).sum(1)).max()
+    return centre, np.r_[radius, np.zeros(keys.shape[1] - 1)]
+
+
+def bound_reference(q, d0, d1, kind):
+    """Upper bound of q.k over a chunk from its digest (q: [D])."""
+    if kind == "cuboid_max":
+        return np.maximum(q * d0, q * d1).sum()
+    if kind == "cuboid_mean":
+        return q @ d0 + np.abs(q) @ d1
+    return q @ d0 + np.linalg.norm(q) * d1[0]
+
+
+def chunk_scores_reference(K, q, chunks, kind, chunk):
+    """Score of each chunk index for one decode row: the bound per query head against its KV
+    head's digest, summed (K: [n, kv_heads, D]; q: [q_heads, D])."""
+    group = q.shape[0] // K.shape[1]
+    out = []
+    for c in chunks:
+        s = 0.0
+        for h in range(q.shape[0]):
+            d0, d1 = digest_reference(K[c * chunk:(c + 1) * chunk, h // group], kind)
+            s += bound_reference(q[h], d0, d1, kind)
+        out.append(s)
+    return np.array(out)
+
+
+def kept_chunks_reference(K, q, total, kind, budget, topk, *, chunk, sink, window):
+    """Chunk indices the documented policy attends for one decode row: sinks, the window
+    and the top-k candidates by score (ties to the later chunk); all when within budget."""
+    nch = -(-total // chunk)
+    lo = min(sink, nch)
+    hi = max(lo, nch - window)
+    if total <= budget or hi - lo <= topk:
+        return list(range(nch))
+    scores = chunk_scores_reference(K, q, range(lo, hi), kind, chunk)
+    best = sorted(range(len(scores)), key=lambda i: (-scores[i], -i))[:topk]
+    return list(range(lo)) + sorted(lo + b for b in best) + list(range(hi, nch))
+
 # --------------------------------------------------------------------------------------
 # the reference
 # --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reference import attention_reference
+from reference import attention_reference, digest_reference, kept_chunks_reference
 
 L, HQ, HKV, D, C = 3, 4, 2, 64, 16
 
@@ -25,40 +25,12 @@ def _cfg(cv, *, budget=None, digest="cuboid_max", topk=3, dense_layers=1, share_
 
 
 def _digest(keys, kind):
-    """keys [C, D] float64 -> the two digest vectors chunkvale documents."""
-    lo, hi = keys.min(0), keys.max(0)
-    if kind == "cuboid_max":
-        return lo, hi
-    centre = (lo + hi) / 2
-    if kind == "cuboid_mean":
-        return centre, np.abs(keys - centre).mean(0)
-    radius = np.sqrt(((keys - centre) ** 2).sum(1)).max()
-    return centre, np.r_[radius, np.zeros(D - 1)]
-
-
-def _bound(q, d0, d1, kind):
-    if kind == "cuboid_max":
-        return np.maximum(q * d0, q * d1).sum()
-    if kind == "cuboid_mean":
-        return q @ d0 + np.abs(q) @ d1
-    return q @ d0 + np.linalg.norm(q) * d1[0]
+    return digest_reference(keys, kind)
 
 
 def _kept_chunks(K, q, total, kind, budget, topk):
     """Chunk indices the documented policy attends for one decode row (q: [HQ, D])."""
-    nch = -(-total // C)
-    lo, hi = min(1, nch), max(min(1, nch), nch - 2)
-    if total <= budget or hi - lo <= topk:
-        return list(range(nch))
-    scores = []
-    for c in range(lo, hi):
-        s = 0.0
-        for h in range(HQ):
-            d0, d1 = _digest(K[c * C:(c + 1) * C, h // (HQ // HKV)], kind)
-            s += _bound(q[h], d0, d1, kind)
-        scores.append(s)
-    best = sorted(range(len(scores)), key=lambda i: (-scores[i], -i))[:topk]
-    return list(range(lo)) + sorted(lo + b for b in best) + list(range(hi, nch))
+    return kept_chunks_reference(K, q, total, kind, budget, topk, chunk=C, sink=1, window=2)
 
 
 class Run:
