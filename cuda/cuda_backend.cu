@@ -11,6 +11,7 @@
 #include "pool_kernels.cuh"
 #include "chunkvale/errors.h"
 #include "cuda_api.h"
+#include "cuda_check.h"
 
 namespace chunkvale {
 
@@ -28,51 +29,12 @@ int cuda_runtime_device_count() {
 namespace cuda {
 namespace {
 
-[[noreturn]] void throw_cuda(cudaError_t e, const char* what) {
-  throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorName(e) + " (" +
-                           cudaGetErrorString(e) + ")");
-}
-#define CV_CUDA(expr, what)                     \
-  do {                                          \
-    cudaError_t e_ = (expr);                    \
-    if (e_ != cudaSuccess) throw_cuda(e_, what); \
-  } while (0)
-
-// Makes the cache's device current for one call and restores the caller's.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int dev) {
-    CV_CUDA(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ != dev) CV_CUDA(cudaSetDevice(dev), "cudaSetDevice");
-    else prev_ = -1;
-  }
-  ~DeviceGuard() {
-    if (prev_ >= 0) (void)cudaSetDevice(prev_);
-  }
-
- private:
-  int prev_ = -1;
-};
-
-bool is_capturing(cudaStream_t s) {
-  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(s, &st) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return st != cudaStreamCaptureStatusNone;
-}
-
 bool head_dim_supported(int D) {
 #ifdef CHUNKVALE_CUDA_LEAN
   return D == 64 || D == 128 || D == 256;
 #else
   return D == 64 || D == 80 || D == 96 || D == 128 || D == 256;
 #endif
-}
-
-int grid_for(int64_t work, int threads) {
-  return int(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, 65536)));
 }
 
 float bf16_to_float(uint16_t b) {
@@ -96,9 +58,6 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
   if (!head_dim_supported(cfg.head_dim))
     throw ValueError("head_dim: the CUDA backend has kernels for head_dim 64, 80, 96, 128, 256, got " +
                      std::to_string(cfg.head_dim));
-  if (cfg.eviction.enabled)
-    throw ValueError("eviction: budgeted attention (chunk digests and scoring) is not implemented on the "
-                     "CUDA backend yet; construct the cache without eviction, or with device='cpu'");
   if (cfg.group() > 64)
     throw ValueError("q_heads: the CUDA backend supports up to 64 query heads per KV head, got " +
                      std::to_string(cfg.group()));
@@ -114,7 +73,13 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
                      " (" + prop.name + ")");
   sm_count_ = prop.multiProcessorCount;
   slot_stride_ = size_t(2) * cfg.kv_heads * cfg.chunk_size * cfg.head_dim;
-  const size_t bytes = size_t(cfg.layers) * size_t(slots) * slot_stride_ * 2;
+  size_t elems = 0;
+  for (int l = 0; l < cfg.layers; ++l) {
+    layer_offset_.push_back(elems);
+    // `slots` is the logical capacity; layers that evict hold only their device slots.
+    elems += size_t(cfg.evicts_to_host(l) ? cfg.layer_slots(l) : slots) * slot_stride_;
+  }
+  const size_t bytes = elems * 2;
   cudaError_t e = cudaMalloc(&pool_, bytes);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
@@ -125,6 +90,18 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
   }
   try {
     CV_CUDA(cudaMemset(pool_, 0, bytes), "cudaMemset(pool)");
+    if (cfg.eviction.enabled) {
+      const size_t dbytes = size_t(cfg.layers) * size_t(slots) * cfg.kv_heads * 2 * cfg.head_dim * 4;
+      cudaError_t de = cudaMalloc(reinterpret_cast<void**>(&digests_), dbytes);
+      if (de != cudaSuccess) {
+        (void)cudaGetLastError();
+        digests_ = nullptr;
+        throw CapacityError("capacity: could not allocate " + std::to_string(dbytes) +
+                            " bytes of GPU memory for chunk digests (" + cudaGetErrorString(de) +
+                            "); lower capacity_chunks / capacity_bytes");
+      }
+      CV_CUDA(cudaMemset(digests_, 0, dbytes), "cudaMemset(digests)");
+    }
     // The memset runs on the legacy stream; a caller's non-blocking stream would not wait.
     CV_CUDA(cudaDeviceSynchronize(), "cudaDeviceSynchronize (pool init)");
     for (auto& ev : staging_done_) CV_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
@@ -133,6 +110,7 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
     for (auto& ev : staging_done_)
       if (ev) cudaEventDestroy(ev);
     if (last_done_) cudaEventDestroy(last_done_);
+    if (digests_) cudaFree(digests_);
     cudaFree(pool_);
     throw;
   }
@@ -171,12 +149,22 @@ CudaBackend::~CudaBackend() {
   if (part_ml_) (void)cudaFree(part_ml_);
   if (part_o_) (void)cudaFree(part_o_);
   if (pool_) (void)cudaFree(pool_);
+  if (digests_) (void)cudaFree(digests_);
+  if (qsum_) (void)cudaFree(qsum_);
+  if (scores_dev_) (void)cudaFree(scores_dev_);
+  if (scores_host_) (void)cudaFreeHost(scores_host_);
+  if (ready_) (void)cudaEventDestroy(ready_);
+  for (const Ticket& t : in_flight_) (void)cudaEventDestroy(t.done);
+  for (cudaEvent_t e : free_events_) (void)cudaEventDestroy(e);
+  if (copy_stream_) (void)cudaStreamDestroy(copy_stream_);
   (void)cudaGetLastError();
 }
 
 cudaStream_t CudaBackend::stream() const { return reinterpret_cast<cudaStream_t>(cuda_api::thread_stream()); }
 
-size_t CudaBackend::layer_offset(int layer) const { return size_t(layer) * size_t(slots_) * slot_stride_; }
+uint16_t* CudaBackend::slot_ptr(int layer, int32_t slot) const {
+  return static_cast<uint16_t*>(pool_) + layer_offset(layer) + size_t(slot) * slot_stride_;
+}
 
 void CudaBackend::check_tensor(const TensorView& t, const char* arg) const {
   if (t.device_id != device_)
@@ -209,7 +197,7 @@ void CudaBackend::grow_device(void** ptr, size_t* cap, size_t need, cudaStream_t
 }
 
 void CudaBackend::ensure_plan(const StepPlan& plan, cudaStream_t s) {
-  if (plan_valid_ && plan.id == plan_id_) return;
+  if (plan_valid_ && plan.revision == plan_rev_) return;
   plan_valid_ = false;
   PlanBuildParams bp;
   bp.chunk_size = cfg_.chunk_size;
@@ -277,7 +265,7 @@ void CudaBackend::ensure_plan(const StepPlan& plan, cudaStream_t s) {
   dev_layout_ = layout_;
   // A captured copy has not run yet: the next plan is uploaded whole.
   dev_layout_valid_ = !capturing;
-  plan_id_ = plan.id;
+  plan_rev_ = plan.revision;
   plan_valid_ = true;
 }
 
@@ -293,6 +281,7 @@ void CudaBackend::append(int layer, const StepPlan& plan, const TensorView& k, c
   check_tensor(k, "k");
   check_tensor(v, "v");
   cudaStream_t s = stream();
+  if (cfg_.eviction.enabled) refuse_capture(s, "append");
   order_after_previous(s);
   ensure_plan(plan, s);
   if (plan.num_tokens == 0) return;
@@ -315,6 +304,10 @@ void CudaBackend::append(int layer, const StepPlan& plan, const TensorView& k, c
 
 void CudaBackend::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
   if (n_tokens <= 0 || src == dst) return;
+  if (cfg_.eviction.host_tier()) {  // layers hold different slot counts: no common stride
+    for (int l = 0; l < cfg_.layers; ++l) copy_chunk_layer(l, src, dst, n_tokens);
+    return;
+  }
   DeviceGuard g(device_);
   CopyParams cp;
   cp.pool = static_cast<uint16_t*>(pool_);
@@ -344,6 +337,7 @@ void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q
     throw ValueError("lse: expected a tensor on cuda:" + std::to_string(device_) + ", got cuda:" +
                      std::to_string(lse->device_id));
   cudaStream_t s = stream();
+  if (cfg_.eviction.enabled) refuse_capture(s, "attention");
   order_after_previous(s);
   ensure_plan(plan, s);
   if (plan.num_tokens == 0) return;

@@ -6,11 +6,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <deque>
 #include <mutex>
 #include <vector>
 
 #include "chunkvale/backend.h"
 #include "device_plan.h"
+#include "upload_ring.h"
 
 namespace chunkvale {
 namespace cuda {
@@ -27,6 +29,22 @@ class CudaBackend final : public Backend {
                  const TensorView* lse) override;
   void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const override;
 
+  // Eviction (cuda_eviction.cu): digests live on the device; scores come back to the host,
+  // where the core selects (one stream synchronisation per scored layer and step).
+  void update_digests(int layer, const int32_t* chunks, const int32_t* slots, size_t n, DigestKind kind) override;
+  void score_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
+                    DigestKind kind) override;
+  void read_digest(int layer, int32_t slot, int head, float* dst) const override;
+  // Host tier: backups on a copy stream into pinned memory, one event per ticket; recalls on
+  // the caller's stream.
+  void open_host_tier() override;
+  HostMemory host_memory() const override;
+  uint64_t backup(int layer, int32_t slot, void* host_dst) override;
+  uint64_t backups_done() const override;
+  void wait_backup(uint64_t ticket) override;
+  void recall(int layer, int32_t slot, const void* host_src) override;
+  void copy_chunk_layer(int layer, int32_t src, int32_t dst, int32_t n_tokens) override;
+
   // Counters for tests and notes: plan uploads and their bytes.
   int64_t plan_uploads() const { return uploads_; }
   int64_t plan_upload_bytes() const { return upload_bytes_; }
@@ -38,7 +56,9 @@ class CudaBackend final : public Backend {
   void ensure_plan(const StepPlan& plan, cudaStream_t s);  // refresh the device copy if stale
   void ensure_partials(int32_t p_tok, cudaStream_t s);
   void grow_device(void** ptr, size_t* cap, size_t need, cudaStream_t s, const char* what);
-  size_t layer_offset(int layer) const;  // elements
+  size_t layer_offset(int layer) const { return layer_offset_[size_t(layer)]; }  // elements
+  uint16_t* slot_ptr(int layer, int32_t slot) const;
+  void refuse_capture(cudaStream_t s, const char* what) const;  // eviction needs the host each step
 
   CacheConfig cfg_;
   int64_t slots_;
@@ -46,10 +66,36 @@ class CudaBackend final : public Backend {
   int sm_count_ = 1;
   int items_per_sm_ = 8, min_piece_ = 4;  // CHUNKVALE_CUDA_ITEMS_PER_SM, CHUNKVALE_CUDA_MIN_PIECE (bench/gpu_sweep.py)
   size_t slot_stride_ = 0;  // elements
+  std::vector<size_t> layer_offset_;  // elements; layers that evict to the host hold fewer slots
   void* pool_ = nullptr;
 
+  // Eviction: digests [layers][slots][kv_heads][2][D] float32, scoring buffers.
+  float* digests_ = nullptr;
+  UploadRing uploads_ring_;
+  float* qsum_ = nullptr;
+  size_t qsum_cap_ = 0;  // bytes
+  float* scores_dev_ = nullptr;
+  size_t scores_dev_cap_ = 0;
+  float* scores_host_ = nullptr;  // pinned
+  size_t scores_host_cap_ = 0;
+  std::vector<int32_t> score_pack_;
+
+  // Host tier: the copy stream, a ready event (the caller's stream reached the backup), one
+  // event per ticket in flight (recycled), and the test-only delay per backup.
+  cudaStream_t copy_stream_ = nullptr;
+  cudaEvent_t ready_ = nullptr;
+  struct Ticket {
+    uint64_t ticket;
+    cudaEvent_t done;
+  };
+  mutable std::deque<Ticket> in_flight_;
+  mutable std::vector<cudaEvent_t> free_events_;
+  mutable uint64_t backups_done_ = 0;
+  uint64_t backups_issued_ = 0;
+  int backup_delay_us_ = 0;
+
   // Plan: host pack, shadow of what the device holds, pinned staging (double), device copy.
-  uint64_t plan_id_ = 0;
+  uint64_t plan_rev_ = 0;  // StepPlan::revision of the device copy
   bool plan_valid_ = false;
   std::vector<int32_t> pack_, shadow_;
   PlanLayout layout_, dev_layout_;

@@ -1,0 +1,234 @@
+// Eviction kernels: chunk digests (per layer, chunk and KV head, two float32 D-vectors, the
+// same layout and definitions as the CPU backend) and the digest bound of decode queries.
+// Header so that test_digest_emulation.cpp runs the same source on the CPU.
+//
+// Scoring is split in two: per query row, the group's query heads collapse into two
+// D-vectors per KV head (every bound is linear in them once the sign of q is known), then
+// one warp per candidate chunk takes a dot product with the chunk's digest. The bound of a
+// chunk is thereby read once per candidate, whatever the group size.
+#pragma once
+#include <cstdint>
+
+#ifdef CHUNKVALE_EMULATE
+#include "emulate.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace chunkvale {
+namespace cuda {
+
+constexpr int kDigestThreads = 128;  // digest and score-prep CTAs: 4 warps
+constexpr int kScoreWarps = 4;       // candidates per score CTA
+constexpr int kMaxChunk = 128;       // CacheConfig's largest chunk_size
+
+// The kinds, as DigestKind numbers them.
+constexpr int kCuboidMax = 0, kCuboidMean = 1, kSphere = 2;
+
+template <typename T>
+__device__ __forceinline__ float elem_at(const uint16_t* p) {
+#ifdef CHUNKVALE_EMULATE
+  return elem_to_float<T>(*p);
+#else
+  return __half2float(*reinterpret_cast<const __half*>(p));
+#endif
+}
+#ifndef CHUNKVALE_EMULATE
+template <>
+__device__ __forceinline__ float elem_at<__nv_bfloat16>(const uint16_t* p) {
+  return __bfloat162float(*reinterpret_cast<const __nv_bfloat16*>(p));
+}
+#endif
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
+  return x;
+}
+
+// ---- digests of full chunks: one CTA per (chunk, KV head) ----
+struct DigestParams {
+  const uint16_t* pool_layer;  // the layer's first slot
+  float* digests_layer;        // [chunks][kv_heads][2][D] of the layer
+  const int32_t* chunks;       // digest index (logical chunk) of each entry
+  const int32_t* slots;        // device slot holding its keys
+  int64_t slot_stride;         // elements
+  int32_t kv_heads, C, D, kind;
+};
+
+// cuboid_max: (min, max) per dim. cuboid_mean: box centre, mean |k - centre| per dim.
+// sphere: box centre, radius max_j |k_j - centre| in d1[0] (the rest zero).
+template <typename T>
+__global__ void __launch_bounds__(kDigestThreads) digest_kernel(const DigestParams p) {
+  __shared__ float part[kDigestThreads / 32][kMaxChunk];  // sphere: per-warp partial |k_j - c|^2
+  __shared__ float radius2[kDigestThreads / 32];
+  const int i = int(blockIdx.x), h = int(blockIdx.y), t = int(threadIdx.x);
+  const int C = p.C, D = p.D;
+  const uint16_t* keys = p.pool_layer + int64_t(p.slots[i]) * p.slot_stride + int64_t(h) * C * D;
+  float* d0 = p.digests_layer + (int64_t(p.chunks[i]) * p.kv_heads + h) * 2 * D;
+  float* d1 = d0 + D;
+  // Each thread owns dims t and t + 128 (D <= 256): consecutive threads read consecutive keys' dims.
+  float lo[2], hi[2];
+  for (int r = 0; r < 2; ++r) {
+    const int d = t + r * kDigestThreads;
+    lo[r] = 3.0e38f;
+    hi[r] = -3.0e38f;
+    if (d >= D) continue;
+    for (int j = 0; j < C; ++j) {
+      const float x = elem_at<T>(keys + j * D + d);
+      lo[r] = fminf(lo[r], x);
+      hi[r] = fmaxf(hi[r], x);
+    }
+  }
+  if (p.kind == kCuboidMax) {
+    for (int r = 0; r < 2; ++r) {
+      const int d = t + r * kDigestThreads;
+      if (d < D) {
+        d0[d] = lo[r];
+        d1[d] = hi[r];
+      }
+    }
+    return;
+  }
+  float centre[2];
+  for (int r = 0; r < 2; ++r) centre[r] = 0.5f * (lo[r] + hi[r]);
+  if (p.kind == kCuboidMean) {
+    for (int r = 0; r < 2; ++r) {
+      const int d = t + r * kDigestThreads;
+      if (d >= D) continue;
+      float dev = 0.0f;
+      for (int j = 0; j < C; ++j) dev += fabsf(elem_at<T>(keys + j * D + d) - centre[r]);
+      d0[d] = centre[r];
+      d1[d] = dev / float(C);
+    }
+    return;
+  }
+  // sphere: |k_j - c|^2 summed over dims, per warp then across warps.
+  const int warp = t / 32, lane = t % 32;
+  for (int j = 0; j < C; ++j) {
+    float s = 0.0f;
+    for (int r = 0; r < 2; ++r) {
+      const int d = t + r * kDigestThreads;
+      if (d < D) {
+        const float x = elem_at<T>(keys + j * D + d) - centre[r];
+        s += x * x;
+      }
+    }
+    s = warp_sum(s);
+    if (lane == 0) part[warp][j] = s;
+  }
+  __syncthreads();
+  float m = 0.0f;
+  for (int j = t; j < C; j += kDigestThreads) {
+    float s = 0.0f;
+    for (int w = 0; w < kDigestThreads / 32; ++w) s += part[w][j];
+    m = fmaxf(m, s);
+  }
+  for (int k = 16; k > 0; k >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, k));
+  if (lane == 0) radius2[warp] = m;
+  __syncthreads();
+  for (int r = 0; r < 2; ++r) {
+    const int d = t + r * kDigestThreads;
+    if (d >= D) continue;
+    d0[d] = centre[r];
+    d1[d] = 0.0f;
+  }
+  if (t == 0) {
+    float r2 = 0.0f;
+    for (int w = 0; w < kDigestThreads / 32; ++w) r2 = fmaxf(r2, radius2[w]);
+    d1[0] = sqrtf(r2);
+  }
+}
+
+// ---- score prep: one CTA per scored query row ----
+// Per KV head g: x0, x1 (D each) and n (one float), so that a chunk's bound is
+//   cuboid_max:  x0 . max + x1 . min      (x0 = sum of max(q, 0), x1 = sum of min(q, 0))
+//   cuboid_mean: x0 . centre + x1 . dev   (x0 = sum of q, x1 = sum of |q|)
+//   sphere:      x0 . centre + n * radius (n = sum of |q_h|)
+// summed over the group's query heads.
+struct ScorePrepParams {
+  const uint16_t* q;  // [rows][q_heads][D]
+  const int32_t* rows;
+  float* qsum;        // [requests][kv_heads][2 * D + 1]
+  int32_t q_heads, kv_heads, group, D, kind;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kDigestThreads) score_prep_kernel(const ScorePrepParams p) {
+  const int r = int(blockIdx.x), t = int(threadIdx.x);
+  const int D = p.D, KV = p.kv_heads, G = p.group;
+  const uint16_t* q = p.q + int64_t(p.rows[r]) * p.q_heads * D;
+  float* out = p.qsum + int64_t(r) * KV * (2 * D + 1);
+  for (int e = t; e < KV * D; e += kDigestThreads) {
+    const int g = e / D, d = e % D;
+    float x0 = 0.0f, x1 = 0.0f;
+    for (int h = g * G; h < (g + 1) * G; ++h) {
+      const float x = elem_at<T>(q + int64_t(h) * D + d);
+      if (p.kind == kCuboidMax) {
+        x0 += fmaxf(x, 0.0f);
+        x1 += fminf(x, 0.0f);
+      } else {
+        x0 += x;
+        x1 += fabsf(x);
+      }
+    }
+    out[g * (2 * D + 1) + d] = x0;
+    out[g * (2 * D + 1) + D + d] = x1;
+  }
+  // Norm sums, one warp per KV head.
+  const int warp = t / 32, lane = t % 32;
+  for (int g = warp; g < KV; g += kDigestThreads / 32) {
+    float nsum = 0.0f;
+    for (int h = g * G; h < (g + 1) * G; ++h) {
+      float n2 = 0.0f;
+      for (int d = lane; d < D; d += 32) {
+        const float x = elem_at<T>(q + int64_t(h) * D + d);
+        n2 += x * x;
+      }
+      nsum += sqrtf(warp_sum(n2));
+    }
+    if (lane == 0) out[g * (2 * D + 1) + 2 * D] = nsum;
+  }
+}
+
+// ---- scores: one warp per candidate chunk ----
+struct ScoreParams {
+  const float* digests_layer;  // [chunks][kv_heads][2][D]
+  const float* qsum;           // score_prep_kernel's output
+  const int32_t* cand_req;     // request (qsum row) of each candidate
+  const int32_t* cand_chunk;   // digest index of each candidate
+  float* scores;
+  int64_t n;
+  int32_t kv_heads, D, kind;
+};
+
+__global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(const ScoreParams p) {
+  const int lane = int(threadIdx.x) % 32;
+  const int64_t c = int64_t(blockIdx.x) * kScoreWarps + int64_t(threadIdx.x) / 32;
+  if (c >= p.n) return;
+  const int D = p.D, KV = p.kv_heads;
+  const float* dg = p.digests_layer + int64_t(p.cand_chunk[c]) * KV * 2 * D;
+  const float* qs = p.qsum + int64_t(p.cand_req[c]) * KV * (2 * D + 1);
+  float acc = 0.0f;
+  for (int g = 0; g < KV; ++g) {
+    const float* a = dg + g * 2 * D;  // d0
+    const float* b = a + D;           // d1
+    const float* x0 = qs + g * (2 * D + 1);
+    const float* x1 = x0 + D;
+    for (int d = lane; d < D; d += 32) {
+      if (p.kind == kCuboidMax)
+        acc += x0[d] * b[d] + x1[d] * a[d];
+      else if (p.kind == kCuboidMean)
+        acc += x0[d] * a[d] + x1[d] * b[d];
+      else
+        acc += x0[d] * a[d];
+    }
+    if (p.kind == kSphere && lane == 0) acc += x1[D] * b[0];
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) p.scores[c] = acc;
+}
+
+}  // namespace cuda
+}  // namespace chunkvale

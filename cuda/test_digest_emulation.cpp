@@ -1,0 +1,197 @@
+// The CUDA eviction kernels (digest_kernels.cuh, the same source nvcc builds) run on the CPU
+// through emulate.h and are compared with float64 references of the documented definitions:
+// digests of random key tiles (every kind, fp16 and bf16, head dims 64-256, chunks 16-128,
+// digest index != slot), then the bound of random query rows summed over each KV head's
+// query heads. No GPU needed.
+#define CHUNKVALE_EMULATE 1
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "digest_kernels.cuh"
+
+using namespace chunkvale;
+
+namespace {
+
+int failures = 0;
+#define EXPECT(cond, ...)                                             \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      std::fprintf(stderr, "%s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                              \
+      std::fprintf(stderr, "\n");                                     \
+      ++failures;                                                     \
+    }                                                                 \
+  } while (0)
+
+template <typename T>
+uint16_t bits_of(float x) {
+  uint16_t b;
+  if constexpr (std::is_same<T, __half>::value) {
+    __half h = __float2half_rn(x);
+    std::memcpy(&b, &h, 2);
+  } else {
+    __nv_bfloat16 h = __float2bfloat16_rn(x);
+    std::memcpy(&b, &h, 2);
+  }
+  return b;
+}
+
+bool close(double got, double want, double scale, double rtol) {
+  return std::fabs(got - want) <= rtol * (std::fabs(want) + scale) || (std::isnan(got) && std::isnan(want));
+}
+
+struct Case {
+  int q_heads, kv_heads, D, C;
+};
+
+template <typename T>
+void run_case(const Case& cs, int kind, std::mt19937& rng) {
+  const int KV = cs.kv_heads, D = cs.D, C = cs.C, G = cs.q_heads / cs.kv_heads;
+  const int slots = 7, chunks = 9, n = 5;  // n chunks digested, from shuffled slots
+  std::normal_distribution<float> N(0.0f, 1.0f);
+  const int64_t slot_stride = int64_t(2) * KV * C * D;
+  std::vector<uint16_t> pool(size_t(slots) * slot_stride);
+  for (auto& x : pool) x = bits_of<T>(N(rng) * 2.0f + 0.5f);
+  std::vector<int32_t> chunk_ids = {8, 0, 3, 6, 1}, slot_ids = {2, 6, 0, 5, 3};
+  std::vector<float> digests(size_t(chunks) * KV * 2 * D, std::nanf(""));  // poison
+
+  cuda::DigestParams p;
+  p.pool_layer = pool.data();
+  p.digests_layer = digests.data();
+  p.chunks = chunk_ids.data();
+  p.slots = slot_ids.data();
+  p.slot_stride = slot_stride;
+  p.kv_heads = KV;
+  p.C = C;
+  p.D = D;
+  p.kind = kind;
+  cuda::emu::launch(dim3(unsigned(n), unsigned(KV)), cuda::kDigestThreads, 0, [&] { cuda::digest_kernel<T>(p); });
+
+  for (int i = 0; i < n; ++i)
+    for (int h = 0; h < KV; ++h) {
+      const uint16_t* keys = pool.data() + int64_t(slot_ids[size_t(i)]) * slot_stride + int64_t(h) * C * D;
+      std::vector<double> lo(size_t(D), 1e300), hi(size_t(D), -1e300), c(size_t(D), 0.0), e(size_t(D), 0.0);
+      for (int j = 0; j < C; ++j)
+        for (int d = 0; d < D; ++d) {
+          const double x = cuda::elem_to_float<T>(keys[j * D + d]);
+          lo[size_t(d)] = std::min(lo[size_t(d)], x);
+          hi[size_t(d)] = std::max(hi[size_t(d)], x);
+        }
+      for (int d = 0; d < D; ++d) c[size_t(d)] = 0.5 * (lo[size_t(d)] + hi[size_t(d)]);
+      double r2 = 0.0;
+      for (int j = 0; j < C; ++j) {
+        double s = 0.0;
+        for (int d = 0; d < D; ++d) {
+          const double x = cuda::elem_to_float<T>(keys[j * D + d]) - c[size_t(d)];
+          e[size_t(d)] += std::fabs(x) / C;
+          s += x * x;
+        }
+        r2 = std::max(r2, s);
+      }
+      const float* got = digests.data() + (size_t(chunk_ids[size_t(i)]) * KV + size_t(h)) * 2 * D;
+      for (int d = 0; d < D; ++d) {
+        double w0, w1;
+        if (kind == cuda::kCuboidMax) {
+          w0 = lo[size_t(d)];
+          w1 = hi[size_t(d)];
+        } else if (kind == cuda::kCuboidMean) {
+          w0 = c[size_t(d)];
+          w1 = e[size_t(d)];
+        } else {
+          w0 = c[size_t(d)];
+          w1 = d == 0 ? std::sqrt(r2) : 0.0;
+        }
+        EXPECT(close(got[d], w0, 1e-6, 1e-6) && close(got[D + d], w1, 1e-6, 1e-5),
+               "digest kind %d D%d C%d chunk %d head %d dim %d: got (%g, %g), want (%g, %g)", kind, D, C,
+               chunk_ids[size_t(i)], h, d, got[d], got[D + d], w0, w1);
+      }
+    }
+  // Undigested chunks stay untouched (still poison).
+  for (int ch : {2, 4, 5, 7}) EXPECT(std::isnan(digests[size_t(ch) * KV * 2 * D]), "chunk %d was written", ch);
+
+  // Scores: 3 query rows of 4, each request with its own candidates (repeats allowed).
+  const int rows_total = 4;
+  std::vector<uint16_t> q(size_t(rows_total) * cs.q_heads * D);
+  for (auto& x : q) x = bits_of<T>(N(rng));
+  std::vector<int32_t> rows = {3, 0, 2};
+  std::vector<std::vector<int32_t>> cands = {{8, 0, 3, 6, 1}, {1, 1, 6}, {3}};
+  std::vector<float> qsum(rows.size() * size_t(KV) * (2 * D + 1), std::nanf(""));
+  cuda::ScorePrepParams pp;
+  pp.q = q.data();
+  pp.rows = rows.data();
+  pp.qsum = qsum.data();
+  pp.q_heads = cs.q_heads;
+  pp.kv_heads = KV;
+  pp.group = G;
+  pp.D = D;
+  pp.kind = kind;
+  cuda::emu::launch(dim3(unsigned(rows.size())), cuda::kDigestThreads, 0, [&] { cuda::score_prep_kernel<T>(pp); });
+  std::vector<int32_t> creq, cchunk;
+  for (size_t r = 0; r < cands.size(); ++r)
+    for (int32_t c : cands[r]) {
+      creq.push_back(int32_t(r));
+      cchunk.push_back(c);
+    }
+  std::vector<float> scores(creq.size(), std::nanf(""));
+  cuda::ScoreParams sp;
+  sp.digests_layer = digests.data();
+  sp.qsum = qsum.data();
+  sp.cand_req = creq.data();
+  sp.cand_chunk = cchunk.data();
+  sp.scores = scores.data();
+  sp.n = int64_t(creq.size());
+  sp.kv_heads = KV;
+  sp.D = D;
+  sp.kind = kind;
+  const unsigned blocks = unsigned((creq.size() + cuda::kScoreWarps - 1) / cuda::kScoreWarps);
+  cuda::emu::launch(dim3(blocks), cuda::kScoreWarps * 32, 0, [&] { cuda::score_kernel(sp); });
+  for (size_t c = 0; c < creq.size(); ++c) {
+    const int row = rows[size_t(creq[c])];
+    double want = 0.0, scale = 0.0;
+    for (int h = 0; h < cs.q_heads; ++h) {
+      const float* d0 = digests.data() + (size_t(cchunk[c]) * KV + size_t(h / G)) * 2 * D;
+      const float* d1 = d0 + D;
+      double qq = 0.0;
+      for (int d = 0; d < D; ++d) {
+        const double x = cuda::elem_to_float<T>(q[(size_t(row) * cs.q_heads + size_t(h)) * D + size_t(d)]);
+        qq += x * x;
+        double t;
+        if (kind == cuda::kCuboidMax)
+          t = std::max(x * d0[d], x * d1[d]);
+        else if (kind == cuda::kCuboidMean)
+          t = x * d0[d] + std::fabs(x) * d1[d];
+        else
+          t = x * d0[d];
+        want += t;
+        scale += std::fabs(t);
+      }
+      if (kind == cuda::kSphere) {
+        want += std::sqrt(qq) * d1[0];
+        scale += std::sqrt(qq) * std::fabs(d1[0]);
+      }
+    }
+    EXPECT(std::fabs(scores[c] - want) <= 1e-5 * scale + 1e-5,
+           "score kind %d heads %d/%d D%d: candidate %zu (row %d, chunk %d) got %.7g want %.7g", kind, cs.q_heads,
+           KV, D, c, row, cchunk[c], scores[c], want);
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(std::random_device{}());
+  const Case cases[] = {{4, 2, 64, 16}, {32, 8, 128, 64}, {8, 8, 80, 32}, {16, 2, 256, 128}, {64, 1, 96, 16}};
+  int ran = 0;
+  for (const Case& cs : cases)
+    for (int kind = 0; kind < 3; ++kind) {
+      run_case<__half>(cs, kind, rng);
+      run_case<__nv_bfloat16>(cs, kind, rng);
+      ran += 2;
+    }
+  std::printf("digest/score emulation: %d cases, %d failures\n", ran, failures);
+  return failures ? 1 : 0;
+}
