@@ -145,9 +145,10 @@ class Engine:
     ``eviction``: a :class:`chunkvale.Eviction` for the cache the engine builds (budgeted decode
     attention; with ``device_chunks``, the bounded device tier backed by host memory). When a step
     does not fit the cache (``CapacityError`` from ``plan``: pool or ``device_chunks``), the engine
-    first prefills fewer tokens in that step, then lets the decoding sequences go on without the
-    prefill, and only then preempts the newest request; it raises ``CapacityError`` only when one
-    request alone cannot take a step.
+    first prefills fewer tokens in that step (down to none), then decodes fewer sequences (down to
+    one), and only then preempts the newest request; it raises ``CapacityError`` only when one
+    request alone cannot take a step. With ``device_chunks``, a request that could not take a step
+    even alone is refused at ``submit`` (``ValueError``).
 
     On CPU, start the process with ``OMP_WAIT_POLICY=PASSIVE`` (the CLI sets it): torch's spinning
     OpenMP workers otherwise hold the cores that chunkvale's attention threads need in every layer
@@ -320,7 +321,7 @@ class Engine:
             sampling.check_params(request.temperature, request.top_p)
             if self.max_context and len(prompt) >= self.max_context:
                 raise ValueError(f"prompt: {len(prompt)} tokens, the model's usable context is {self.max_context}")
-            self._check_device_tier(len(prompt), request.max_new_tokens)
+            self._check_device_tier(len(prompt), request.max_new_tokens, request.n)
             stop_ids, stop_strings = set(), []
             for s in request.stop:
                 if isinstance(s, (int, np.integer)) and not isinstance(s, bool):
@@ -384,17 +385,20 @@ class Engine:
             self._running.append(req)
         self._waiting = still_waiting
 
-    def _build_batch(self, prefill_limit: int | None = None):
+    def _build_batch(self, prefill_limit: int | None = None, decode_limit: int | None = None):
         """The step's entries: every decoding sequence, then prompt slices up to the step's token
-        budget, or up to ``prefill_limit`` prompt tokens when a smaller step must be tried."""
+        budget. A smaller step, when the full one does not fit: at most ``decode_limit`` decoding
+        sequences (the oldest) and ``prefill_limit`` prompt tokens."""
         batch, entries, ids, rows = [], [], [], []
         budget = self.max_step_tokens
+        decoding = 0
         # Decoding sequences first: one token each, so prefill never starves generation.
         for req in self._running:
             if req.prefilled < len(req.prompt):
                 continue
             for s in req.seqs:
-                if s.finish_reason is None and budget > 0:
+                if s.finish_reason is None and budget > 0 and (decode_limit is None or decoding < decode_limit):
+                    decoding += 1
                     batch.append(s)
                     entries.append((s.seq, [s.tokens[-1]]))
                     rows.append(len(ids))
@@ -427,23 +431,30 @@ class Engine:
     def _plan(self):
         import chunkvale
 
+        prefill_limit = decode_limit = None
         _, entries, _, _ = self._build_batch()
-        limit = None
+        error = None
         while True:
-            try:
-                return self.cache.plan(entries) if entries else None
-            except chunkvale.CapacityError as e:
-                error = e
-            # The step does not fit (the pool, or with a host tier the device slots of an
-            # evicting layer). Cheapest first: (1) prefill fewer prompt tokens (halving), (2) let
-            # the decoding sequences go on without any prefill this step, (3) preempt.
-            batch, entries, _, _ = self._current
-            prefill = sum(what for s, (_, what) in zip(batch, entries) if isinstance(what, int))
-            if prefill:
-                limit = prefill // 2 if prefill // 2 >= 2 else 0
-                _, entries, _, _ = self._build_batch(limit)
-                if entries:
+            if entries:
+                try:
+                    return self.cache.plan(entries)
+                except chunkvale.CapacityError as e:
+                    error = e
+                # The step does not fit (the pool, or with a host tier the device slots of an
+                # evicting layer). Cheapest first: (1) prefill fewer prompt tokens (halving, down
+                # to none), (2) decode fewer sequences (halving, down to one), (3) preempt.
+                prefill = sum(what for _, what in entries if isinstance(what, int))
+                decoding = sum(1 for _, what in entries if not isinstance(what, int))
+                if prefill:
+                    prefill_limit = prefill // 2 if prefill // 2 >= 2 else 0
+                    _, entries, _, _ = self._build_batch(prefill_limit, decode_limit)
                     continue
+                if decoding > 1:
+                    decode_limit = decoding // 2
+                    _, entries, _, _ = self._build_batch(prefill_limit, decode_limit)
+                    continue
+            elif error is None:
+                return None
             if len(self._running) <= 1:
                 what = ("raise eviction.device_chunks" if "eviction." in str(error)
                         else "raise capacity_tokens (now {} chunks of {} tokens)".format(
@@ -455,28 +466,33 @@ class Engine:
             # sequences are released; its prefix stays cached, so re-admission is cheap).
             self._requeue(self._running.pop())
             self._preemptions += 1
-            limit = None
+            prefill_limit = decode_limit = None
             _, entries, _, _ = self._build_batch()
             if not entries:
                 return None
 
-    def _check_device_tier(self, prompt_tokens: int, max_new_tokens: int) -> None:
+    def _check_device_tier(self, prompt_tokens: int, max_new_tokens: int, n: int) -> None:
         """With a host tier, refuse a request that could not take a step even alone: every chunk
         of a prefill step, and of a decode step of a sequence within ``budget_tokens``, must be
-        on the device at once (in each evicting layer)."""
+        on the device at once (in each evicting layer), next to the partial chunk of every other
+        live sequence (the request's other samples)."""
         ev = self.eviction
         if ev is None or not ev.device_chunks or ev.dense_layers >= self.cache.config.layers:
             return
         # The longest sequence a step of this request attends in full: the prompt (prefill),
         # or a decode step's context (prompt + generated tokens but the last) while within budget.
         longest = max(prompt_tokens, min(prompt_tokens + max_new_tokens - 1, ev.budget_tokens))
-        need = -(-longest // self.chunk_size)
+        need = -(-longest // self.chunk_size) + n - 1
+        if n > 1:  # fork: the parent's partial chunk, one copy per other sample, and the copy source
+            need = max(need, n + 1)
         if need > ev.device_chunks:
             raise ValueError(
-                f"prompt: {prompt_tokens} tokens (+ up to {max_new_tokens} new) need {need} chunks of "
-                f"{self.chunk_size} tokens on the device at once (prefill, and decode within "
-                f"budget_tokens={ev.budget_tokens}, attend to every chunk), but eviction.device_chunks="
-                f"{ev.device_chunks}; raise device_chunks, lower budget_tokens, or shorten the request")
+                f"prompt: {prompt_tokens} tokens (+ up to {max_new_tokens} new"
+                f"{f', n={n} samples' if n > 1 else ''}) need up to {need} chunks of {self.chunk_size} tokens "
+                f"on the device at once (prefill, and decode within budget_tokens={ev.budget_tokens}, "
+                f"attend to every chunk{'; each other sample keeps its partial chunk there' if n > 1 else ''}), but "
+                f"eviction.device_chunks={ev.device_chunks}; raise device_chunks, lower budget_tokens, "
+                f"or shorten the request")
 
     def _requeue(self, req: _Req) -> None:
         """Release a running request's sequences and queue it again from scratch (front of the
