@@ -152,3 +152,45 @@ def test_engine_eviction_argument_is_checked(model):
         Engine(model, chunk_size=C, eviction=evict(budget_tokens=64, device_chunks=2))
     eng = Engine(model, chunk_size=C, eviction=evict(budget_tokens=64))
     assert eng.eviction.budget_tokens == 64
+
+
+def test_admission_waits_while_partial_chunk_copies_do_not_fit(model):
+    # Six prompts share a 20-token head: each admission copies its 4-token partial chunk, and
+    # every live sequence's partial chunk stays on the device. With 4 device chunks a copy often
+    # does not fit; those requests wait and still reuse the head when admitted.
+    head = rand_tokens(20, 50)
+    reqs = [Request(token_ids=head + rand_tokens(6, 51 + i), max_new_tokens=10) for i in range(6)]
+    kw = dict(budget_tokens=48, sink_chunks=1, window_chunks=1, topk_chunks=1)
+    budgeted, _ = serve(model, reqs, evict(**kw))
+    eng = Engine(model, chunk_size=C, capacity_tokens=4096, eviction=evict(**kw, device_chunks=4))
+    refused = []
+    real = eng.cache.add_sequence
+
+    def add_sequence(tokens, namespace="", max_reuse=None):
+        try:
+            return real(tokens, namespace=namespace, max_reuse=max_reuse)
+        except chunkvale.CapacityError:
+            refused.append(max_reuse)
+            raise
+
+    eng.cache.add_sequence = add_sequence
+    results = eng.generate(reqs, progress=False)
+    assert refused  # the situation under test happened
+    assert [[s.token_ids for s in r.samples] for r in results] == budgeted
+    assert [r.metrics.prefix_tokens_reused for r in results] == [0] + [20] * 5
+
+
+def test_alone_a_partial_chunk_that_cannot_be_copied_is_computed(model):
+    # device_chunks=1: the cached 16-token chunk matches 10 tokens of the next prompt, but a
+    # copy needs a second device slot (copy and source); the engine reuses nothing and computes.
+    x = rand_tokens(16, 60)
+    y = x[:10] + rand_tokens(3, 61)
+    kw = dict(budget_tokens=32, sink_chunks=0, window_chunks=1, topk_chunks=0)
+    outs = []
+    for ev in (evict(**kw), evict(**kw, device_chunks=1)):
+        eng = Engine(model, chunk_size=C, capacity_tokens=4096, eviction=ev)
+        eng.generate([Request(token_ids=x, max_new_tokens=1)], progress=False)
+        res = eng.generate([Request(token_ids=y, max_new_tokens=4)], progress=False)[0]
+        outs.append((res.samples[0].token_ids, res.metrics.prefix_tokens_reused))
+    assert outs[0][1] == 10 and outs[1][1] == 0
+    assert outs[1][0] == outs[0][0]

@@ -363,8 +363,10 @@ class Engine:
         import chunkvale
 
         still_waiting = []
+        full_up = False
         for req in self._waiting:
-            if self._live_seqs() + req.request.n > self.max_batch_size or self._shares_inflight_prefill(req):
+            if (full_up or self._live_seqs() + req.request.n > self.max_batch_size
+                    or self._shares_inflight_prefill(req)):
                 still_waiting.append(req)
                 continue
             # max_reuse: the last prompt token is always computed, its logits give the first token.
@@ -372,8 +374,14 @@ class Engine:
                 seq, n_cached = self.cache.add_sequence(req.prompt, namespace=req.request.namespace,
                                                         max_reuse=len(req.prompt) - 1)
             except chunkvale.CapacityError:
-                # Reusing a partial chunk needs a copy in a free slot (and, with a host tier, on the
-                # device). Reuse whole chunks only and compute the rest instead; that needs no copy.
+                # Reusing a partial chunk needs a copy in a free slot (and, with a host tier, a
+                # device slot next to every live sequence's partial chunk). While others run, the
+                # cache is full: wait (in order) rather than be preempted at once. Alone, reuse whole
+                # chunks only and compute the rest: that needs no copy.
+                if self._running:
+                    full_up = True
+                    still_waiting.append(req)
+                    continue
                 full = (len(req.prompt) - 1) // self.chunk_size * self.chunk_size
                 seq, n_cached = self.cache.add_sequence(req.prompt, namespace=req.request.namespace,
                                                         max_reuse=full)
