@@ -69,6 +69,18 @@ def eviction_from_args(args, error):
                     **kwargs)
 
 
+_FLAG_OF_FIELD = {"budget_tokens": "--kv-budget", "device_chunks": "--device-kv-tokens", "host_bytes": "--host-bytes",
+                  "spill_path": "--spill-path", **{f: "--" + f.replace("_", "-") for f in _EVICTION_FIELDS}}
+
+
+def _name_the_flag(message: str) -> str:
+    """The core names an Eviction field ("eviction.window_chunks: ..."); say which flag set it."""
+    field = message.split(":", 1)[0].removeprefix("eviction.")
+    if message.startswith("eviction.") and field in _FLAG_OF_FIELD:
+        return f"{_FLAG_OF_FIELD[field]}: {message}"
+    return message
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chunkvale", description="Prefix-sharing KV cache for LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return bench_cmd.run(args)
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError, KeyError) as e:
         # Bad input is reported as one line naming what was wrong, not as a traceback.
-        print(f"chunkvale {args.command}: error: {e}", file=sys.stderr)
+        print(f"chunkvale {args.command}: error: {_name_the_flag(str(e))}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)
 
