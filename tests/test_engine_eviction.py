@@ -194,3 +194,37 @@ def test_alone_a_partial_chunk_that_cannot_be_copied_is_computed(model):
         outs.append((res.samples[0].token_ids, res.metrics.prefix_tokens_reused))
     assert outs[0][1] == 10 and outs[1][1] == 0
     assert outs[1][0] == outs[0][0]
+
+
+def test_a_fork_that_does_not_fit_preempts_a_newer_request(model):
+    # B's 4 samples fork next to A's partial chunk: 2 live partial chunks + 3 copies + the copy
+    # source = 6 > 5 device chunks. The engine preempts A (it restarts later, same tokens).
+    kw = dict(budget_tokens=48, sink_chunks=1, window_chunks=1, topk_chunks=1)
+    a = Request(token_ids=rand_tokens(20, 70), max_new_tokens=30)
+    b = Request(token_ids=rand_tokens(20, 71), max_new_tokens=5, n=4, temperature=1.0, seed=5)
+    outs = []
+    for ev in (evict(**kw), evict(**kw, device_chunks=5)):
+        eng = Engine(model, chunk_size=C, capacity_tokens=4096, eviction=ev)
+        refused = []
+        real = eng.cache.fork
+
+        def fork(seq, n, real=real, refused=refused):
+            try:
+                return real(seq, n)
+            except chunkvale.CapacityError:
+                refused.append(seq)
+                raise
+
+        eng.cache.fork = fork
+        ia = eng.submit(a)
+        eng.step()
+        eng.step()  # A decodes, with a partial chunk, when B arrives
+        ib = eng.submit(b)
+        done = {}
+        while eng.has_work():
+            done.update({r.index: r for r in eng.step()})
+        outs.append(([[s.token_ids for s in done[i].samples] for i in (ia, ib)], len(refused),
+                     eng.metrics().preemptions))
+    assert outs[0][1:] == (0, 0)
+    assert outs[1][1] >= 1 and outs[1][2] >= 1
+    assert outs[1][0] == outs[0][0]
