@@ -120,6 +120,91 @@ def test_generate_names_a_model_dir_without_tokenizer(model_dir, tmp_path, capsy
     assert "has no usable tokenizer" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--digest", "sphere"], "--digest: configure eviction, which needs --kv-budget TOKENS (not given)"),
+    (["--sink-chunks", "2", "--device-kv-tokens", "256"],
+     "--sink-chunks, --device-kv-tokens: configure eviction, which needs --kv-budget"),
+    (["--kv-budget", "512", "--host-bytes", "4096"],
+     "--host-bytes: bounds the host tier, which needs --device-kv-tokens"),
+    (["--kv-budget", "512", "--device-kv-tokens", "256", "--spill-path", "x.bin"],
+     "--spill-path: holds host copies past --host-bytes, which is not given"),
+    (["--kv-budget", "512", "--device-kv-tokens", "32"],
+     "--device-kv-tokens: expected at least one chunk (--chunk-size 64 tokens), got 32"),
+    (["--kv-budget", "0"], "argument --kv-budget: expected an integer >= 1, got 0"),
+    (["--kv-budget", "lots"], "argument --kv-budget: expected an integer >= 1, got 'lots'"),
+    (["--kv-budget", "512", "--window-chunks", "-1"], "argument --window-chunks: expected an integer >= 0, got -1"),
+    (["--kv-budget", "512", "--digest", "cube"], "argument --digest: invalid choice: 'cube'"),
+])
+def test_generate_eviction_flag_errors_name_the_flag(tmp_path, capsys, flags, message):
+    # Checked before the prompts file or the model are read.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--prompts", str(tmp_path / "never-read.jsonl"), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "chunkvale generate: error:" in err and message in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    # The core's checks, which need the chunk size and the model: the flag leads the message.
+    (["--kv-budget", "100"], "--kv-budget: eviction.budget_tokens: expected at least (sink_chunks + window_chunks + 1) "
+                             "* chunk_size = 256, got 100"),
+    (["--kv-budget", "4096", "--device-kv-tokens", "128"], "--device-kv-tokens: eviction.device_chunks: "),
+])
+def test_generate_core_eviction_errors_name_the_flag(model_dir, tmp_path, capsys, flags, message):
+    prompts = tmp_path / "in.jsonl"
+    write_jsonl(prompts, [{"prompt": "hi"}])
+    assert cli.main(["generate", "--model", str(model_dir), "--prompts", str(prompts), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"chunkvale generate: error: {message}" in err and "Traceback" not in err
+
+
+def test_generate_eviction_flags_build_the_eviction_config():
+    from chunkvale import Eviction
+
+    args = cli._parser().parse_args(["generate", "--prompts", "p.jsonl", "--chunk-size", "32", "--kv-budget", "1024",
+                                     "--digest", "sphere", "--sink-chunks", "2", "--window-chunks", "3",
+                                     "--topk-chunks", "0", "--dense-layers", "1", "--device-kv-tokens", "1000",
+                                     "--host-bytes", "65536", "--spill-path", "s.bin"])
+    # 1000 tokens round down to 31 chunks of 32; --topk-chunks 0 stays 0 (sink + window only).
+    assert cli.eviction_from_args(args, pytest.fail) == Eviction(
+        budget_tokens=1024, sink_chunks=2, window_chunks=3, topk_chunks=0, digest="sphere", dense_layers=1,
+        host_bytes=65536, spill_path="s.bin", device_chunks=31)
+    args = cli._parser().parse_args(["generate", "--prompts", "p.jsonl", "--kv-budget", "700"])
+    assert cli.eviction_from_args(args, pytest.fail) == Eviction(budget_tokens=700)
+    args = cli._parser().parse_args(["generate", "--prompts", "p.jsonl"])
+    assert cli.eviction_from_args(args, pytest.fail) is None
+
+
+def test_generate_with_eviction_and_a_host_tier(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "in.jsonl"
+    n_words = len(WORDS)
+    write_jsonl(prompts, [{"token_ids": [(7 * i + 3 * r) % n_words for i in range(80)], "id": r} for r in range(3)])
+    common = ["generate", "--model", str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "8",
+              "--chunk-size", "16", "--no-progress", "--threads", "1"]
+    budget = ["--kv-budget", "48", "--dense-layers", "1", "--sink-chunks", "1", "--window-chunks", "1",
+              "--topk-chunks", "1"]
+
+    def run(*flags):
+        out = tmp_path / "out.jsonl"
+        assert cli.main([*common, "--out", str(out), *flags]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        return [r["samples"][0]["token_ids"] for r in rows], capsys.readouterr().err
+
+    dense, err = run()
+    assert "eviction" not in err
+    budgeted, err = run(*budget)
+    assert budgeted != dense  # 80-token prompts over a 48-token budget: chunks are left out
+    assert "eviction (budget 48 tokens):" in err and "scored chunks left out of attention" in err
+    assert "host tier" not in err
+    # 6 device chunks (96 tokens) hold one prompt (5 chunks) at a time; host copies past two
+    # blocks go to the spill file. Same tokens: the host tier never changes what is attended.
+    tiered, err = run(*budget, "--device-kv-tokens", "100", "--host-bytes", "40000",
+                      "--spill-path", str(tmp_path / "spill.bin"))
+    assert tiered == budgeted
+    assert "host tier (6 device chunks per evicting layer):" in err and " recalls, " in err
+    assert " 0 recalls" not in err
+
+
 def test_demo_serves_the_batch_and_compares_with_transformers(model_dir, tmp_path, capsys):
     numbers = tmp_path / "demo.json"
     assert cli.main(["demo", "--model", str(model_dir), "--requests", "4", "--system-tokens", "100",

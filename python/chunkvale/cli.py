@@ -27,6 +27,60 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and chunkvale (0 = all cores)")
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+_EVICTION_FIELDS = ("digest", "sink_chunks", "window_chunks", "topk_chunks", "dense_layers")  # flag = field
+
+
+def eviction_from_args(args, error):
+    """The ``chunkvale.Eviction`` the ``generate`` flags ask for (None without --kv-budget);
+    ``error(message)`` reports a flag that is given without the flag it needs."""
+    given = {name: getattr(args, name) for name in
+             [*_EVICTION_FIELDS, "device_kv_tokens", "host_bytes", "spill_path"] if getattr(args, name) is not None}
+    if args.kv_budget is None:
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            error(f"{flags}: configure eviction, which needs --kv-budget TOKENS (not given)")
+        return None
+    if args.host_bytes is not None and args.device_kv_tokens is None:
+        error("--host-bytes: bounds the host tier, which needs --device-kv-tokens TOKENS (not given)")
+    if args.spill_path is not None and args.host_bytes is None:
+        error("--spill-path: holds host copies past --host-bytes, which is not given")
+    if args.device_kv_tokens is not None and args.device_kv_tokens < args.chunk_size:
+        error(f"--device-kv-tokens: expected at least one chunk (--chunk-size {args.chunk_size} tokens), "
+              f"got {args.device_kv_tokens}")
+    from .config import Eviction
+
+    kwargs = {name: given[name] for name in _EVICTION_FIELDS if name in given}
+    if args.device_kv_tokens is not None:
+        kwargs["device_chunks"] = args.device_kv_tokens // args.chunk_size
+    return Eviction(budget_tokens=args.kv_budget, host_bytes=args.host_bytes, spill_path=args.spill_path,
+                    **kwargs)
+
+
+_FLAG_OF_FIELD = {"budget_tokens": "--kv-budget", "device_chunks": "--device-kv-tokens", "host_bytes": "--host-bytes",
+                  "spill_path": "--spill-path", **{f: "--" + f.replace("_", "-") for f in _EVICTION_FIELDS}}
+
+
+def _name_the_flag(message: str) -> str:
+    """The core names an Eviction field ("eviction.window_chunks: ..."); say which flag set it."""
+    field = message.split(":", 1)[0].removeprefix("eviction.")
+    if message.startswith("eviction.") and field in _FLAG_OF_FIELD:
+        return f"{_FLAG_OF_FIELD[field]}: {message}"
+    return message
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chunkvale", description="Prefix-sharing KV cache for LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,7 +106,31 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-tokens", type=int, default=32768, help="KV cache capacity in tokens")
     gen.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together")
     gen.add_argument("--no-progress", action="store_true")
+    ev = gen.add_argument_group(
+        "eviction", "budgeted decode attention and a bounded device tier backed by host memory "
+                    "(chunkvale.Eviction; docs/API.md). Every flag below needs --kv-budget.")
+    ev.add_argument("--kv-budget", type=_int_at_least(1), default=None, metavar="TOKENS",
+                    help="turn eviction on: a decoding sequence longer than this attends to its sink, window "
+                         "and top-k chunks only (eviction.budget_tokens)")
+    ev.add_argument("--digest", default=None, choices=["cuboid_max", "cuboid_mean", "sphere"],
+                    help="chunk key digest that scores chunks for top-k (default cuboid_max)")
+    ev.add_argument("--sink-chunks", type=_int_at_least(0), default=None, metavar="N",
+                    help="first chunks always attended (default 1)")
+    ev.add_argument("--window-chunks", type=_int_at_least(0), default=None, metavar="N",
+                    help="last chunks always attended (default 2)")
+    ev.add_argument("--topk-chunks", type=_int_at_least(0), default=None, metavar="N",
+                    help="best-scoring chunks attended (default min(1280, budget/2) tokens; 0: none)")
+    ev.add_argument("--dense-layers", type=_int_at_least(0), default=None, metavar="N",
+                    help="first layers that attend to everything and keep every chunk (default 2)")
+    ev.add_argument("--device-kv-tokens", type=_int_at_least(1), default=None, metavar="TOKENS",
+                    help="host tier: K/V tokens each evicting layer keeps on the device, rounded down to whole "
+                         "chunks (eviction.device_chunks); the rest lives in host memory and is recalled")
+    ev.add_argument("--host-bytes", type=_int_at_least(1), default=None, metavar="BYTES",
+                    help="bound on host memory for chunk copies (default unbounded); needs --device-kv-tokens")
+    ev.add_argument("--spill-path", default=None, metavar="FILE",
+                    help="file for host copies past --host-bytes; needs --host-bytes")
 
+    parser.generate_parser = gen  # main() reports eviction flag conflicts in its name
     bench = sub.add_parser("bench", help="run the benchmark suites and draw their plots")
     bench.add_argument("--suite", default=None, metavar="DIR",
                        help="folder (or one test_*.py file) of pytest-benchmark suites "
@@ -67,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     # default) keep the cores busy after each torch op, so the attention threads wait for a
     # time slice; on a 2-core machine that cost 2-4x per step. Must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        args.eviction = eviction_from_args(args, parser.generate_parser.error)
     try:
         if args.command == "demo":
             return _demo(args)
@@ -82,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return bench_cmd.run(args)
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError, KeyError) as e:
         # Bad input is reported as one line naming what was wrong, not as a traceback.
-        print(f"chunkvale {args.command}: error: {e}", file=sys.stderr)
+        print(f"chunkvale {args.command}: error: {_name_the_flag(str(e))}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)
 

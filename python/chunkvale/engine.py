@@ -142,6 +142,13 @@ class Engine:
     ``capacity_tokens`` sizes the KV pool (chunks of ``chunk_size`` tokens, every layer);
     ``max_batch_size`` caps concurrent sequences; ``max_step_tokens`` caps the tokens of one step
     (long prompts are prefilled over several steps while others keep decoding).
+    ``eviction``: a :class:`chunkvale.Eviction` for the cache the engine builds (budgeted decode
+    attention; with ``device_chunks``, the bounded device tier backed by host memory). When a step
+    does not fit the cache (``CapacityError`` from ``plan``: pool or ``device_chunks``), the engine
+    first prefills fewer tokens in that step (down to none), then decodes fewer sequences (down to
+    one), and only then preempts the newest request; it raises ``CapacityError`` only when one
+    request alone cannot take a step. With ``device_chunks``, a request that could not take a step
+    even alone is refused at ``submit`` (``ValueError``).
 
     On CPU, start the process with ``OMP_WAIT_POLICY=PASSIVE`` (the CLI sets it): torch's spinning
     OpenMP workers otherwise hold the cores that chunkvale's attention threads need in every layer
@@ -149,7 +156,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, *, cache=None, chunk_size: int = 64, capacity_tokens: int = 32768,
-                 max_batch_size: int = 64, max_step_tokens: int = 2048, threads: int = 0):
+                 max_batch_size: int = 64, max_step_tokens: int = 2048, threads: int = 0, eviction=None):
         import chunkvale
 
         if max_batch_size < 1:
@@ -159,9 +166,17 @@ class Engine:
         if cache is None:
             if capacity_tokens < chunk_size:
                 raise ValueError(f"capacity_tokens: expected >= chunk_size ({chunk_size}), got {capacity_tokens}")
-            cache = chunkvale.KVCache(hf.cache_config(model, chunk_size=chunk_size,
-                                                      capacity_chunks=capacity_tokens // chunk_size, threads=threads))
+            if eviction is not None and not isinstance(eviction, chunkvale.Eviction):
+                raise TypeError(f"eviction: expected chunkvale.Eviction or None, got {type(eviction).__name__}")
+            cfg = hf.cache_config(model, chunk_size=chunk_size, capacity_chunks=capacity_tokens // chunk_size,
+                                  threads=threads)
+            cfg.eviction = eviction
+            cache = chunkvale.KVCache(cfg)
+        elif eviction is not None:
+            raise ValueError("eviction: the engine only configures a cache it builds; with cache=..., "
+                             "give the Eviction in that cache's CacheConfig")
         self.cache = cache
+        self.eviction = getattr(getattr(cache, "config", None), "eviction", None)
         self.runner = hf.ModelRunner(model, cache)
         self.model = model
         self.tokenizer = tokenizer
@@ -306,6 +321,7 @@ class Engine:
             sampling.check_params(request.temperature, request.top_p)
             if self.max_context and len(prompt) >= self.max_context:
                 raise ValueError(f"prompt: {len(prompt)} tokens, the model's usable context is {self.max_context}")
+            self._check_device_tier(len(prompt), request.max_new_tokens, request.n)
             stop_ids, stop_strings = set(), []
             for s in request.stop:
                 if isinstance(s, (int, np.integer)) and not isinstance(s, bool):
@@ -344,14 +360,31 @@ class Engine:
         return False
 
     def _admit(self):
+        import chunkvale
+
         still_waiting = []
+        full_up = False
         for req in self._waiting:
-            if self._live_seqs() + req.request.n > self.max_batch_size or self._shares_inflight_prefill(req):
+            if (full_up or self._live_seqs() + req.request.n > self.max_batch_size
+                    or self._shares_inflight_prefill(req)):
                 still_waiting.append(req)
                 continue
             # max_reuse: the last prompt token is always computed, its logits give the first token.
-            seq, n_cached = self.cache.add_sequence(req.prompt, namespace=req.request.namespace,
-                                                    max_reuse=len(req.prompt) - 1)
+            try:
+                seq, n_cached = self.cache.add_sequence(req.prompt, namespace=req.request.namespace,
+                                                        max_reuse=len(req.prompt) - 1)
+            except chunkvale.CapacityError:
+                # Reusing a partial chunk needs a copy in a free slot (and, with a host tier, a
+                # device slot next to every live sequence's partial chunk). While others run, the
+                # cache is full: wait (in order) rather than be preempted at once. Alone, reuse whole
+                # chunks only and compute the rest: that needs no copy.
+                if self._running:
+                    full_up = True
+                    still_waiting.append(req)
+                    continue
+                full = (len(req.prompt) - 1) // self.chunk_size * self.chunk_size
+                seq, n_cached = self.cache.add_sequence(req.prompt, namespace=req.request.namespace,
+                                                        max_reuse=full)
             req.admitted = time.perf_counter()
             req.n_cached = req.prefilled = int(n_cached)
             self._reused += req.n_cached
@@ -360,25 +393,40 @@ class Engine:
             self._running.append(req)
         self._waiting = still_waiting
 
-    def _build_batch(self):
+    def _build_batch(self, prefill_limit: int | None = None, decode_limit: int | None = None):
+        """The step's entries: every decoding sequence, then prompt slices up to the step's token
+        budget. A smaller step, when the full one does not fit: at most ``decode_limit`` decoding
+        sequences (the oldest) and ``prefill_limit`` prompt tokens."""
         batch, entries, ids, rows = [], [], [], []
         budget = self.max_step_tokens
+        decoding = 0
         # Decoding sequences first: one token each, so prefill never starves generation.
         for req in self._running:
             if req.prefilled < len(req.prompt):
                 continue
             for s in req.seqs:
-                if s.finish_reason is None and budget > 0:
+                if s.finish_reason is None and budget > 0 and (decode_limit is None or decoding < decode_limit):
+                    decoding += 1
                     batch.append(s)
                     entries.append((s.seq, [s.tokens[-1]]))
                     rows.append(len(ids))
                     ids.append(s.tokens[-1])
                     budget -= 1
+        if prefill_limit is not None:
+            budget = min(budget, prefill_limit)
         for req in self._running:
             pending = len(req.prompt) - req.prefilled
             if pending <= 0 or budget <= 0:
                 continue
             take = min(pending, budget)
+            if prefill_limit is not None and take < pending:
+                # With eviction a one-token step selects chunks like decode (the core's rule), so a
+                # shrunk prefill neither plans one token nor leaves exactly one for later: its
+                # rows attend to everything, as in an engine that did not have to shrink.
+                if pending - take == 1:
+                    take -= 1
+                if take < 2:
+                    continue
             s = req.seqs[0]
             batch.append(s)
             entries.append((s.seq, take))
@@ -391,23 +439,68 @@ class Engine:
     def _plan(self):
         import chunkvale
 
+        prefill_limit = decode_limit = None
         _, entries, _, _ = self._build_batch()
+        error = None
         while True:
-            try:
-                return self.cache.plan(entries)
-            except chunkvale.CapacityError:
-                # Recompute-preemption: send the newest request back to the queue (its cache
-                # sequences are released; its prefix stays cached, so re-admission is cheap).
-                if len(self._running) <= 1:
-                    raise chunkvale.CapacityError(
-                        "KV cache too small for a single request; raise capacity_tokens "
-                        f"(now {self.cache.stats()['capacity_chunks']} chunks of {self.chunk_size} tokens)"
-                    ) from None
-                self._requeue(self._running.pop())
-                self._preemptions += 1
-                _, entries, _, _ = self._build_batch()
-                if not entries:
-                    return None
+            if entries:
+                try:
+                    return self.cache.plan(entries)
+                except chunkvale.CapacityError as e:
+                    error = e
+                # The step does not fit (the pool, or with a host tier the device slots of an
+                # evicting layer). Cheapest first: (1) prefill fewer prompt tokens (halving, down
+                # to none), (2) decode fewer sequences (halving, down to one), (3) preempt.
+                prefill = sum(what for _, what in entries if isinstance(what, int))
+                decoding = sum(1 for _, what in entries if not isinstance(what, int))
+                if prefill:
+                    prefill_limit = prefill // 2 if prefill // 2 >= 2 else 0
+                    _, entries, _, _ = self._build_batch(prefill_limit, decode_limit)
+                    continue
+                if decoding > 1:
+                    decode_limit = decoding // 2
+                    _, entries, _, _ = self._build_batch(prefill_limit, decode_limit)
+                    continue
+            elif error is None:
+                return None
+            if len(self._running) <= 1:
+                what = ("raise eviction.device_chunks" if "eviction." in str(error)
+                        else "raise capacity_tokens (now {} chunks of {} tokens)".format(
+                            self.cache.stats()["capacity_chunks"], self.chunk_size))
+                raise chunkvale.CapacityError(
+                    f"KV cache too small for a single request, even one prefill/decode step of it alone; "
+                    f"{what}. The cache said: {error}") from None
+            # Recompute-preemption: send the newest request back to the queue (its cache
+            # sequences are released; its prefix stays cached, so re-admission is cheap).
+            self._requeue(self._running.pop())
+            self._preemptions += 1
+            prefill_limit = decode_limit = None
+            _, entries, _, _ = self._build_batch()
+            if not entries:
+                return None
+
+    def _check_device_tier(self, prompt_tokens: int, max_new_tokens: int, n: int) -> None:
+        """With a host tier, refuse a request that could not take a step even alone: every chunk
+        of a prefill step, and of a decode step of a sequence within ``budget_tokens``, must be
+        on the device at once (in each evicting layer), next to the partial chunk of every other
+        live sequence (the request's other samples)."""
+        ev = self.eviction
+        if ev is None or not ev.device_chunks or ev.dense_layers >= self.cache.config.layers:
+            return
+        # The longest sequence a step of this request attends in full: the prompt (prefill),
+        # or a decode step's context (prompt + generated tokens but the last) while within budget.
+        longest = max(prompt_tokens, min(prompt_tokens + max_new_tokens - 1, ev.budget_tokens))
+        need = -(-longest // self.chunk_size) + n - 1
+        if n > 1:  # fork: the parent's partial chunk, one copy per other sample, and the copy source
+            need = max(need, n + 1)
+        if need > ev.device_chunks:
+            raise ValueError(
+                f"prompt: {prompt_tokens} tokens (+ up to {max_new_tokens} new"
+                f"{f', n={n} samples' if n > 1 else ''}) need up to {need} chunks of {self.chunk_size} tokens "
+                f"on the device at once (prefill, and decode within budget_tokens={ev.budget_tokens}, "
+                f"attend to every chunk{'; each other sample keeps its partial chunk there' if n > 1 else ''}), but "
+                f"eviction.device_chunks={ev.device_chunks}; raise device_chunks, lower budget_tokens, "
+                f"or shorten the request")
 
     def _requeue(self, req: _Req) -> None:
         """Release a running request's sequences and queue it again from scratch (front of the
@@ -441,14 +534,35 @@ class Engine:
                     forks.append((req, row_logits))
             self._emit(s, sampling.next_token(row_logits, req.request.temperature, req.request.top_p, s.generator))
         for req, row_logits in forks:
+            if req not in self._running:  # preempted to make room for an earlier fork
+                continue
             # The prompt is in the cache now: the other samples share all its full chunks.
             parent = req.seqs[0]
-            for i, child in enumerate(self.cache.fork(parent.seq, req.request.n - 1), start=1):
+            for i, child in enumerate(self._fork(req), start=1):
                 s = _Seq(req=req, sample_index=i, seq=child, length=parent.length,
                          generator=sampling.make_generator(req.request.seed, i))
                 req.seqs.append(s)
                 self._emit(s, sampling.next_token(row_logits, req.request.temperature, req.request.top_p,
                                                   s.generator))
+
+    def _fork(self, req: _Req) -> list[int]:
+        """Fork ``req``'s prompt for its other samples; preempts newer requests while the copies of
+        its partial chunk do not fit (pool or device slots)."""
+        import chunkvale
+
+        while True:
+            try:
+                return self.cache.fork(req.seqs[0].seq, req.request.n - 1)
+            except chunkvale.CapacityError as e:
+                others = [r for r in self._running if r is not req]
+                if not others:
+                    raise chunkvale.CapacityError(
+                        f"request {req.index}: its n={req.request.n} samples do not fit the KV cache even alone; "
+                        f"lower n or raise the cache's capacity. The cache said: {e}") from None
+                victim = others[-1]
+                self._running.remove(victim)
+                self._requeue(victim)
+                self._preemptions += 1
 
     def _emit(self, s: _Seq, token: int):
         req = s.req

@@ -48,7 +48,7 @@ def run(args) -> int:
     requests = read_requests(args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     engine = Engine(lm.model, lm.tokenizer, chunk_size=args.chunk_size, capacity_tokens=args.kv_tokens,
-                    max_batch_size=args.max_batch, threads=args.threads)
+                    max_batch_size=args.max_batch, threads=args.threads, eviction=getattr(args, "eviction", None))
     # Validate every request before generating anything, so a bad line fails fast.
     for r in requests:
         engine.submit(r)
@@ -69,6 +69,22 @@ def run(args) -> int:
             out.close()
     m = engine.metrics()
     print(f"chunkvale generate: {m.requests} requests, {m.generated_tokens} tokens in {m.wall_s:.1f} s "
-          f"({m.tokens_per_s:.1f} tok/s), {m.prefix_tokens_reused} prompt tokens reused from the cache",
-          file=sys.stderr)
+          f"({m.tokens_per_s:.1f} tok/s), {m.prefix_tokens_reused} prompt tokens reused from the cache"
+          f"{eviction_summary(engine)}", file=sys.stderr)
     return 0
+
+
+def eviction_summary(engine) -> str:
+    """The eviction part of the summary line ('' when eviction is off)."""
+    ev = engine.eviction
+    if ev is None:
+        return ""
+    st = engine.cache.stats()
+    text = (f"; eviction (budget {ev.budget_tokens} tokens): {st['evict_dropped_chunks']} of "
+            f"{st['evict_scored_chunks']} scored chunks left out of attention")
+    if ev.device_chunks:
+        text += (f"; host tier ({st['evict_device_chunks']} device chunks per evicting layer): "
+                 f"{st['evict_recalls']} recalls, {st['evict_evictions']} evictions, "
+                 f"{st['evict_bytes_to_host']} B to host, {st['evict_bytes_from_host']} B from host, "
+                 f"{engine.metrics().preemptions} preemptions")
+    return text
