@@ -79,13 +79,31 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
   auto kept = [&](size_t i, int32_t k) { return !batch[i].keep || batch[i].keep[k]; };
 
   // Which batch sequences attend each shared chunk (a slot is one tree node), and how
-  // many query rows that makes.
-  std::unordered_map<int32_t, std::vector<int32_t>> users;
+  // many query rows that makes. Only chunks two or more sequences attend can run
+  // chunk-first, so only those get a user list (a sort finds them; a decode batch without
+  // common prefixes then builds no map at all).
+  std::vector<std::pair<int32_t, int32_t>> attended;  // (slot, sequence)
   for (size_t i = 0; i < batch.size(); ++i)
     for (int32_t k = 0; k < batch[i].n_shared; ++k)
-      if (kept(i, k)) users[batch[i].slots[k]].push_back(int32_t(i));
+      if (kept(i, k)) attended.emplace_back(batch[i].slots[k], int32_t(i));
+  std::sort(attended.begin(), attended.end());
+  std::unordered_map<int32_t, std::vector<int32_t>> users;
+  for (size_t a = 0; a < attended.size();) {
+    size_t b = a + 1;
+    while (b < attended.size() && attended[b].first == attended[a].first) ++b;
+    if (b - a >= 2) {
+      auto& us = users[attended[a].first];
+      for (size_t j = a; j < b; ++j) us.push_back(attended[j].second);
+    }
+    a = b;
+  }
+  static const std::vector<int32_t> kNoUsers;
+  auto users_of = [&](int32_t slot) -> const std::vector<int32_t>& {
+    auto it = users.find(slot);
+    return it == users.end() ? kNoUsers : it->second;
+  };
   auto first_phase = [&](int32_t slot) {
-    const auto& us = users[slot];
+    const auto& us = users_of(slot);
     if (us.size() < 2) return false;
     int64_t rows = 0;
     for (int32_t s : us) rows += batch[size_t(s)].n_new;
@@ -102,15 +120,15 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
   std::vector<UnitChunk> chunks;
   std::vector<int32_t> rows, run;
   std::vector<std::pair<size_t, std::vector<int32_t>>> runs;  // (a user, chunk indices)
-  for (size_t i = 0; i < batch.size(); ++i) {
+  for (size_t i = 0; i < batch.size() && !users.empty(); ++i) {
     const int32_t* sl = batch[i].slots;
     for (int32_t k = 0; k < batch[i].n_shared; ++k) {
       if (!kept(i, k) || done.count(sl[k]) || !first_phase(sl[k])) continue;
-      const auto& us = users[sl[k]];
+      const auto& us = users_of(sl[k]);
       run.clear();
       for (int32_t e = k; e < batch[i].n_shared; ++e) {
         if (!kept(i, e)) continue;
-        if (done.count(sl[e]) || users[sl[e]] != us) break;
+        if (done.count(sl[e]) || users_of(sl[e]) != us) break;
         done[sl[e]] = true;
         run.push_back(e);
       }
@@ -121,7 +139,7 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
   for (const auto& r : runs) run_chunks += int64_t(r.second.size());
   for (const auto& r : runs) {
     const int32_t* sl = batch[r.first].slots;
-    const auto& us = users[sl[r.second.front()]];
+    const auto& us = users_of(sl[r.second.front()]);
     rows.clear();
     for (int32_t s : us) {
       for (int32_t t = 0; t < batch[size_t(s)].n_new; ++t) rows.push_back(plan.seqs[size_t(s)].row_begin + t);
