@@ -33,6 +33,8 @@ HostTier::HostTier(size_t block_bytes, int64_t ram_bytes, const std::string& spi
 
 HostTier::~HostTier() {
   for (void* p : slabs_) mem_.release(p);
+  for (Staged& st : staged_) mem_.release(st.bytes);
+  for (uint8_t* p : staging_free_) mem_.release(p);
   if (fd_ >= 0) {
     ::close(fd_);
     ::unlink(spill_path_.c_str());  // the file is scratch space of this cache only
@@ -83,6 +85,7 @@ void HostTier::free(int64_t block) {
   }
   for (size_t i = 0; i < staged_.size(); ++i)
     if (staged_[i].block == block) {
+      staging_free_.push_back(staged_[i].bytes);
       staged_.erase(staged_.begin() + long(i));
       break;
     }
@@ -98,9 +101,21 @@ int64_t HostTier::available() const {
 void* HostTier::backup_target(int64_t block) {
   if (in_ram(block)) return block_ptr_[size_t(block)];
   // Not written out before backup_queued gives the real ticket.
-  staged_.push_back({block, std::numeric_limits<uint64_t>::max(),
-                     std::unique_ptr<uint8_t[]>(new uint8_t[block_bytes_])});
-  return staged_.back().bytes.get();
+  staged_.push_back({block, std::numeric_limits<uint64_t>::max(), take_staging()});
+  return staged_.back().bytes;
+}
+
+uint8_t* HostTier::take_staging() {
+  if (!staging_free_.empty()) {
+    uint8_t* p = staging_free_.back();
+    staging_free_.pop_back();
+    return p;
+  }
+  void* p = mem_.alloc(block_bytes_);
+  if (!p)
+    throw CapacityError("eviction.spill_path: could not allocate " + std::to_string(block_bytes_) +
+                        " bytes of host memory to stage a block for the spill file");
+  return static_cast<uint8_t*>(p);
 }
 
 void HostTier::backup_queued(int64_t block, uint64_t ticket) {
@@ -113,14 +128,19 @@ void HostTier::settle(uint64_t done) {
   for (size_t i = 0; i < staged_.size(); ++i) {
     Staged& s = staged_[i];
     if (s.ticket > done) {
-      if (keep != i) staged_[keep] = std::move(s);
-      ++keep;
+      staged_[keep++] = s;
       continue;
     }
     const off_t off = off_t(file_index(s.block)) * off_t(block_bytes_);
-    if (::pwrite(fd_, s.bytes.get(), block_bytes_, off) != ssize_t(block_bytes_))
+    if (::pwrite(fd_, s.bytes, block_bytes_, off) != ssize_t(block_bytes_)) {
+      const int err = errno;
+      // Keep this block and the rest staged: their bytes stay readable, nothing is lost.
+      for (size_t j = i; j < staged_.size(); ++j) staged_[keep++] = staged_[j];
+      staged_.resize(keep);
       throw CapacityError("eviction.spill_path: writing " + std::to_string(block_bytes_) + " bytes to '" +
-                          spill_path_ + "' failed (" + std::strerror(errno) + ")");
+                          spill_path_ + "' failed (" + std::strerror(err) + ")");
+    }
+    staging_free_.push_back(s.bytes);
   }
   staged_.resize(keep);
 }
@@ -128,7 +148,7 @@ void HostTier::settle(uint64_t done) {
 const void* HostTier::read(int64_t block, std::vector<uint8_t>& scratch) {
   if (in_ram(block)) return block_ptr_[size_t(block)];
   for (const Staged& s : staged_)
-    if (s.block == block) return s.bytes.get();
+    if (s.block == block) return s.bytes;
   scratch.resize(block_bytes_);
   const off_t off = off_t(file_index(block)) * off_t(block_bytes_);
   if (::pread(fd_, scratch.data(), block_bytes_, off) != ssize_t(block_bytes_))

@@ -65,9 +65,11 @@ class HostTier {
   struct Staged {
     int64_t block;
     uint64_t ticket;
-    std::unique_ptr<uint8_t[]> bytes;
+    uint8_t* bytes;  // from mem_, like host blocks (pinned on CUDA: the backup stays asynchronous)
   };
   std::vector<Staged> staged_;  // file blocks whose bytes are not in the file yet
+  std::vector<uint8_t*> staging_free_;  // staging buffers kept for reuse
+  uint8_t* take_staging();
 };
 
 }  // namespace chunkvale
