@@ -80,7 +80,7 @@ void CudaBackend::score_chunks(int layer, const TensorView& q, const ScoreReques
     }
   }
   const int32_t* dev = static_cast<const int32_t*>(uploads_ring_.put(score_pack_.data(), score_pack_.size() * 4, s));
-  const size_t qs_bytes = count * size_t(cfg_.kv_heads) * (2 * cfg_.head_dim + 1) * 4;
+  const size_t qs_bytes = count * size_t(cfg_.kv_heads) * qsum_stride(cfg_.head_dim) * 4;
   grow_device(reinterpret_cast<void**>(&qsum_), &qsum_cap_, qs_bytes, s, "query summary");
   grow_device(reinterpret_cast<void**>(&scores_dev_), &scores_dev_cap_, std::max<size_t>(total, 1) * 4, s, "scores");
   if (total * 4 > scores_host_cap_) {

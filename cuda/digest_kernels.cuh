@@ -147,10 +147,13 @@ __global__ void __launch_bounds__(kDigestThreads) digest_kernel(const DigestPara
 //   cuboid_mean: x0 . centre + x1 . dev   (x0 = sum of q, x1 = sum of |q|)
 //   sphere:      x0 . centre + n * radius (n = sum of |q_h|)
 // summed over the group's query heads.
+// Per KV head 2 * D + 4 floats (x0, x1, n, padding): every vector stays 16-byte aligned.
+__host__ __device__ constexpr int qsum_stride(int D) { return 2 * D + 4; }
+
 struct ScorePrepParams {
   const uint16_t* q;  // [rows][q_heads][D]
   const int32_t* rows;
-  float* qsum;        // [requests][kv_heads][2 * D + 1]
+  float* qsum;        // [requests][kv_heads][qsum_stride(D)]
   int32_t q_heads, kv_heads, group, D, kind;
 };
 
@@ -159,7 +162,8 @@ __global__ void __launch_bounds__(kDigestThreads) score_prep_kernel(const ScoreP
   const int r = int(blockIdx.x), t = int(threadIdx.x);
   const int D = p.D, KV = p.kv_heads, G = p.group;
   const uint16_t* q = p.q + int64_t(p.rows[r]) * p.q_heads * D;
-  float* out = p.qsum + int64_t(r) * KV * (2 * D + 1);
+  const int QS = qsum_stride(D);
+  float* out = p.qsum + int64_t(r) * KV * QS;
   for (int e = t; e < KV * D; e += kDigestThreads) {
     const int g = e / D, d = e % D;
     float x0 = 0.0f, x1 = 0.0f;
@@ -173,8 +177,8 @@ __global__ void __launch_bounds__(kDigestThreads) score_prep_kernel(const ScoreP
         x1 += fabsf(x);
       }
     }
-    out[g * (2 * D + 1) + d] = x0;
-    out[g * (2 * D + 1) + D + d] = x1;
+    out[g * QS + d] = x0;
+    out[g * QS + D + d] = x1;
   }
   // Norm sums, one warp per KV head.
   const int warp = t / 32, lane = t % 32;
@@ -188,11 +192,13 @@ __global__ void __launch_bounds__(kDigestThreads) score_prep_kernel(const ScoreP
       }
       nsum += sqrtf(warp_sum(n2));
     }
-    if (lane == 0) out[g * (2 * D + 1) + 2 * D] = nsum;
+    if (lane == 0) out[g * QS + 2 * D] = nsum;
   }
 }
 
 // ---- scores: one warp per candidate chunk ----
+// Each lane takes 4 consecutive dims (16-byte loads); heads are unrolled so that a lane has
+// several digest loads in flight (the kernel is bound by reading digests).
 struct ScoreParams {
   const float* digests_layer;  // [chunks][kv_heads][2][D]
   const float* qsum;           // score_prep_kernel's output
@@ -203,28 +209,39 @@ struct ScoreParams {
   int32_t kv_heads, D, kind;
 };
 
+__device__ __forceinline__ float dot4(const float4 a, const float4 b) {
+  return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+}
+
 __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(const ScoreParams p) {
   const int lane = int(threadIdx.x) % 32;
   const int64_t c = int64_t(blockIdx.x) * kScoreWarps + int64_t(threadIdx.x) / 32;
   if (c >= p.n) return;
-  const int D = p.D, KV = p.kv_heads;
+  const int D = p.D, KV = p.kv_heads, QS = qsum_stride(D);
   const float* dg = p.digests_layer + int64_t(p.cand_chunk[c]) * KV * 2 * D;
-  const float* qs = p.qsum + int64_t(p.cand_req[c]) * KV * (2 * D + 1);
+  const float* qs = p.qsum + int64_t(p.cand_req[c]) * KV * QS;
   float acc = 0.0f;
+#pragma unroll 4
   for (int g = 0; g < KV; ++g) {
     const float* a = dg + g * 2 * D;  // d0
     const float* b = a + D;           // d1
-    const float* x0 = qs + g * (2 * D + 1);
+    const float* x0 = qs + g * QS;
     const float* x1 = x0 + D;
-    for (int d = lane; d < D; d += 32) {
+    for (int d = 4 * lane; d < D; d += 128) {
+      const float4 A = *reinterpret_cast<const float4*>(a + d);
+      const float4 X0 = *reinterpret_cast<const float4*>(x0 + d);
+      if (p.kind == kSphere) {
+        acc += dot4(X0, A);
+        continue;
+      }
+      const float4 Bv = *reinterpret_cast<const float4*>(b + d);
+      const float4 X1 = *reinterpret_cast<const float4*>(x1 + d);
       if (p.kind == kCuboidMax)
-        acc += x0[d] * b[d] + x1[d] * a[d];
-      else if (p.kind == kCuboidMean)
-        acc += x0[d] * a[d] + x1[d] * b[d];
+        acc += dot4(X0, Bv) + dot4(X1, A);
       else
-        acc += x0[d] * a[d];
+        acc += dot4(X0, A) + dot4(X1, Bv);
     }
-    if (p.kind == kSphere && lane == 0) acc += x1[D] * b[0];
+    if (p.kind == kSphere && lane == 0) acc += x0[2 * D] * b[0];
   }
   acc = warp_sum(acc);
   if (lane == 0) p.scores[c] = acc;

@@ -119,7 +119,7 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
   for (auto& x : q) x = bits_of<T>(N(rng));
   std::vector<int32_t> rows = {3, 0, 2};
   std::vector<std::vector<int32_t>> cands = {{8, 0, 3, 6, 1}, {1, 1, 6}, {3}};
-  std::vector<float> qsum(rows.size() * size_t(KV) * (2 * D + 1), std::nanf(""));
+  std::vector<float> qsum(rows.size() * size_t(KV) * cuda::qsum_stride(D), std::nanf(""));
   cuda::ScorePrepParams pp;
   pp.q = q.data();
   pp.rows = rows.data();
