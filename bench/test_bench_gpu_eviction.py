@@ -7,7 +7,9 @@ tokens each (no shared prefix), one decode token per sequence.
   budgeted attention (budget CHUNKVALE_BENCH_BUDGET tokens, every chunk resident,
   dense_layers=0 so the layer selects). Both eager: a budgeted call scores on the device,
   copies the scores back, selects on the host, uploads the layer's plan and attends (it cannot
-  be captured in a CUDA graph). "select share" = evict_select_seconds / wall time.
+  be captured in a CUDA graph). "select share" = evict_select_seconds / wall time, of which
+  the scoring kernels and the copy of the scores back = evict_score_seconds.
+  CHUNKVALE_BENCH_PROFILE=1 prints a torch-profiler kernel table per batch size.
 * fixed KV memory: the device holds MEM_SEQS x CTX tokens of K/V for the layer. The full cache
   decodes MEM_SEQS sequences; the host tier (device_chunks = MEM_SEQS x CTX / chunk) decodes
   4 x MEM_SEQS. A step = plan + append + attention for every sequence (wall time, synchronised).
@@ -71,6 +73,19 @@ def _wall_ms(fn, rounds=ROUNDS, warm=3):
     return statistics.median(times)
 
 
+def _profile(fn, title, n=10):
+    """CHUNKVALE_BENCH_PROFILE=1: device time per kernel and the host time of n calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\n--- profile: {title}, {n} calls ---")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+
+
 def _write():
     path = os.environ.get("CHUNKVALE_BENCH_EVICT_JSON",
                           os.path.join(os.path.dirname(__file__), "results", "gpu_eviction.json"))
@@ -94,15 +109,19 @@ def test_budgeted_decode_latency(B):
         after = cache.stats()
         if ev is not None:
             calls = ROUNDS + 3
-            row["select_share"] = (after["evict_select_seconds"] - before["evict_select_seconds"]) / calls / (
-                row[name + "_us"] * 1e-6)
+            per_call = row[name + "_us"] * 1e-6 * calls
+            row["select_share"] = (after["evict_select_seconds"] - before["evict_select_seconds"]) / per_call
+            row["score_share"] = (after["evict_score_seconds"] - before["evict_score_seconds"]) / per_call
+            if os.environ.get("CHUNKVALE_BENCH_PROFILE"):
+                _profile(lambda: cache.attention(0, st, q, out=out), f"budgeted B={B}")
             row["kept_chunks_per_seq"] = CTX // C - (after["evict_dropped_chunks"] - before["evict_dropped_chunks"]) / (
                 calls * B)
         del cache, out
         torch.cuda.empty_cache()
     row["speedup"] = row["full_us"] / row["budget_us"]
     print(f"\nB={B} ctx={CTX} budget={BUDGET}: full {row['full_us']:.0f} us, budgeted {row['budget_us']:.0f} us "
-          f"({row['speedup']:.1f}x), scoring+selection {100 * row['select_share']:.0f}% of the budgeted call")
+          f"({row['speedup']:.1f}x), scoring+selection {100 * row['select_share']:.0f}% of the budgeted call "
+          f"(scoring kernels and the copy back {100 * row['score_share']:.0f}%)")
     RESULTS.append(row)
     _write()
 

@@ -87,6 +87,7 @@ nb::dict stats_dict(const chunkvale::CacheStats& s) {
   d["evict_scored_chunks"] = s.evict_scored_chunks;
   d["evict_dropped_chunks"] = s.evict_dropped_chunks;
   d["evict_select_seconds"] = double(s.evict_select_ns) * 1e-9;
+  d["evict_score_seconds"] = double(s.evict_score_ns) * 1e-9;
   d["evict_device_chunks"] = s.evict_device_chunks;
   d["evict_device_slots_in_use"] = s.evict_device_slots_in_use;
   d["evict_backups"] = s.evict_backups;

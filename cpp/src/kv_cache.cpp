@@ -640,7 +640,9 @@ void KVCache::score_requests(int layer, const TensorView& q, size_t total) {
     r.scores = cand_scores_.data() + off;
     off += r.n;
   }
+  auto t0 = std::chrono::steady_clock::now();
   backend_->score_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), cfg_.eviction.digest);
+  score_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
 }
 
 // order_ = the request's candidate indices, its top-k first (ties go to the later chunk:
@@ -858,6 +860,7 @@ CacheStats KVCache::stats() {
   st.evict_scored_chunks = scored_chunks_;
   st.evict_dropped_chunks = dropped_chunks_;
   st.evict_select_ns = select_ns_;
+  st.evict_score_ns = score_ns_;
   if (res_) {
     st.evict_device_chunks = cfg_.eviction.device_chunks;
     st.evict_device_slots_in_use = res_->slots_in_use();

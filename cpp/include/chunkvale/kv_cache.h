@@ -43,6 +43,7 @@ struct CacheStats {
           plan_reuses = 0, chunk_first_units = 0, chunk_first_chunks = 0;
   // Budgeted attention: chunks scored, chunks left out, time spent scoring + selecting.
   int64_t evict_scored_chunks = 0, evict_dropped_chunks = 0, evict_select_ns = 0;
+  int64_t evict_score_ns = 0;  // time in the backend's scoring calls (results back on the host included)
   // Host tier (zero without it): chunk moves and bytes per (layer, chunk), waits for a
   // backup before a slot was reused, what the tiers hold now, time spent on residency.
   int64_t evict_device_chunks = 0, evict_device_slots_in_use = 0, evict_backups = 0,
@@ -156,7 +157,7 @@ class KVCache {
   std::vector<Backend::ScoreRequest> score_reqs_;
   std::vector<int32_t> cand_lo_;
   std::vector<int32_t> order_;
-  int64_t scored_chunks_ = 0, dropped_chunks_ = 0, select_ns_ = 0;
+  int64_t scored_chunks_ = 0, dropped_chunks_ = 0, select_ns_ = 0, score_ns_ = 0;
   int64_t reused_prompt_tokens_ = 0;
   // Host tier (null without it).
   std::unique_ptr<HostTier> host_;
