@@ -1,10 +1,13 @@
 #include "chunkvale/backend.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "chunkvale/errors.h"
+#include "top_k.h"
 
 namespace chunkvale {
 
@@ -20,6 +23,17 @@ void Backend::update_digests(int, const int32_t*, const int32_t*, size_t, Digest
 }
 void Backend::score_chunks(int, const TensorView&, const ScoreRequest*, size_t, DigestKind) {
   unsupported(*this, "chunk scoring");
+}
+void Backend::top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
+                         DigestKind kind, int k) {
+  size_t total = 0;
+  for (size_t r = 0; r < count; ++r) total += requests[r].n;
+  std::vector<float> scores(total);
+  std::vector<ScoreRequest> reqs(requests, requests + count);
+  for (size_t r = 0, off = 0; r < count; off += reqs[r].n, ++r) reqs[r].scores = scores.data() + off;
+  score_chunks(layer, q, reqs.data(), count, kind);
+  std::vector<uint64_t> heap;
+  for (const ScoreRequest& r : reqs) top_k(r.scores, r.n, size_t(std::max(k, 0)), r.top, heap);
 }
 void Backend::read_digest(int, int32_t, int, float*) const { unsupported(*this, "reading digests"); }
 void Backend::open_host_tier() { unsupported(*this, "the host tier (device_chunks)"); }

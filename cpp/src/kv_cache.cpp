@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <stdexcept>
 #include <thread>
@@ -632,27 +634,14 @@ void KVCache::attention(int layer, uint64_t step, const TensorView& q, const Ten
   if (cfg_.evicts_to_host(layer)) demote_after_prefill(layer, q);
 }
 
-// Scores every request of score_reqs_ (total candidates) into cand_scores_.
-void KVCache::score_requests(int layer, const TensorView& q, size_t total) {
-  cand_scores_.resize(total);
-  size_t off = 0;
-  for (auto& r : score_reqs_) {
-    r.scores = cand_scores_.data() + off;
-    off += r.n;
-  }
+// The top-k candidates of every request of score_reqs_, by digest score (the backend
+// scores and ranks: top_k.h's rule), into top_ (k per request, best first).
+void KVCache::top_requests(int layer, const TensorView& q, int topk) {
+  top_.resize(score_reqs_.size() * size_t(std::max(topk, 0)));
+  for (size_t i = 0; i < score_reqs_.size(); ++i) score_reqs_[i].top = top_.data() + i * size_t(std::max(topk, 0));
   auto t0 = std::chrono::steady_clock::now();
-  backend_->score_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), cfg_.eviction.digest);
+  backend_->top_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), cfg_.eviction.digest, topk);
   score_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
-}
-
-// order_ = the request's candidate indices, its top-k first (ties go to the later chunk:
-// recency, deterministically).
-void KVCache::rank_candidates(const Backend::ScoreRequest& r, int topk) {
-  const float* sc = r.scores;
-  order_.resize(r.n);
-  for (size_t c = 0; c < r.n; ++c) order_[c] = int32_t(c);
-  std::nth_element(order_.begin(), order_.begin() + std::min<size_t>(size_t(topk), r.n), order_.end(),
-                   [&](int32_t a, int32_t b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a > b); });
 }
 
 // Prefill attends to everything; afterwards an over-budget sequence keeps the chunks that
@@ -662,7 +651,6 @@ void KVCache::demote_after_prefill(int layer, const TensorView& q) {
   const int topk = ev.resolved_topk(cfg_.chunk_size);
   score_reqs_.clear();
   cand_lo_.clear();
-  size_t total = 0;
   for (const StepSeq& s : plan_.seqs) {
     const int32_t nch = s.chunk_end - s.chunk_begin;
     int64_t lo, hi;  // prefill/extend rows whose sequence selects from its next decode step on
@@ -672,16 +660,17 @@ void KVCache::demote_after_prefill(int layer, const TensorView& q) {
     r.slots = plan_.seq_chunks.data() + s.chunk_begin + lo;  // full chunks: their digests exist
     r.n = size_t(hi - lo);
     score_reqs_.push_back(r);
-    total += r.n;
   }
   if (score_reqs_.empty()) return;
   auto t0 = std::chrono::steady_clock::now();
-  score_requests(layer, q, total);
+  top_requests(layer, q, topk);
   for (const Backend::ScoreRequest& r : score_reqs_) {
-    rank_candidates(r, topk);
-    for (size_t j = size_t(topk); j < r.n; ++j) {
-      const int32_t c = r.slots[order_[j]];
-      if (res_->slot(layer, c) >= 0) res_->demote(layer, c);
+    taken_.assign(r.n, 0);
+    for (int j = 0; j < topk; ++j) taken_[size_t(r.top[j])] = 1;
+    for (size_t c = 0; c < r.n; ++c) {
+      if (taken_[c]) continue;
+      const int32_t chunk = r.slots[c];
+      if (res_->slot(layer, chunk) >= 0) res_->demote(layer, chunk);
     }
   }
   residency_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
@@ -700,7 +689,6 @@ bool KVCache::select_chunks(int layer, const TensorView& q) {
   // Which sequences select, and the candidate range [lo, hi) of each (sinks and window stay).
   score_reqs_.clear();
   cand_lo_.assign(B, -1);
-  size_t total = 0;
   for (size_t i = 0; i < B; ++i) {
     const StepSeq& s = plan_.seqs[i];
     const int32_t nch = s.chunk_end - s.chunk_begin;
@@ -714,18 +702,16 @@ bool KVCache::select_chunks(int layer, const TensorView& q) {
     r.slots = plan_.seq_chunks.data() + s.chunk_begin + lo;
     r.n = size_t(hi - lo);
     score_reqs_.push_back(r);
-    total += r.n;
   }
   const bool any = !score_reqs_.empty();
-  if (any) score_requests(layer, q, total);
+  if (any) top_requests(layer, q, topk);
   for (size_t i = 0, k = 0; i < B; ++i) {
     if (cand_lo_[i] < 0) continue;
     const Backend::ScoreRequest& r = score_reqs_[k++];
-    rank_candidates(r, topk);
     auto& keep = keep_[i];
     const int32_t lo = cand_lo_[i];
     for (size_t c = 0; c < r.n; ++c) keep[size_t(lo) + c] = 0;
-    for (int32_t j = 0; j < topk; ++j) keep[size_t(lo + order_[size_t(j)])] = 1;
+    for (int32_t j = 0; j < topk; ++j) keep[size_t(lo + r.top[j])] = 1;
     scored_chunks_ += int64_t(r.n);
     dropped_chunks_ += int64_t(r.n) - topk;
   }

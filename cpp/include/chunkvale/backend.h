@@ -48,10 +48,16 @@ class Backend {
     int32_t row = 0;               // packed query row
     const int32_t* slots = nullptr;
     size_t n = 0;
-    float* scores = nullptr;       // n
+    float* scores = nullptr;       // n (score_chunks)
+    int32_t* top = nullptr;        // min(k, n) (top_chunks)
   };
   virtual void score_chunks(int layer, const TensorView& q, const ScoreRequest* requests,
                             size_t count, DigestKind kind);
+  // Per request, the indices (into its slots) of its k best candidates by score, best
+  // first, ties to the later candidate (top_k.h). Default: score_chunks, ranked on the host;
+  // a device backend ranks where the scores are and returns only the indices.
+  virtual void top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
+                          DigestKind kind, int k);
   // The two digest vectors of (layer, slot, head) as float32 [2][D]; tests only.
   virtual void read_digest(int layer, int32_t slot, int head, float* dst) const;
 

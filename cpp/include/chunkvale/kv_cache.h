@@ -116,8 +116,7 @@ class KVCache {
   const OpenStep& open_step(uint64_t step, const char* arg) const;
   void release_sequence(Sequence& s);
   bool select_chunks(int layer, const TensorView& q);
-  void score_requests(int layer, const TensorView& q, size_t total);
-  void rank_candidates(const Backend::ScoreRequest& r, int topk);
+  void top_requests(int layer, const TensorView& q, int topk);
   // --- host tier ---
   void free_chunk(int32_t chunk);       // pool slot, device slots and host copies
   void drop_residency(int32_t chunk);
@@ -153,10 +152,10 @@ class KVCache {
   StepPlan layer_plan_;
   std::vector<std::vector<uint8_t>> keep_;
   std::vector<PlanSeqInput> layer_inputs_;
-  std::vector<float> cand_scores_;
+  std::vector<int32_t> top_;     // top_requests' indices, k per request
+  std::vector<uint8_t> taken_;
   std::vector<Backend::ScoreRequest> score_reqs_;
   std::vector<int32_t> cand_lo_;
-  std::vector<int32_t> order_;
   int64_t scored_chunks_ = 0, dropped_chunks_ = 0, select_ns_ = 0, score_ns_ = 0;
   int64_t reused_prompt_tokens_ = 0;
   // Host tier (null without it).
