@@ -152,7 +152,8 @@ CudaBackend::~CudaBackend() {
   if (digests_) (void)cudaFree(digests_);
   if (qsum_) (void)cudaFree(qsum_);
   if (scores_dev_) (void)cudaFree(scores_dev_);
-  if (scores_host_) (void)cudaFreeHost(scores_host_);
+  if (top_dev_) (void)cudaFree(top_dev_);
+  if (results_host_) (void)cudaFreeHost(results_host_);
   if (ready_) (void)cudaEventDestroy(ready_);
   for (const Ticket& t : in_flight_) (void)cudaEventDestroy(t.done);
   for (cudaEvent_t e : free_events_) (void)cudaEventDestroy(e);

@@ -34,6 +34,8 @@ class CudaBackend final : public Backend {
   void update_digests(int layer, const int32_t* chunks, const int32_t* slots, size_t n, DigestKind kind) override;
   void score_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
                     DigestKind kind) override;
+  void top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count, DigestKind kind,
+                  int k) override;
   void read_digest(int layer, int32_t slot, int head, float* dst) const override;
   // Host tier: backups on a copy stream into pinned memory, one event per ticket; recalls on
   // the caller's stream.
@@ -76,9 +78,15 @@ class CudaBackend final : public Backend {
   size_t qsum_cap_ = 0;  // bytes
   float* scores_dev_ = nullptr;
   size_t scores_dev_cap_ = 0;
-  float* scores_host_ = nullptr;  // pinned
-  size_t scores_host_cap_ = 0;
+  int32_t* top_dev_ = nullptr;
+  size_t top_dev_cap_ = 0;
+  const int32_t* score_offsets_dev_ = nullptr;  // the last queue_scores' request offsets
+  void* results_host_ = nullptr;  // pinned: scores or top-k indices coming back
+  size_t results_host_cap_ = 0;
   std::vector<int32_t> score_pack_;
+  size_t queue_scores(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
+                      DigestKind kind, cudaStream_t s);
+  void* results_host(size_t bytes, cudaStream_t s);
 
   // Host tier: the copy stream, a ready event (the caller's stream reached the backup), one
   // event per ticket in flight (recycled), and the test-only delay per backup.

@@ -56,42 +56,31 @@ void CudaBackend::update_digests(int layer, const int32_t* chunks, const int32_t
   record_done(s);
 }
 
-void CudaBackend::score_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
-                               DigestKind kind) {
-  if (!digests_) throw ValueError("eviction: digests are off for this cache");
-  if (count == 0) return;
-  DeviceGuard g(device_);
-  check_tensor(q, "q");
-  cudaStream_t s = stream();
-  refuse_capture(s, "score_chunks");
-  order_after_previous(s);
-  // One upload: rows [count], then each candidate's request and chunk.
+// Uploads the requests (rows, offsets, each candidate's request and chunk) and queues the
+// score kernels on s; the scores land in scores_dev_. Returns the candidates in all.
+size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
+                                 DigestKind kind, cudaStream_t s) {
   size_t total = 0;
   for (size_t r = 0; r < count; ++r) total += requests[r].n;
-  score_pack_.resize(count + 2 * total);
+  score_pack_.resize(2 * count + 1 + 2 * total);
   int32_t* rows = score_pack_.data();
-  int32_t* creq = rows + count;
+  int32_t* off = rows + count;
+  int32_t* creq = off + count + 1;
   int32_t* cchunk = creq + total;
+  off[0] = 0;
   for (size_t r = 0, c = 0; r < count; ++r) {
     rows[r] = requests[r].row;
     for (size_t i = 0; i < requests[r].n; ++i, ++c) {
       creq[c] = int32_t(r);
       cchunk[c] = requests[r].slots[i];
     }
+    off[r + 1] = int32_t(c);
   }
   const int32_t* dev = static_cast<const int32_t*>(uploads_ring_.put(score_pack_.data(), score_pack_.size() * 4, s));
+  score_offsets_dev_ = dev + count;
   const size_t qs_bytes = count * size_t(cfg_.kv_heads) * qsum_stride(cfg_.head_dim) * 4;
   grow_device(reinterpret_cast<void**>(&qsum_), &qsum_cap_, qs_bytes, s, "query summary");
   grow_device(reinterpret_cast<void**>(&scores_dev_), &scores_dev_cap_, std::max<size_t>(total, 1) * 4, s, "scores");
-  if (total * 4 > scores_host_cap_) {
-    CV_CUDA(cudaStreamSynchronize(s), "cudaStreamSynchronize (score buffer growth)");
-    if (scores_host_) CV_CUDA(cudaFreeHost(scores_host_), "cudaFreeHost");
-    scores_host_ = nullptr;
-    scores_host_cap_ = 0;
-    const size_t cap = std::max(total * 6, size_t(4096));  // 1.5x, in bytes
-    CV_CUDA(cudaMallocHost(reinterpret_cast<void**>(&scores_host_), cap), "cudaMallocHost (scores)");
-    scores_host_cap_ = cap;
-  }
 
   ScorePrepParams pp;
   pp.q = static_cast<const uint16_t*>(q.data);
@@ -111,8 +100,8 @@ void CudaBackend::score_chunks(int layer, const TensorView& q, const ScoreReques
     ScoreParams sp;
     sp.digests_layer = digests_ + size_t(layer) * size_t(slots_) * cfg_.kv_heads * 2 * cfg_.head_dim;
     sp.qsum = qsum_;
-    sp.cand_req = dev + count;
-    sp.cand_chunk = dev + count + total;
+    sp.cand_req = creq - score_pack_.data() + dev;
+    sp.cand_chunk = cchunk - score_pack_.data() + dev;
     sp.scores = scores_dev_;
     sp.n = int64_t(total);
     sp.kv_heads = cfg_.kv_heads;
@@ -121,14 +110,69 @@ void CudaBackend::score_chunks(int layer, const TensorView& q, const ScoreReques
     const unsigned blocks = unsigned((total + kScoreWarps - 1) / kScoreWarps);
     score_kernel<<<blocks, kScoreWarps * 32, 0, s>>>(sp);
     CV_CUDA(cudaGetLastError(), "score kernel launch");
-    CV_CUDA(cudaMemcpyAsync(scores_host_, scores_dev_, total * 4, cudaMemcpyDeviceToHost, s),
-            "cudaMemcpyAsync (scores)");
   }
+  return total;
+}
+
+// Pinned host memory for results coming back (grows; the stream is idle when it does).
+void* CudaBackend::results_host(size_t bytes, cudaStream_t s) {
+  if (bytes > results_host_cap_) {
+    CV_CUDA(cudaStreamSynchronize(s), "cudaStreamSynchronize (result buffer growth)");
+    if (results_host_) CV_CUDA(cudaFreeHost(results_host_), "cudaFreeHost");
+    results_host_ = nullptr;
+    results_host_cap_ = 0;
+    const size_t cap = std::max(bytes + bytes / 2, size_t(4096));
+    CV_CUDA(cudaMallocHost(&results_host_, cap), "cudaMallocHost (results)");
+    results_host_cap_ = cap;
+  }
+  return results_host_;
+}
+
+void CudaBackend::score_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
+                               DigestKind kind) {
+  if (!digests_) throw ValueError("eviction: digests are off for this cache");
+  if (count == 0) return;
+  DeviceGuard g(device_);
+  check_tensor(q, "q");
+  cudaStream_t s = stream();
+  refuse_capture(s, "score_chunks");
+  order_after_previous(s);
+  const size_t total = queue_scores(layer, q, requests, count, kind, s);
+  float* host = static_cast<float*>(results_host(total * 4, s));
+  if (total > 0)
+    CV_CUDA(cudaMemcpyAsync(host, scores_dev_, total * 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (scores)");
   record_done(s);
-  // The core selects on the host: this is the step's one wait per scored layer.
   CV_CUDA(cudaStreamSynchronize(s), "cudaStreamSynchronize (scores)");
   for (size_t r = 0, c = 0; r < count; c += requests[r].n, ++r)
-    std::memcpy(requests[r].scores, scores_host_ + c, requests[r].n * 4);
+    std::memcpy(requests[r].scores, host + c, requests[r].n * 4);
+}
+
+void CudaBackend::top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
+                             DigestKind kind, int k) {
+  if (!digests_) throw ValueError("eviction: digests are off for this cache");
+  if (count == 0 || k <= 0) return;
+  DeviceGuard g(device_);
+  check_tensor(q, "q");
+  cudaStream_t s = stream();
+  refuse_capture(s, "top_chunks");
+  order_after_previous(s);
+  queue_scores(layer, q, requests, count, kind, s);
+  const size_t n_top = count * size_t(k);
+  grow_device(reinterpret_cast<void**>(&top_dev_), &top_dev_cap_, n_top * 4, s, "top-k");
+  TopKParams tp;
+  tp.scores = scores_dev_;
+  tp.req_off = score_offsets_dev_;
+  tp.top = top_dev_;
+  tp.k = k;
+  topk_kernel<<<unsigned(count), kTopKThreads, 0, s>>>(tp);
+  CV_CUDA(cudaGetLastError(), "top-k kernel launch");
+  int32_t* host = static_cast<int32_t*>(results_host(n_top * 4, s));
+  CV_CUDA(cudaMemcpyAsync(host, top_dev_, n_top * 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (top-k)");
+  record_done(s);
+  // The core selects on the host: the step's one wait per scored layer, for k indices per request.
+  CV_CUDA(cudaStreamSynchronize(s), "cudaStreamSynchronize (top-k)");
+  for (size_t r = 0; r < count; ++r)
+    std::memcpy(requests[r].top, host + r * size_t(k), std::min<size_t>(size_t(k), requests[r].n) * 4);
 }
 
 void CudaBackend::read_digest(int layer, int32_t slot, int head, float* dst) const {

@@ -247,5 +247,55 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(const ScorePara
   if (lane == 0) p.scores[c] = acc;
 }
 
+// ---- top-k per request: k passes of a block-wide arg-max ----
+// Keys as in cpp/src/top_k.h (score bits made order-preserving above the candidate index):
+// unique, so pass j takes the largest key below pass j-1's, best first, ties to the later
+// candidate. k is small (top-k chunks), the candidates are re-read from L1/L2 each pass.
+constexpr int kTopKThreads = 256;
+
+struct TopKParams {
+  const float* scores;     // every request's candidates, flattened
+  const int32_t* req_off;  // count + 1 offsets into scores
+  int32_t* top;            // [count][k]
+  int32_t k;
+};
+
+__device__ __forceinline__ unsigned long long rank_key_device(float score, uint32_t index) {
+  uint32_t u = __float_as_uint(score);
+  if (u == 0x80000000u) u = 0;
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (static_cast<unsigned long long>(u) << 32) | index;
+}
+
+__global__ void __launch_bounds__(kTopKThreads) topk_kernel(const TopKParams p) {
+  __shared__ unsigned long long warp_best[kTopKThreads / 32];
+  __shared__ unsigned long long pass_best;
+  const int r = int(blockIdx.x), t = int(threadIdx.x), lane = t % 32, warp = t / 32;
+  const int32_t base = p.req_off[r], n = p.req_off[r + 1] - base;
+  const int k = p.k < n ? p.k : n;
+  unsigned long long prev = ~0ull;
+  for (int j = 0; j < k; ++j) {
+    unsigned long long best = 0;
+    for (int c = t; c < n; c += kTopKThreads) {
+      const unsigned long long key = rank_key_device(p.scores[base + c], uint32_t(c));
+      if (key < prev && key > best) best = key;
+    }
+    for (int m = 16; m > 0; m >>= 1) {
+      const unsigned long long o = __shfl_xor_sync(0xffffffffu, best, m);
+      best = o > best ? o : best;
+    }
+    if (lane == 0) warp_best[warp] = best;
+    __syncthreads();
+    if (t == 0) {
+      unsigned long long m = 0;
+      for (int w = 0; w < kTopKThreads / 32; ++w) m = warp_best[w] > m ? warp_best[w] : m;
+      pass_best = m;
+      p.top[int64_t(r) * p.k + j] = int32_t(uint32_t(m));
+    }
+    __syncthreads();
+    prev = pass_best;
+  }
+}
+
 }  // namespace cuda
 }  // namespace chunkvale

@@ -225,6 +225,12 @@ inline void cp_async_wait() {
 
 inline float fast_exp2(float x) { return std::exp2(x); }
 
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
 template <typename T>
 inline float elem_to_float(uint16_t bits) {
   T v;

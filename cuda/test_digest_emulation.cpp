@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "digest_kernels.cuh"
+#include "top_k.h"
 
 using namespace chunkvale;
 
@@ -180,6 +181,41 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
   }
 }
 
+// The device top-k against the host rule (top_k.h): same indices, same order, with ties
+// (repeated scores), negative and zero scores, and k from 1 to more than n.
+void run_topk(std::mt19937& rng) {
+  const std::vector<int> sizes = {1, 5, 31, 509, 700};
+  std::vector<float> scores;
+  std::vector<int32_t> off = {0};
+  for (int n : sizes) {
+    for (int c = 0; c < n; ++c) {
+      float v = float(int(rng() % 41) - 20) * 0.25f;  // few distinct values: many ties
+      if (rng() % 7 == 0) v = -0.0f;
+      scores.push_back(v);
+    }
+    off.push_back(int32_t(scores.size()));
+  }
+  for (int k : {1, 3, 20, 40, 800}) {
+    std::vector<int32_t> top(sizes.size() * size_t(k), -7);
+    cuda::TopKParams p;
+    p.scores = scores.data();
+    p.req_off = off.data();
+    p.top = top.data();
+    p.k = k;
+    cuda::emu::launch(dim3(unsigned(sizes.size())), cuda::kTopKThreads, 0, [&] { cuda::topk_kernel(p); });
+    std::vector<uint64_t> heap;
+    for (size_t r = 0; r < sizes.size(); ++r) {
+      const size_t n = size_t(sizes[r]), m = std::min<size_t>(size_t(k), n);
+      std::vector<int32_t> want(m);
+      top_k(scores.data() + off[r], n, size_t(k), want.data(), heap);
+      for (size_t j = 0; j < m; ++j)
+        EXPECT(top[r * size_t(k) + j] == want[j], "top-k n=%zu k=%d position %zu: got %d want %d", n, k, j,
+               top[r * size_t(k) + j], want[j]);
+      for (size_t j = m; j < size_t(k); ++j) EXPECT(top[r * size_t(k) + j] == -7, "top-k wrote past min(k, n)");
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -192,6 +228,7 @@ int main() {
       run_case<__nv_bfloat16>(cs, kind, rng);
       ran += 2;
     }
-  std::printf("digest/score emulation: %d cases, %d failures\n", ran, failures);
+  run_topk(rng);
+  std::printf("digest/score/top-k emulation: %d cases, %d failures\n", ran + 1, failures);
   return failures ? 1 : 0;
 }
