@@ -92,9 +92,9 @@ size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequ
   pp.D = cfg_.head_dim;
   pp.kind = int(kind);
   if (cfg_.dtype == DType::Float16)
-    score_prep_kernel<__half><<<unsigned(count), kDigestThreads, 0, s>>>(pp);
+    score_prep_kernel<__half><<<dim3(unsigned(count), unsigned(cfg_.kv_heads)), kDigestThreads, 0, s>>>(pp);
   else
-    score_prep_kernel<__nv_bfloat16><<<unsigned(count), kDigestThreads, 0, s>>>(pp);
+    score_prep_kernel<__nv_bfloat16><<<dim3(unsigned(count), unsigned(cfg_.kv_heads)), kDigestThreads, 0, s>>>(pp);
   CV_CUDA(cudaGetLastError(), "score prep kernel launch");
   if (total > 0) {
     ScoreParams sp;

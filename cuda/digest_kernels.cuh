@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kDigestThreads) digest_kernel(const DigestPara
   }
 }
 
-// ---- score prep: one CTA per scored query row ----
+// ---- score prep: per scored query row and KV head ----
 // Per KV head g: x0, x1 (D each) and n (one float), so that a chunk's bound is
 //   cuboid_max:  x0 . max + x1 . min      (x0 = sum of max(q, 0), x1 = sum of min(q, 0))
 //   cuboid_mean: x0 . centre + x1 . dev   (x0 = sum of q, x1 = sum of |q|)
@@ -157,17 +157,16 @@ struct ScorePrepParams {
   int32_t q_heads, kv_heads, group, D, kind;
 };
 
+// One CTA per (scored row, KV head): enough CTAs to fill the GPU even for a few rows.
 template <typename T>
 __global__ void __launch_bounds__(kDigestThreads) score_prep_kernel(const ScorePrepParams p) {
-  const int r = int(blockIdx.x), t = int(threadIdx.x);
-  const int D = p.D, KV = p.kv_heads, G = p.group;
-  const uint16_t* q = p.q + int64_t(p.rows[r]) * p.q_heads * D;
-  const int QS = qsum_stride(D);
-  float* out = p.qsum + int64_t(r) * KV * QS;
-  for (int e = t; e < KV * D; e += kDigestThreads) {
-    const int g = e / D, d = e % D;
+  const int r = int(blockIdx.x), g = int(blockIdx.y), t = int(threadIdx.x);
+  const int D = p.D, G = p.group, QS = qsum_stride(D);
+  const uint16_t* q = p.q + (int64_t(p.rows[r]) * p.q_heads + int64_t(g) * G) * D;  // the group's heads
+  float* out = p.qsum + (int64_t(r) * p.kv_heads + g) * QS;
+  for (int d = t; d < D; d += kDigestThreads) {
     float x0 = 0.0f, x1 = 0.0f;
-    for (int h = g * G; h < (g + 1) * G; ++h) {
+    for (int h = 0; h < G; ++h) {
       const float x = elem_at<T>(q + int64_t(h) * D + d);
       if (p.kind == kCuboidMax) {
         x0 += fmaxf(x, 0.0f);
@@ -177,22 +176,27 @@ __global__ void __launch_bounds__(kDigestThreads) score_prep_kernel(const ScoreP
         x1 += fabsf(x);
       }
     }
-    out[g * QS + d] = x0;
-    out[g * QS + D + d] = x1;
+    out[d] = x0;
+    out[D + d] = x1;
   }
-  // Norm sums, one warp per KV head.
+  // Sum of the group's query norms: one warp per head, then across warps.
+  __shared__ float warp_sum_norms[kDigestThreads / 32];
   const int warp = t / 32, lane = t % 32;
-  for (int g = warp; g < KV; g += kDigestThreads / 32) {
-    float nsum = 0.0f;
-    for (int h = g * G; h < (g + 1) * G; ++h) {
-      float n2 = 0.0f;
-      for (int d = lane; d < D; d += 32) {
-        const float x = elem_at<T>(q + int64_t(h) * D + d);
-        n2 += x * x;
-      }
-      nsum += sqrtf(warp_sum(n2));
+  float nsum = 0.0f;
+  for (int h = warp; h < G; h += kDigestThreads / 32) {
+    float n2 = 0.0f;
+    for (int d = lane; d < D; d += 32) {
+      const float x = elem_at<T>(q + int64_t(h) * D + d);
+      n2 += x * x;
     }
-    if (lane == 0) out[g * QS + 2 * D] = nsum;
+    nsum += sqrtf(warp_sum(n2));
+  }
+  if (lane == 0) warp_sum_norms[warp] = nsum;
+  __syncthreads();
+  if (t == 0) {
+    float n = 0.0f;
+    for (int w = 0; w < kDigestThreads / 32; ++w) n += warp_sum_norms[w];
+    out[2 * D] = n;
   }
 }
 

@@ -130,7 +130,7 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
   pp.group = G;
   pp.D = D;
   pp.kind = kind;
-  cuda::emu::launch(dim3(unsigned(rows.size())), cuda::kDigestThreads, 0, [&] { cuda::score_prep_kernel<T>(pp); });
+  cuda::emu::launch(dim3(unsigned(rows.size()), unsigned(KV)), cuda::kDigestThreads, 0, [&] { cuda::score_prep_kernel<T>(pp); });
   std::vector<int32_t> creq, cchunk;
   for (size_t r = 0; r < cands.size(); ++r)
     for (int32_t c : cands[r]) {
