@@ -114,7 +114,8 @@ def test_budgeted_decode_latency(B):
             row["score_share"] = (after["evict_score_seconds"] - before["evict_score_seconds"]) / per_call
             if os.environ.get("CHUNKVALE_BENCH_PROFILE"):
                 _profile(lambda: cache.attention(0, st, q, out=out), f"budgeted B={B}")
-            row["kept_chunks_per_seq"] = CTX // C - (after["evict_dropped_chunks"] - before["evict_dropped_chunks"]) / (
+            chunks = -(-(CTX + 1) // C)  # the decode token opens one more
+            row["kept_chunks_per_seq"] = chunks - (after["evict_dropped_chunks"] - before["evict_dropped_chunks"]) / (
                 calls * B)
         del cache, out
         torch.cuda.empty_cache()
