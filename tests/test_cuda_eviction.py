@@ -391,3 +391,43 @@ def test_graph_capture_with_eviction_is_refused_clearly(seed):
         with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
             cache.attention(0, st, q[:1].clone())
     assert cache.stats() == before
+
+
+def test_engine_with_eviction_and_host_tier_on_the_gpu():
+    """End to end on the GPU: a tiny random Llama in fp16 served by the Engine. One request at
+    a time, so every engine runs the same steps: a budget covering every context gives the dense
+    engine's tokens, and the host tier (chunks evicted to pinned memory and recalled) gives the
+    tokens of the same budget with every chunk resident."""
+    transformers = pytest.importorskip("transformers")
+    from chunkvale.engine import Engine, Request
+
+    torch.manual_seed(11)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, initializer_range=0.2,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = transformers.LlamaForCausalLM(cfg).eval().to("cuda", torch.float16)
+    gen = torch.Generator().manual_seed(3)
+
+    def tokens(n):
+        return torch.randint(0, 256, (n,), generator=gen).tolist()
+
+    head = tokens(40)  # shared by three requests: later ones reuse (and recall) its chunks
+    reqs = [Request(token_ids=head + tokens(n), max_new_tokens=40, ignore_eos=True) for n in (110, 75, 9)]
+    reqs.append(Request(token_ids=tokens(150), max_new_tokens=40, ignore_eos=True))
+
+    def serve(ev):
+        eng = Engine(model, chunk_size=16, capacity_tokens=4096, max_batch_size=1, eviction=ev)
+        assert eng.cache.config.device == "cuda"
+        return [r.samples[0].token_ids for r in eng.generate(reqs, progress=False)], eng.cache.stats()
+
+    dense, _ = serve(None)
+    covered, st = serve(chunkvale.Eviction(budget_tokens=4096, dense_layers=1))
+    assert covered == dense
+    assert st["evict_dropped_chunks"] == 0
+    budget = dict(budget_tokens=64, sink_chunks=1, window_chunks=2, topk_chunks=2, dense_layers=1)
+    resident, st = serve(chunkvale.Eviction(**budget))
+    assert st["evict_dropped_chunks"] > 0
+    tiered, st = serve(chunkvale.Eviction(**budget, device_chunks=14))
+    assert tiered == resident
+    assert st["evict_recalls"] > 0 and st["evict_evictions"] > 0, st
+    assert st["evict_device_slots_in_use"] <= 14 * 2
