@@ -26,15 +26,25 @@ Residency::Residency(int first_layer, int layers, int64_t chunks, int64_t slots)
   }
 }
 
+void Residency::relist(Layer& L, int32_t s) {
+  const int32_t c = L.owner[size_t(s)];
+  // Without a host copy (a partial chunk) eviction would lose data.
+  if (c >= 0 && L.host[size_t(c)] >= 0) L.lru.insert({L.last_use[size_t(s)], s});
+}
+
 void Residency::set_host(int layer, int32_t chunk, int64_t block, uint64_t ticket) {
   Layer& L = at(layer);
   if (L.host[size_t(chunk)] >= 0) broken("second host copy", layer, chunk);
   L.host[size_t(chunk)] = block;
   L.ticket[size_t(chunk)] = ticket;
+  const int32_t s = L.slot_of[size_t(chunk)];
+  if (s >= 0) relist(L, s);
 }
 
 void Residency::clear_host(int layer, int32_t chunk) {
   Layer& L = at(layer);
+  const int32_t s = L.slot_of[size_t(chunk)];
+  if (s >= 0) unlist(L, s);
   L.host[size_t(chunk)] = -1;
   L.ticket[size_t(chunk)] = 0;
 }
@@ -52,12 +62,14 @@ void Residency::place(int layer, int32_t chunk, int32_t slot) {
   if (L.slot_of[size_t(chunk)] >= 0 || L.owner[size_t(slot)] >= 0) broken("double placement", layer, chunk);
   L.slot_of[size_t(chunk)] = slot;
   L.owner[size_t(slot)] = chunk;
+  relist(L, slot);
 }
 
 void Residency::evict(int layer, int32_t chunk) {
   Layer& L = at(layer);
   int32_t s = L.slot_of[size_t(chunk)];
   if (s < 0) broken("eviction of a chunk that is not resident", layer, chunk);
+  unlist(L, s);
   L.slot_of[size_t(chunk)] = -1;
   L.owner[size_t(s)] = -1;
   L.last_use[size_t(s)] = 0;
@@ -66,26 +78,26 @@ void Residency::evict(int layer, int32_t chunk) {
 
 void Residency::touch(int layer, int32_t chunk, uint64_t stamp) {
   Layer& L = at(layer);
-  L.last_use[size_t(L.slot_of[size_t(chunk)])] = stamp;
+  const int32_t s = L.slot_of[size_t(chunk)];
+  unlist(L, s);
+  L.last_use[size_t(s)] = stamp;
+  relist(L, s);
 }
 
 void Residency::demote(int layer, int32_t chunk) {
   Layer& L = at(layer);
-  L.last_use[size_t(L.slot_of[size_t(chunk)])] = 0;
+  const int32_t s = L.slot_of[size_t(chunk)];
+  unlist(L, s);
+  L.last_use[size_t(s)] = 0;
+  relist(L, s);
 }
 
 int32_t Residency::victim(int layer, uint64_t stamp) const {
   const Layer& L = at(layer);
-  int32_t best = -1;
-  uint64_t best_use = stamp;
-  for (size_t s = 0; s < L.owner.size(); ++s) {
-    int32_t c = L.owner[s];
-    // Without a host copy (a partial chunk) eviction would lose data.
-    if (c < 0 || L.host[size_t(c)] < 0 || L.last_use[s] >= best_use) continue;
-    best = c;
-    best_use = L.last_use[s];
-  }
-  return best;
+  // The least recently used evictable slot (ties: the lowest slot), unless even it was
+  // used by this operation.
+  if (L.lru.empty() || L.lru.begin()->first >= stamp) return -1;
+  return L.owner[size_t(L.lru.begin()->second)];
 }
 
 int64_t Residency::slots_in_use() const {

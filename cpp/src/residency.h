@@ -5,6 +5,8 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <set>
+#include <utility>
 #include <vector>
 
 namespace chunkvale {
@@ -46,7 +48,13 @@ class Residency {
     std::vector<int32_t> owner;     // slot -> chunk or -1
     std::vector<uint64_t> last_use; // slot -> stamp of its last use
     std::vector<int32_t> free;      // free slots (stack)
+    // Evictable slots (resident, with a host copy) by (last use, slot): victim() takes the
+    // first, so finding one does not scan every device slot.
+    std::set<std::pair<uint64_t, int32_t>> lru;
   };
+  // Re-files slot s in L.lru after its chunk, host copy or last use changed.
+  static void unlist(Layer& L, int32_t s) { L.lru.erase({L.last_use[size_t(s)], s}); }
+  static void relist(Layer& L, int32_t s);
   Layer& at(int layer) { return layers_[size_t(layer - first_)]; }
   const Layer& at(int layer) const { return layers_[size_t(layer - first_)]; }
 
