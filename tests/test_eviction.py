@@ -111,6 +111,27 @@ def test_budgeted_attention_equals_reference_over_selected_chunks(cv, seed, kind
     assert stats["evict_scored_chunks"] > stats["evict_dropped_chunks"]
 
 
+def test_prompt_tokens_planned_one_at_a_time_attend_to_everything(cv, seed):
+    """Only decode rows (one explicit new token) select: a prompt prefilled one token per step
+    is prefill, every row attends to the whole context even though the sequence is over budget."""
+    rng = np.random.default_rng(seed)
+    cache = cv.KVCache(_cfg(cv, budget=96, topk=3))
+    run = Run(cv, rng, [cache])
+    a, _ = run.add(list(rng.integers(0, 1000, 200)))
+    run.step([(a, 190)])
+    for _ in range(10):  # the last 10 prompt tokens, one per step
+        st, qs, outs = run.step([(a, 1)], scale_q=2.0)
+        for layer in range(L):
+            K, V = (x.astype(np.float64) for x in run.kv[a][layer])
+            want, _ = attention_reference(qs[layer].astype(np.float64), K, V, K.shape[0] - 1)
+            np.testing.assert_allclose(outs[0][layer], want, atol=2e-5, rtol=1e-4, err_msg=f"layer {layer}")
+    assert cache.stats()["evict_dropped_chunks"] == 0
+    st, qs, outs = run.step([(a, [5])], scale_q=2.0)  # the first decode step does select
+    for layer in range(L):
+        _check_layer(run, st, qs[layer], outs[0][layer], layer, "cuboid_max", 96, 3, dense_layers=1)
+    assert cache.stats()["evict_dropped_chunks"] > 0
+
+
 def test_sink_and_window_only(cv, seed):
     """topk_chunks=0: the StreamingLLM-style baseline attends to sinks and the window alone."""
     rng = np.random.default_rng(seed)

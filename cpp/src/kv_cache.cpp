@@ -44,13 +44,14 @@ struct KVCache::OpenStep {
 
 namespace {
 std::string id_str(int64_t id) { return std::to_string(id); }
-// Whether a sequence selects in a decode step (select_chunks' rule), and its candidate
-// range [lo, hi): the chunks outside it (sinks, window) are always attended.
-bool selects(const EvictionConfig& ev, int topk, int64_t n_new, int64_t total, int64_t nch, int64_t& lo,
+// Whether a sequence selects (select_chunks' rule), and its candidate range [lo, hi): the
+// chunks outside it (sinks, window) are always attended. Only a decode row selects: one new
+// token given explicitly; prompt tokens attend to everything, even planned one at a time.
+bool selects(const EvictionConfig& ev, int topk, bool decode, int64_t total, int64_t nch, int64_t& lo,
              int64_t& hi) {
   lo = std::min<int64_t>(ev.sink_chunks, nch);
   hi = std::max(lo, nch - ev.window_chunks);
-  return n_new == 1 && total > ev.budget_tokens && hi - lo > topk;
+  return decode && total > ev.budget_tokens && hi - lo > topk;
 }
 // Step ids are unique across caches, so a step can't be passed to the wrong cache.
 std::atomic<uint64_t> g_next_step_id{1};
@@ -95,6 +96,11 @@ KVCache::Sequence& KVCache::get_seq(int64_t seq, const char* arg) {
 
 const KVCache::Sequence& KVCache::get_seq(int64_t seq, const char* arg) const {
   return const_cast<KVCache*>(this)->get_seq(seq, arg);
+}
+
+// Batch entry i of the open step decodes: one new token, given explicitly (not a prompt token).
+bool KVCache::decode_row(size_t i) const {
+  return plan_.seqs[i].n_new == 1 && !step_->from_prompt[i];
 }
 
 int32_t KVCache::take_slot() {
@@ -275,10 +281,11 @@ const StepPlan& KVCache::to_device_slots(int layer, const StepPlan& plan, bool f
     // Resident chunks this layer's attention is sure to use are not victims either, so
     // append does not evict what attention would recall at once (require_tiers counted them).
     const int topk = cfg_.eviction.resolved_topk(C);
-    for (const StepSeq& q : plan.seqs) {
+    for (size_t k = 0; k < plan.seqs.size(); ++k) {
+      const StepSeq& q = plan.seqs[k];
       const int64_t nch = q.chunk_end - q.chunk_begin;
       int64_t lo, hi;
-      const bool sel = selects(cfg_.eviction, topk, q.n_new, q.total(), nch, lo, hi);
+      const bool sel = selects(cfg_.eviction, topk, decode_row(k), q.total(), nch, lo, hi);
       for (int64_t i = 0; i < nch; ++i) {
         const int32_t c = plan.seq_chunks[size_t(q.chunk_begin + i)];
         if ((!sel || i < lo || i >= hi) && res_->slot(layer, c) >= 0) res_->touch(layer, c, stamp);
@@ -375,7 +382,7 @@ void KVCache::require_tiers(const std::vector<PlanEntry>& entries, int64_t new_c
     const int64_t have = int64_t(s.path.size() + s.tail.size());
     filled += total / C - s.length() / C;
     int64_t lo, hi;
-    const bool sel = selects(ev, topk, n, total, nch, lo, hi);
+    const bool sel = selects(ev, topk, e.tokens.size() == 1, total, nch, lo, hi);
     for (int64_t i = 0; i < nch; ++i) {
       if (sel && i >= lo && i < hi) continue;
       if (i >= have)
@@ -651,10 +658,11 @@ void KVCache::demote_after_prefill(int layer, const TensorView& q) {
   const int topk = ev.resolved_topk(cfg_.chunk_size);
   score_reqs_.clear();
   cand_lo_.clear();
-  for (const StepSeq& s : plan_.seqs) {
+  for (size_t i = 0; i < plan_.seqs.size(); ++i) {
+    const StepSeq& s = plan_.seqs[i];
     const int32_t nch = s.chunk_end - s.chunk_begin;
     int64_t lo, hi;  // prefill/extend rows whose sequence selects from its next decode step on
-    if (s.n_new == 1 || !selects(ev, topk, 1, s.total(), nch, lo, hi)) continue;
+    if (decode_row(i) || !selects(ev, topk, true, s.total(), nch, lo, hi)) continue;
     Backend::ScoreRequest r;
     r.row = s.row_begin + s.n_new - 1;
     r.slots = plan_.seq_chunks.data() + s.chunk_begin + lo;  // full chunks: their digests exist
@@ -695,7 +703,7 @@ bool KVCache::select_chunks(int layer, const TensorView& q) {
     keep_[i].assign(size_t(nch), 1);
     // Prefill and extend attend to everything; so does a sequence within budget.
     int64_t lo, hi;
-    if (!selects(ev, topk, s.n_new, s.total(), nch, lo, hi)) continue;
+    if (!selects(ev, topk, decode_row(i), s.total(), nch, lo, hi)) continue;
     cand_lo_[i] = int32_t(lo);
     Backend::ScoreRequest r;
     r.row = s.row_begin;

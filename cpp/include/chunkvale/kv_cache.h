@@ -117,6 +117,7 @@ class KVCache {
   void release_sequence(Sequence& s);
   bool select_chunks(int layer, const TensorView& q);
   void top_requests(int layer, const TensorView& q, int topk);
+  bool decode_row(size_t i) const;
   // --- host tier ---
   void free_chunk(int32_t chunk);       // pool slot, device slots and host copies
   void drop_residency(int32_t chunk);
