@@ -419,14 +419,6 @@ class Engine:
             if pending <= 0 or budget <= 0:
                 continue
             take = min(pending, budget)
-            if prefill_limit is not None and take < pending:
-                # With eviction a one-token step selects chunks like decode (the core's rule), so a
-                # shrunk prefill neither plans one token nor leaves exactly one for later: its
-                # rows attend to everything, as in an engine that did not have to shrink.
-                if pending - take == 1:
-                    take -= 1
-                if take < 2:
-                    continue
             s = req.seqs[0]
             batch.append(s)
             entries.append((s.seq, take))
@@ -454,7 +446,7 @@ class Engine:
                 prefill = sum(what for _, what in entries if isinstance(what, int))
                 decoding = sum(1 for _, what in entries if not isinstance(what, int))
                 if prefill:
-                    prefill_limit = prefill // 2 if prefill // 2 >= 2 else 0
+                    prefill_limit = prefill // 2
                     _, entries, _, _ = self._build_batch(prefill_limit, decode_limit)
                     continue
                 if decoding > 1:
