@@ -229,3 +229,39 @@ def test_a_fork_that_does_not_fit_preempts_a_newer_request(model):
     assert outs[0][1:] == (0, 0)
     assert outs[1][1] >= 1 and outs[1][2] >= 1
     assert outs[1][0] == outs[0][0]
+
+
+def test_a_fork_first_takes_back_the_chunks_of_samples_that_just_finished(model):
+    # As above, but A's last token comes in the very step B's prefill completes and forks: A's
+    # finished sequence gives its chunks back first, so nothing complete is preempted and redone.
+    kw = dict(budget_tokens=48, sink_chunks=1, window_chunks=1, topk_chunks=1)
+    a = Request(token_ids=rand_tokens(20, 70), max_new_tokens=3)
+    b = Request(token_ids=rand_tokens(20, 71), max_new_tokens=5, n=4, temperature=1.0, seed=5)
+    outs = []
+    for ev in (evict(**kw), evict(**kw, device_chunks=5)):
+        eng = Engine(model, chunk_size=C, capacity_tokens=4096, eviction=ev)
+        refused = []
+        real = eng.cache.fork
+
+        def fork(seq, n, real=real, refused=refused):
+            try:
+                return real(seq, n)
+            except chunkvale.CapacityError:
+                refused.append(seq)
+                raise
+
+        eng.cache.fork = fork
+        ia = eng.submit(a)
+        eng.step()
+        eng.step()
+        ib = eng.submit(b)
+        done = {r.index: r for r in eng.step()}  # A's third token and B's prefill + fork
+        assert ia in done and done[ia].samples[0].finish_reason == "length"
+        while eng.has_work():
+            done.update({r.index: r for r in eng.step()})
+        outs.append(([[s.token_ids for s in done[i].samples] for i in (ia, ib)], len(refused),
+                     eng.metrics().preemptions))
+    assert outs[0][1:] == (0, 0)
+    assert outs[1][1] >= 1, "the fork should not have fit next to A's live partial chunk"
+    assert outs[1][2] == 0
+    assert outs[1][0] == outs[0][0]

@@ -546,7 +546,17 @@ class Engine:
             try:
                 return self.cache.fork(req.seqs[0].seq, req.request.n - 1)
             except chunkvale.CapacityError as e:
-                others = [r for r in self._running if r is not req]
+                # Samples that finished in this very step give their chunks back first (_retire
+                # would release them right after): that preempts nothing complete.
+                finished = [s for r in self._running for s in r.seqs
+                            if s.finish_reason is not None and s.seq is not None]
+                for s in finished:
+                    self.cache.remove(s.seq)
+                    s.seq = None
+                if finished:
+                    continue
+                others = [r for r in self._running
+                          if r is not req and any(s.seq is not None for s in r.seqs)]
                 if not others:
                     raise chunkvale.CapacityError(
                         f"request {req.index}: its n={req.request.n} samples do not fit the KV cache even alone; "
