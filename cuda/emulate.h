@@ -241,6 +241,20 @@ inline float elem_to_float(uint16_t bits) {
     return __bfloat162float(v);
 }
 
+// The storage bits of x rounded to T (the inverse of elem_to_float), for tests' inputs.
+template <typename T>
+inline uint16_t bits_of(float x) {
+  uint16_t b;
+  if constexpr (std::is_same<T, __half>::value) {
+    __half h = __float2half_rn(x);
+    std::memcpy(&b, &h, 2);
+  } else {
+    __nv_bfloat16 h = __float2bfloat16_rn(x);
+    std::memcpy(&b, &h, 2);
+  }
+  return b;
+}
+
 // mma.sync.m16n8k16.row.col.f32.{f16,bf16}: groupID g = lane/4, t = lane%4.
 // A: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..).
 // B: b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8.., n = g).  C/D: c0,c1 (g, 2t..), c2,c3 (g+8, 2t..).

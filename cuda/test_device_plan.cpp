@@ -5,6 +5,7 @@
 // output for the same plan. Also checks that a length-only decode step changes only the
 // trailing sections of the packed plan (what the backend copies to the device).
 #include <cmath>
+
 #include <cstdio>
 #include <map>
 #include <random>
@@ -13,22 +14,13 @@
 #include "chunkvale/kv_cache.h"
 #include "device_plan.h"
 #include "prefix_kv.h"
+#include "check.h"
 
 using namespace chunkvale;
 
 namespace {
 
-int failures = 0;
 int total_bumps = 0;
-#define EXPECT(cond, ...)                                                 \
-  do {                                                                    \
-    if (!(cond)) {                                                        \
-      std::fprintf(stderr, "%s:%d: %s: ", __FILE__, __LINE__, #cond);     \
-      std::fprintf(stderr, __VA_ARGS__);                                  \
-      std::fprintf(stderr, "\n");                                         \
-      ++failures;                                                         \
-    }                                                                     \
-  } while (0)
 
 TensorView view3(std::vector<float>& v, int64_t rows, int64_t heads, int64_t dim) {
   return tensor_view(v.data(), DType::Float32, rows, heads, dim);
@@ -260,8 +252,8 @@ int main() {
   const uint32_t base = rd();
   int n = 0;
   for (const Case& cs : cases) run_case(cs, base + uint32_t(n++));
-  std::printf("%s: %d failures (seed base %u); %d length-only decode steps checked\n", failures ? "FAIL" : "ok",
-              failures, base, total_bumps);
+  std::printf("%s: %d failures (seed base %u); %d length-only decode steps checked\n", failures() ? "FAIL" : "ok",
+              failures(), base, total_bumps);
   EXPECT(total_bumps > 0, "no decode step reused its plan: the diff check never ran");
-  return failures ? 1 : 0;
+  return failures() ? 1 : 0;
 }

@@ -6,40 +6,20 @@
 #define CHUNKVALE_EMULATE 1
 #include <algorithm>
 #include <cmath>
+
 #include <cstdio>
 #include <random>
 #include <vector>
 
 #include "digest_kernels.cuh"
 #include "top_k.h"
+#include "check.h"
 
 using namespace chunkvale;
 
 namespace {
 
-int failures = 0;
-#define EXPECT(cond, ...)                                             \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                              \
-      std::fprintf(stderr, "\n");                                     \
-      ++failures;                                                     \
-    }                                                                 \
-  } while (0)
 
-template <typename T>
-uint16_t bits_of(float x) {
-  uint16_t b;
-  if constexpr (std::is_same<T, __half>::value) {
-    __half h = __float2half_rn(x);
-    std::memcpy(&b, &h, 2);
-  } else {
-    __nv_bfloat16 h = __float2bfloat16_rn(x);
-    std::memcpy(&b, &h, 2);
-  }
-  return b;
-}
 
 bool close(double got, double want, double scale, double rtol) {
   return std::fabs(got - want) <= rtol * (std::fabs(want) + scale) || (std::isnan(got) && std::isnan(want));
@@ -56,7 +36,7 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
   std::normal_distribution<float> N(0.0f, 1.0f);
   const int64_t slot_stride = int64_t(2) * KV * C * D;
   std::vector<uint16_t> pool(size_t(slots) * slot_stride);
-  for (auto& x : pool) x = bits_of<T>(N(rng) * 2.0f + 0.5f);
+  for (auto& x : pool) x = cuda::bits_of<T>(N(rng) * 2.0f + 0.5f);
   std::vector<int32_t> chunk_ids = {8, 0, 3, 6, 1}, slot_ids = {2, 6, 0, 5, 3};
   std::vector<float> digests(size_t(chunks) * KV * 2 * D, std::nanf(""));  // poison
 
@@ -117,7 +97,7 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
   // Scores: 3 query rows of 4, each request with its own candidates (repeats allowed).
   const int rows_total = 4;
   std::vector<uint16_t> q(size_t(rows_total) * cs.q_heads * D);
-  for (auto& x : q) x = bits_of<T>(N(rng));
+  for (auto& x : q) x = cuda::bits_of<T>(N(rng));
   std::vector<int32_t> rows = {3, 0, 2};
   std::vector<std::vector<int32_t>> cands = {{8, 0, 3, 6, 1}, {1, 1, 6}, {3}};
   std::vector<float> qsum(rows.size() * size_t(KV) * cuda::qsum_stride(D), std::nanf(""));
@@ -229,6 +209,6 @@ int main() {
       ran += 2;
     }
   run_topk(rng);
-  std::printf("digest/score/top-k emulation: %d cases, %d failures\n", ran + 1, failures);
-  return failures ? 1 : 0;
+  std::printf("digest/score/top-k emulation: %d cases, %d failures\n", ran + 1, failures());
+  return failures() ? 1 : 0;
 }

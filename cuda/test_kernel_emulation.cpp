@@ -5,6 +5,7 @@
 // this does and does not prove.
 #define CHUNKVALE_EMULATE 1
 #include <cmath>
+
 #include <cstdio>
 #include <map>
 #include <random>
@@ -14,35 +15,15 @@
 #include "chunkvale/kv_cache.h"
 #include "pool_kernels.cuh"
 #include "prefix_kv.h"
+#include "check.h"
 
 using namespace chunkvale;
 using chunkvale::cuda::AttnShape;
+using chunkvale::cuda::bits_of;
 
 namespace {
 
-int failures = 0;
-#define EXPECT(cond, ...)                                             \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                              \
-      std::fprintf(stderr, "\n");                                     \
-      ++failures;                                                     \
-    }                                                                 \
-  } while (0)
 
-template <typename T>
-uint16_t bits_of(float x) {
-  uint16_t b;
-  if constexpr (std::is_same<T, __half>::value) {
-    __half h = __float2half_rn(x);
-    std::memcpy(&b, &h, 2);
-  } else {
-    __nv_bfloat16 h = __float2bfloat16_rn(x);
-    std::memcpy(&b, &h, 2);
-  }
-  return b;
-}
 template <typename T>
 float float_of(uint16_t b) {
   return cuda::elem_to_float<T>(b);
@@ -323,6 +304,6 @@ int main() {
   run_case<__nv_bfloat16, 64, AttnShape<64, 1, 4>>({4, 4, 64, 16, 2, 2, true}, base + n++);
   run_case<__half, 64, AttnShape<64, 4, 2>>({16, 4, 64, 64, 2, 2, false}, base + n++);
   check_copy_chunk();
-  std::printf("%s: %d failures (seed base %u)\n", failures ? "FAIL" : "ok", failures, base);
-  return failures ? 1 : 0;
+  std::printf("%s: %d failures (seed base %u)\n", failures() ? "FAIL" : "ok", failures(), base);
+  return failures() ? 1 : 0;
 }

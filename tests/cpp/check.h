@@ -17,6 +17,17 @@ inline int& failures() {
     }                                                                        \
   } while (0)
 
+// CHECK with a printf-style message (the values that differed).
+#define EXPECT(cond, ...)                                             \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      std::fprintf(stderr, "%s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                              \
+      std::fprintf(stderr, "\n");                                     \
+      ++failures();                                                   \
+    }                                                                 \
+  } while (0)
+
 #define CHECK_THROWS(stmt, Ex, needle)                                       \
   do {                                                                       \
     bool caught_ = false;                                                    \
