@@ -29,11 +29,11 @@ class CudaBackend final : public Backend {
                  const TensorView* lse) override;
   void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const override;
 
-  // Eviction (cuda_eviction.cu): digests live on the device; scores come back to the host,
-  // where the core selects (one stream synchronisation per scored layer and step).
+  // Eviction (cuda_eviction.cu): digests live on the device and are scored and ranked there;
+  // the k best indices per request come back to the host, where the core plans the layer
+  // (one stream synchronisation per scored layer and step). score_chunks (every score back
+  // to the host) is not needed: the core only asks for top_chunks.
   void update_digests(int layer, const int32_t* chunks, const int32_t* slots, size_t n, DigestKind kind) override;
-  void score_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
-                    DigestKind kind) override;
   void top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count, DigestKind kind,
                   int k) override;
   void read_digest(int layer, int32_t slot, int head, float* dst) const override;
@@ -81,7 +81,7 @@ class CudaBackend final : public Backend {
   int32_t* top_dev_ = nullptr;
   size_t top_dev_cap_ = 0;
   const int32_t* score_offsets_dev_ = nullptr;  // the last queue_scores' request offsets
-  void* results_host_ = nullptr;  // pinned: scores or top-k indices coming back
+  void* results_host_ = nullptr;  // pinned: top-k indices coming back
   size_t results_host_cap_ = 0;
   std::vector<int32_t> score_pack_;
   size_t queue_scores(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,

@@ -114,7 +114,7 @@ size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequ
   return total;
 }
 
-// Pinned host memory for results coming back (grows; the stream is idle when it does).
+// Pinned host memory for the top-k indices coming back (grows; the stream is idle when it does).
 void* CudaBackend::results_host(size_t bytes, cudaStream_t s) {
   if (bytes > results_host_cap_) {
     CV_CUDA(cudaStreamSynchronize(s), "cudaStreamSynchronize (result buffer growth)");
@@ -126,25 +126,6 @@ void* CudaBackend::results_host(size_t bytes, cudaStream_t s) {
     results_host_cap_ = cap;
   }
   return results_host_;
-}
-
-void CudaBackend::score_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
-                               DigestKind kind) {
-  if (!digests_) throw ValueError("eviction: digests are off for this cache");
-  if (count == 0) return;
-  DeviceGuard g(device_);
-  check_tensor(q, "q");
-  cudaStream_t s = stream();
-  refuse_capture(s, "score_chunks");
-  order_after_previous(s);
-  const size_t total = queue_scores(layer, q, requests, count, kind, s);
-  float* host = static_cast<float*>(results_host(total * 4, s));
-  if (total > 0)
-    CV_CUDA(cudaMemcpyAsync(host, scores_dev_, total * 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (scores)");
-  record_done(s);
-  CV_CUDA(cudaStreamSynchronize(s), "cudaStreamSynchronize (scores)");
-  for (size_t r = 0, c = 0; r < count; c += requests[r].n, ++r)
-    std::memcpy(requests[r].scores, host + c, requests[r].n * 4);
 }
 
 void CudaBackend::top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,

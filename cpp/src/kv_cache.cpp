@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cstring>
-#include <functional>
 #include <limits>
 #include <stdexcept>
 #include <thread>
@@ -57,6 +55,9 @@ bool selects(const EvictionConfig& ev, int topk, bool decode, int64_t total, int
 std::atomic<uint64_t> g_next_step_id{1};
 std::atomic<uint64_t> g_next_plan_revision{1};
 void new_revision(StepPlan& p) { p.revision = g_next_plan_revision++; }
+int64_t ns_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+}
 }  // namespace
 
 KVCache::KVCache(const CacheConfig& config)
@@ -302,7 +303,7 @@ const StepPlan& KVCache::to_device_slots(int layer, const StepPlan& plan, bool f
   for (UnitChunk& u : xplan_.unit_chunks) u.slot = res_->slot(layer, u.slot);
   for (int32_t& c : xplan_.seq_chunks) c = res_->slot(layer, c);  // -1: not on the device (unused)
   new_revision(xplan_);
-  residency_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+  residency_ns_ += ns_since(t0);
   return xplan_;
 }
 
@@ -648,7 +649,7 @@ void KVCache::top_requests(int layer, const TensorView& q, int topk) {
   for (size_t i = 0; i < score_reqs_.size(); ++i) score_reqs_[i].top = top_.data() + i * size_t(std::max(topk, 0));
   auto t0 = std::chrono::steady_clock::now();
   backend_->top_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), cfg_.eviction.digest, topk);
-  score_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+  score_ns_ += ns_since(t0);
 }
 
 // Prefill attends to everything; afterwards an over-budget sequence keeps the chunks that
@@ -657,7 +658,6 @@ void KVCache::demote_after_prefill(int layer, const TensorView& q) {
   const EvictionConfig& ev = cfg_.eviction;
   const int topk = ev.resolved_topk(cfg_.chunk_size);
   score_reqs_.clear();
-  cand_lo_.clear();
   for (size_t i = 0; i < plan_.seqs.size(); ++i) {
     const StepSeq& s = plan_.seqs[i];
     const int32_t nch = s.chunk_end - s.chunk_begin;
@@ -681,7 +681,7 @@ void KVCache::demote_after_prefill(int layer, const TensorView& q) {
       if (res_->slot(layer, chunk) >= 0) res_->demote(layer, chunk);
     }
   }
-  residency_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+  residency_ns_ += ns_since(t0);
 }
 
 // Budgeted attention: for each decoding sequence over budget, keep its sink chunks, its
@@ -740,7 +740,7 @@ bool KVCache::select_chunks(int layer, const TensorView& q) {
     layer_plan_.id = plan_.id;
     new_revision(layer_plan_);
   }
-  select_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+  select_ns_ += ns_since(t0);
   return any;
 }
 
