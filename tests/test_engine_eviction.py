@@ -12,24 +12,10 @@ transformers = pytest.importorskip("transformers")
 
 import chunkvale  # noqa: E402
 from chunkvale.engine import Engine, Request  # noqa: E402
+from test_engine import model, rand_tokens  # noqa: E402,F401  (the same tiny random Llama)
 
-VOCAB = 256
 C = 16
 EVICTING = 1  # the tiny model has 2 layers; dense_layers=1 leaves one evicting layer
-
-
-@pytest.fixture(scope="module")
-def model():
-    # The same tiny random Llama as tests/test_engine.py.
-    torch.manual_seed(11)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                   initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def rand_tokens(n, seed):
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def evict(**kw):
@@ -197,12 +183,11 @@ def test_alone_a_partial_chunk_that_cannot_be_copied_is_computed(model):
     assert outs[1][0] == outs[0][0]
 
 
-def test_a_fork_that_does_not_fit_preempts_a_newer_request(model):
-    # B's 4 samples fork next to A's partial chunk: 2 live partial chunks + 3 copies + the copy
-    # source = 6 > 5 device chunks. The engine preempts A (it restarts later, same tokens).
+def _fork_runs(model, a, b, on_third_step=None):
+    """A runs two steps, then B (n=4 samples, forked after its prefill) arrives. Once without a
+    host tier, once with 5 device chunks; per run: every sample's tokens, how many forks the
+    cache refused, and the engine's preemptions."""
     kw = dict(budget_tokens=48, sink_chunks=1, window_chunks=1, topk_chunks=1)
-    a = Request(token_ids=rand_tokens(20, 70), max_new_tokens=30)
-    b = Request(token_ids=rand_tokens(20, 71), max_new_tokens=5, n=4, temperature=1.0, seed=5)
     outs = []
     for ev in (evict(**kw), evict(**kw, device_chunks=5)):
         eng = Engine(model, chunk_size=C, capacity_tokens=4096, eviction=ev)
@@ -221,11 +206,22 @@ def test_a_fork_that_does_not_fit_preempts_a_newer_request(model):
         eng.step()
         eng.step()  # A decodes, with a partial chunk, when B arrives
         ib = eng.submit(b)
-        done = {}
+        done = {r.index: r for r in eng.step()}  # B's prefill completes and forks
+        if on_third_step:
+            on_third_step(ia, done)
         while eng.has_work():
             done.update({r.index: r for r in eng.step()})
         outs.append(([[s.token_ids for s in done[i].samples] for i in (ia, ib)], len(refused),
                      eng.metrics().preemptions))
+    return outs
+
+
+def test_a_fork_that_does_not_fit_preempts_a_newer_request(model):
+    # B's 4 samples fork next to A's partial chunk: 2 live partial chunks + 3 copies + the copy
+    # source = 6 > 5 device chunks. The engine preempts A (it restarts later, same tokens).
+    a = Request(token_ids=rand_tokens(20, 70), max_new_tokens=30)
+    b = Request(token_ids=rand_tokens(20, 71), max_new_tokens=5, n=4, temperature=1.0, seed=5)
+    outs = _fork_runs(model, a, b)
     assert outs[0][1:] == (0, 0)
     assert outs[1][1] >= 1 and outs[1][2] >= 1
     assert outs[1][0] == outs[0][0]
@@ -234,33 +230,13 @@ def test_a_fork_that_does_not_fit_preempts_a_newer_request(model):
 def test_a_fork_first_takes_back_the_chunks_of_samples_that_just_finished(model):
     # As above, but A's last token comes in the very step B's prefill completes and forks: A's
     # finished sequence gives its chunks back first, so nothing complete is preempted and redone.
-    kw = dict(budget_tokens=48, sink_chunks=1, window_chunks=1, topk_chunks=1)
     a = Request(token_ids=rand_tokens(20, 70), max_new_tokens=3)
     b = Request(token_ids=rand_tokens(20, 71), max_new_tokens=5, n=4, temperature=1.0, seed=5)
-    outs = []
-    for ev in (evict(**kw), evict(**kw, device_chunks=5)):
-        eng = Engine(model, chunk_size=C, capacity_tokens=4096, eviction=ev)
-        refused = []
-        real = eng.cache.fork
 
-        def fork(seq, n, real=real, refused=refused):
-            try:
-                return real(seq, n)
-            except chunkvale.CapacityError:
-                refused.append(seq)
-                raise
-
-        eng.cache.fork = fork
-        ia = eng.submit(a)
-        eng.step()
-        eng.step()
-        ib = eng.submit(b)
-        done = {r.index: r for r in eng.step()}  # A's third token and B's prefill + fork
+    def a_finished(ia, done):
         assert ia in done and done[ia].samples[0].finish_reason == "length"
-        while eng.has_work():
-            done.update({r.index: r for r in eng.step()})
-        outs.append(([[s.token_ids for s in done[i].samples] for i in (ia, ib)], len(refused),
-                     eng.metrics().preemptions))
+
+    outs = _fork_runs(model, a, b, on_third_step=a_finished)
     assert outs[0][1:] == (0, 0)
     assert outs[1][1] >= 1, "the fork should not have fit next to A's live partial chunk"
     assert outs[1][2] == 0
