@@ -93,6 +93,15 @@ void HostTier::free(int64_t block) {
   --file_used_;
 }
 
+void HostTier::reserve(int64_t n) {
+  const int64_t ram_left = ram_limit_ < 0 ? n : int64_t(ram_free_.size()) + (ram_limit_ - ram_next_);
+  const int64_t from_ram = std::min(n, ram_left);
+  while (int64_t(ram_free_.size()) + (int64_t(block_ptr_.size()) - ram_next_) < from_ram) grow_ram();
+  if (fd_ < 0) return;
+  for (int64_t spilled = n - from_ram; int64_t(staging_free_.size()) < spilled;)
+    staging_free_.push_back(new_staging());
+}
+
 int64_t HostTier::available() const {
   if (ram_limit_ < 0 || fd_ >= 0) return std::numeric_limits<int64_t>::max();
   return ram_limit_ - ram_used_;
@@ -106,11 +115,13 @@ void* HostTier::backup_target(int64_t block) {
 }
 
 uint8_t* HostTier::take_staging() {
-  if (!staging_free_.empty()) {
-    uint8_t* p = staging_free_.back();
-    staging_free_.pop_back();
-    return p;
-  }
+  if (staging_free_.empty()) return new_staging();
+  uint8_t* p = staging_free_.back();
+  staging_free_.pop_back();
+  return p;
+}
+
+uint8_t* HostTier::new_staging() {
   void* p = mem_.alloc(block_bytes_);
   if (!p)
     throw CapacityError("eviction.spill_path: could not allocate " + std::to_string(block_bytes_) +

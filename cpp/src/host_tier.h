@@ -29,6 +29,10 @@ class HostTier {
   void free(int64_t block);  // its backup must have completed
   // Blocks alloc() can still hand out (INT64_MAX when unbounded).
   int64_t available() const;
+  // Allocates up front the memory that the next n alloc() + backup_target() need (RAM blocks,
+  // then spill staging), so that running out of host memory is reported before a step
+  // changes anything. Throws CapacityError naming eviction.host_bytes / eviction.spill_path.
+  void reserve(int64_t n);
 
   // Where a backup of this block must be copied to; then say its ticket.
   void* backup_target(int64_t block);
@@ -69,7 +73,8 @@ class HostTier {
   };
   std::vector<Staged> staged_;  // file blocks whose bytes are not in the file yet
   std::vector<uint8_t*> staging_free_;  // staging buffers kept for reuse
-  uint8_t* take_staging();
+  uint8_t* take_staging();  // a free staging buffer, or a new one
+  uint8_t* new_staging();
 };
 
 }  // namespace chunkvale

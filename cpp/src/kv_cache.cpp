@@ -405,6 +405,7 @@ void KVCache::require_tiers(const std::vector<PlanEntry>& entries, int64_t new_c
                         ". Plan fewer tokens or sequences per step, or raise eviction.device_chunks.");
   // Host: one block per chunk this step fills, per evicting layer.
   const int64_t need_host = filled * E, avail = host_->available();
+  host_->reserve(std::min(need_host, avail));  // memory for the backups, before anything changes
   if (avail == std::numeric_limits<int64_t>::max() || need_host <= avail) return;
   const int64_t deferred = step_ ? int64_t(step_->deferred_free.size()) : 0;
   const int64_t cached_left =

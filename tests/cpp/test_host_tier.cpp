@@ -86,8 +86,52 @@ static void residency_reuses_slots_and_picks_lru_victims() {
   CHECK(r.slots_in_use() == 2);
 }
 
+// reserve() allocates everything the next n blocks need, so running out of host memory is
+// reported before a step changes anything (the cache calls it while planning), and the
+// blocks handed out afterwards allocate nothing.
+static void host_tier_reserves_before_handing_out() {
+  const size_t B = 256;
+  int calls = 0;
+  bool fail = false;
+  HostMemory counted = plain_host_memory();
+  HostMemory mem{[&](size_t n) -> void* {
+                   ++calls;
+                   return fail ? nullptr : counted.alloc(n);
+                 },
+                 counted.release};
+  {
+    HostTier h(B, 4 * B, "", mem);
+    fail = true;
+    CHECK_THROWS(h.reserve(1), CapacityError, "eviction.host_bytes");
+    CHECK(h.available() == 4 && h.ram_bytes_in_use() == 0);
+    fail = false;
+    h.reserve(4);
+    const int after = calls;
+    for (int i = 0; i < 4; ++i) CHECK(h.backup_target(h.alloc()) != nullptr);
+    CHECK(calls == after);
+    CHECK(h.alloc() == -1);
+  }
+  std::string path = "/tmp/chunkvale_test_reserve_" + std::to_string(::getpid());
+  {
+    HostTier h(B, 2 * B, path, mem);
+    fail = true;
+    CHECK_THROWS(h.reserve(1), CapacityError, "eviction.host_bytes");
+    fail = false;
+    h.reserve(2);
+    fail = true;  // the RAM part is there; the spill staging cannot be had
+    CHECK_THROWS(h.reserve(5), CapacityError, "eviction.spill_path");
+    fail = false;
+    h.reserve(5);
+    const int after = calls;
+    for (int i = 0; i < 5; ++i) CHECK(h.backup_target(h.alloc()) != nullptr);
+    CHECK(calls == after);
+    CHECK(h.spill_bytes_in_use() == 3 * int64_t(B));
+  }
+}
+
 int main() {
   host_tier_spills_past_its_memory();
   residency_reuses_slots_and_picks_lru_victims();
+  host_tier_reserves_before_handing_out();
   return finish("host_tier");
 }
