@@ -21,6 +21,7 @@ using chunkvale::bind::view_of;
 
 namespace chunkvale {
 const char* kernel_isa();
+std::vector<std::string> kernel_isas();
 bool cuda_backend_built();
 }
 
@@ -123,6 +124,8 @@ NB_MODULE(_native, m) {
 
   m.def("kernel_isa", [] { return std::string(chunkvale::kernel_isa()); },
         "Instruction set of the CPU kernels chosen at run time.");
+  m.def("kernel_isas", [] { return chunkvale::kernel_isas(); },
+        "Every instruction set of the CPU kernels this CPU runs, best first.");
   m.def("cuda_built", [] { return chunkvale::cuda_backend_built(); },
         "Whether this build contains the CUDA backend.");
   m.def("cuda_device_count", [] { return chunkvale::cuda_api::device_count(); },
@@ -135,7 +138,7 @@ NB_MODULE(_native, m) {
               int threads, int share_threshold, float sm_scale, const std::string& device,
               int64_t budget_tokens, int sink_chunks, int window_chunks, int topk_chunks,
               const std::string& digest, int dense_layers, int64_t device_chunks,
-              int64_t host_bytes, const std::string& spill_path) {
+              int64_t host_bytes, const std::string& spill_path, const std::string& kernel_isa) {
              chunkvale::CacheConfig c;
              c.layers = layers;
              c.q_heads = q_heads;
@@ -159,13 +162,15 @@ NB_MODULE(_native, m) {
              c.eviction.device_chunks = device_chunks;
              c.eviction.host_bytes = host_bytes;
              c.eviction.spill_path = spill_path;
+             c.kernel_isa = kernel_isa;
              new (self) KVCache(c);
            },
            "layers"_a, "q_heads"_a, "kv_heads"_a, "head_dim"_a, "chunk_size"_a, "dtype"_a,
            "capacity_chunks"_a, "capacity_bytes"_a, "threads"_a, "share_threshold"_a,
            "sm_scale"_a, "device"_a, "budget_tokens"_a = 0, "sink_chunks"_a = 1,
            "window_chunks"_a = 2, "topk_chunks"_a = 0, "digest"_a = "cuboid_max",
-           "dense_layers"_a = 2, "device_chunks"_a = 0, "host_bytes"_a = 0, "spill_path"_a = "")
+           "dense_layers"_a = 2, "device_chunks"_a = 0, "host_bytes"_a = 0, "spill_path"_a = "",
+           "kernel_isa"_a = "")
       .def("add_sequence",
            [](KVCache& c, const std::vector<int32_t>& tokens, const std::string& ns, int64_t max_reuse) {
              return c.add_sequence(tokens, ns, max_reuse);

@@ -4,6 +4,7 @@
 #include "chunkvale/config.h"
 #include "chunkvale/errors.h"
 #include "chunkvale/tensor.h"
+#include "kernels.h"
 
 namespace chunkvale {
 
@@ -119,6 +120,7 @@ void CacheConfig::validate() const {
   }
   if (device != "cpu" && device != "cuda")
     throw ValueError("device: expected 'cpu' or 'cuda', got '" + device + "'");
+  kernels_for(dtype, head_dim, kernel_isa);  // names kernel_isa if this CPU cannot run it
 }
 
 size_t CacheConfig::bytes_per_chunk() const {

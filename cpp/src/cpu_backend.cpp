@@ -14,7 +14,7 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
       elem_(dtype_size(cfg.dtype)),
       tile_bytes_(size_t(cfg.chunk_size) * cfg.head_dim * elem_),
       slot_bytes_(2 * size_t(cfg.kv_heads) * tile_bytes_),
-      kernels_(kernels_for(cfg.dtype, cfg.head_dim)),
+      kernels_(kernels_for(cfg.dtype, cfg.head_dim, cfg.kernel_isa)),
       threads_(cfg.threads) {
   if (!kernels_) throw ValueError("head_dim: no kernel for head_dim " + std::to_string(cfg.head_dim));
   size_t total = 0;

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "chunkvale/config.h"
@@ -50,8 +51,11 @@ struct KernelTable {
   void (*score_chunks)(const ScoreArgs&);
 };
 
-const KernelTable* kernels_for(DType dtype, int head_dim);  // best ISA available
-const char* kernel_isa();
+// The kernels for `isa` ("" = the best this CPU runs); throws ValueError naming
+// kernel_isa when it is unknown or this CPU cannot run it.
+const KernelTable* kernels_for(DType dtype, int head_dim, const std::string& isa = "");
+const char* kernel_isa();                 // the best this CPU runs
+std::vector<std::string> kernel_isas();   // every one this CPU runs, best first
 
 namespace generic { const KernelTable* table(DType dtype, int head_dim); }
 namespace avx2 { const KernelTable* table(DType dtype, int head_dim); }

@@ -1,8 +1,16 @@
+#include "chunkvale/errors.h"
 #include "kernels.h"
 
 namespace chunkvale {
 namespace {
 enum class Isa { Generic, Avx2, Avx512 };
+const char* name_of(Isa i) {
+  switch (i) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "generic";
+  }
+}
 
 Isa detect() {
 #if defined(CHUNKVALE_X86) && (defined(__GNUC__) || defined(__clang__))
@@ -15,15 +23,33 @@ Isa detect() {
   return Isa::Generic;
 }
 
-Isa isa() {
+Isa best() {
   static const Isa chosen = detect();
   return chosen;
 }
 }  // namespace
 
-const KernelTable* kernels_for(DType dtype, int head_dim) {
+std::vector<std::string> kernel_isas() {
+  std::vector<std::string> out;
+  for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Generic})
+    if (int(i) <= int(best())) out.push_back(name_of(i));
+  return out;
+}
+
+const KernelTable* kernels_for(DType dtype, int head_dim, const std::string& isa) {
+  Isa want = best();
+  if (!isa.empty()) {
+    bool known = false;
+    for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Generic})
+      if (isa == name_of(i)) want = i, known = true;
+    if (!known)
+      throw ValueError("kernel_isa: expected '' (best), 'avx512', 'avx2' or 'generic', got '" + isa + "'");
+    if (int(want) > int(best()))
+      throw ValueError("kernel_isa: expected an instruction set this CPU runs (best: " +
+                       std::string(name_of(best())) + "), got '" + isa + "'");
+  }
 #if defined(CHUNKVALE_X86)
-  switch (isa()) {
+  switch (want) {
     case Isa::Avx512: return avx512::table(dtype, head_dim);
     case Isa::Avx2: return avx2::table(dtype, head_dim);
     default: break;
@@ -32,12 +58,6 @@ const KernelTable* kernels_for(DType dtype, int head_dim) {
   return generic::table(dtype, head_dim);
 }
 
-const char* kernel_isa() {
-  switch (isa()) {
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    default: return "generic";
-  }
-}
+const char* kernel_isa() { return name_of(best()); }
 
 }  // namespace chunkvale

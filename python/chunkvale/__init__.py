@@ -6,7 +6,7 @@ from .config import CacheConfig, Eviction
 
 __version__ = "0.1.0"
 __all__ = ["CacheConfig", "CapacityError", "Eviction", "KVCache", "Step", "cuda_available", "cuda_built",
-           "kernel_isa"]
+           "kernel_isa", "kernel_isas"]
 
 
 def cuda_built() -> bool:
@@ -23,3 +23,9 @@ def cuda_available() -> bool:
 def kernel_isa() -> str:
     """The CPU kernels' instruction set chosen at run time (avx512, avx2 or generic)."""
     return _native.kernel_isa()
+
+
+def kernel_isas() -> list:
+    """Every CPU kernel instruction set this CPU runs, best first; any of them can be
+    forced with ``CacheConfig(kernel_isa=...)``."""
+    return list(_native.kernel_isas())

@@ -88,6 +88,7 @@ class CacheConfig:
     share_threshold: int = 2
     sm_scale: Optional[float] = None
     eviction: Optional[Eviction] = None
+    kernel_isa: Optional[str] = None  # CPU kernels: None = best; or one of chunkvale.kernel_isas()
 
     def native_kwargs(self) -> dict:
         dtype = _dtype_name(self.dtype)
@@ -100,6 +101,8 @@ class CacheConfig:
                 raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
         if self.eviction is not None and not isinstance(self.eviction, Eviction):
             raise TypeError(f"eviction: expected chunkvale.Eviction or None, got {type(self.eviction).__name__}")
+        if self.kernel_isa is not None and not isinstance(self.kernel_isa, str):
+            raise TypeError(f"kernel_isa: expected a str or None, got {type(self.kernel_isa).__name__}")
         evict = self.eviction.native_kwargs() if self.eviction is not None else {}
         return dict(
             **evict,
@@ -109,7 +112,7 @@ class CacheConfig:
             capacity_bytes=int(self.capacity_bytes or 0), threads=self.threads,
             share_threshold=self.share_threshold,
             sm_scale=float(self.sm_scale) if self.sm_scale is not None else 0.0,
-            device=str(self.device))
+            device=str(self.device), kernel_isa=self.kernel_isa or "")
 
 
 def _dtype_name(dtype) -> str:
