@@ -830,3 +830,21 @@ class Shadow:
             return (sid, int(self.rng.integers(1, hi + 1)))
         n = 1 if self.rng.random() < 0.8 else int(self.rng.integers(2, 4))
         return (sid, [int(t) for t in self.rng.integers(0, 50_000, size=n)])
+
+
+def kernel_isa_params(configs, every_isa_ids):
+    """(isa, config) pairs: every config on the best ISA this CPU runs, and the configs whose
+    id is in ``every_isa_ids`` (chosen to cover each dtype, head dim and both kernel paths)
+    on every other ISA it runs too, forced through CacheConfig(kernel_isa=...)."""
+    import pytest
+    try:
+        import chunkvale
+        isas = chunkvale.kernel_isas()
+    except ImportError:  # the cv fixture fails the tests with a clear message
+        isas = [None]
+    params = []
+    for i, isa in enumerate(isas):
+        for c in configs:
+            if i == 0 or c[0] in every_isa_ids:
+                params.append(pytest.param(isa, c, id=f"{isa}-{c[0]}"))
+    return params

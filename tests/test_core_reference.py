@@ -21,6 +21,7 @@ from reference import (
     assert_close,
     attention_reference,
     extend_hashes,
+    kernel_isa_params,
     kv_for,
     merge_lse,
     naive_attention,
@@ -29,6 +30,11 @@ from reference import (
 )
 
 NEVER = 1 << 30  # share_threshold that no chunk reaches: sequence-first only
+try:
+    import chunkvale as _cv
+    ISAS = _cv.kernel_isas()  # every CPU kernel path this machine runs
+except ImportError:  # the cv fixture fails the tests with a clear message
+    ISAS = [None]
 
 # --------------------------------------------------------------------------------------
 # the reference itself (needs no chunkvale)
@@ -220,13 +226,20 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_random_trees_match_reference(cv, seed, cfg):
+# Run on every instruction set the CPU has: each dtype, head dim 64-256, MHA (dot path for
+# decode rows) and grouped heads (lane path), both phases.
+EVERY_ISA = {"c16-gqa9x3-d64-f32", "c32-gqa9x3-d64-f16", "c64-mqa8x1-d128-f32-seqfirst",
+             "c16-gqa4x2-d80-f32-t3", "c32-gqa6x2-d96-f16", "c64-gqa2x1-d256-f32",
+             "c16-mha8-d128-f16-seqfirst", "c16-mha2-d96-f32-t1"}
+
+
+@pytest.mark.parametrize("isa,cfg", kernel_isa_params(CONFIGS, EVERY_ISA))
+def test_random_trees_match_reference(cv, seed, isa, cfg):
     _, C, hq, hkv, d, dtype, thr, threads, layers, extra = cfg
     rng = np.random.default_rng(seed)
     sh = Shadow(cv, layers=layers, q_heads=hq, kv_heads=hkv, head_dim=d, chunk_size=C, dtype=dtype,
                 capacity_chunks=2048, threads=threads, share_threshold=thr, seed=seed, memory="exact",
-                **extra)
+                kernel_isa=isa, **extra)
     max_prompt = min(3 * C + 17, 300)
     random_scenario(sh, rng, n_ops=60, max_prompt=max_prompt, max_new=min(2 * C, 160))
     assert sh.steps_run >= 3
@@ -290,11 +303,12 @@ def test_concurrent_identical_prompts_in_one_step(cv, seed):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("thr", [1, 2, 24, 25])
-def test_shared_prefix_decode_batch(cv, seed, thr, threads):
+@pytest.mark.parametrize("isa", ISAS)
+def test_shared_prefix_decode_batch(cv, seed, thr, threads, isa):
     """24 sequences over one 200-token prefix: chunk-first at thresholds <= 24, not at 25."""
     rng = np.random.default_rng(seed)
     sh = Shadow(cv, layers=2, q_heads=8, kv_heads=2, head_dim=128, chunk_size=32, seed=seed,
-                share_threshold=thr, threads=threads)
+                share_threshold=thr, threads=threads, kernel_isa=isa)
     prefix = _fresh(rng, 200)
     s0, _ = sh.add(prefix + _fresh(rng, 5))
     sh.run_step([(s0, 205)])

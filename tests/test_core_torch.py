@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reference import Shadow
+from reference import Shadow, kernel_isa_params
+from test_core_reference import ISAS
 
 torch = pytest.importorskip("torch")
 
@@ -29,23 +30,25 @@ TORCH_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", TORCH_CONFIGS, ids=[c[0] for c in TORCH_CONFIGS])
-def test_random_trees_torch(cv, seed, cfg):
+@pytest.mark.parametrize("isa,cfg", kernel_isa_params(TORCH_CONFIGS, {c[0] for c in TORCH_CONFIGS[:5]}))
+def test_random_trees_torch(cv, seed, isa, cfg):
     from test_core_reference import random_scenario
 
     _, dtype, C, hq, hkv, d, thr, threads = cfg
     rng = np.random.default_rng(seed)
     sh = Shadow(cv, kind="torch", layers=2, q_heads=hq, kv_heads=hkv, head_dim=d, chunk_size=C,
-                dtype=dtype, capacity_chunks=2048, threads=threads, share_threshold=thr, seed=seed)
+                dtype=dtype, capacity_chunks=2048, threads=threads, share_threshold=thr, seed=seed,
+                kernel_isa=isa)
     random_scenario(sh, rng, n_ops=40, max_prompt=min(3 * C + 17, 260), max_new=min(2 * C, 128))
     assert sh.steps_run >= 3
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("thr", [2, NEVER])
-def test_bf16_shared_prefix_decode(cv, seed, thr):
+def test_bf16_shared_prefix_decode(cv, seed, thr, isa):
     rng = np.random.default_rng(seed)
     sh = Shadow(cv, kind="torch", layers=1, q_heads=8, kv_heads=8, head_dim=128, chunk_size=64,
-                dtype="bfloat16", seed=seed, share_threshold=thr, threads=2)
+                dtype="bfloat16", seed=seed, share_threshold=thr, threads=2, kernel_isa=isa)
     prefix = _fresh(rng, 300)
     ids = []
     for i in range(12):

@@ -13,8 +13,12 @@ namespace chunkvale {
 
 // Per-thread scratch, grown on demand and reused across calls.
 struct KernelScratch {
-  std::vector<float> q, kt, s;
-  std::vector<int32_t> pos;
+  std::vector<float> q;       // the unit's stacked queries (transposed in the lanes path)
+  std::vector<float> s;       // scores / probabilities of one chunk
+  std::vector<float> o;       // output accumulators (transposed in the lanes path)
+  std::vector<float> ml;      // running (max, sum) per stacked row
+  std::vector<float> kf, vf;  // a chunk's K and V widened to fp32 (fp16 / bf16 storage)
+  std::vector<int64_t> pos;   // position of each stacked row
 };
 
 // One layer's attention inputs as the kernels see them.
