@@ -23,7 +23,8 @@ Re-print the table from a saved run:  pytest ... --benchmark-json=cpu.json, then
     python bench/test_bench_cpu.py cpu.json
 
 Environment: CHUNKVALE_BENCH_CHUNK (chunk size, default: CacheConfig's), CHUNKVALE_BENCH_ROUNDS
-(timed rounds, default 50), CHUNKVALE_BENCH_THREADS (threads for both sides, default: all cores).
+(timed rounds, default 50), CHUNKVALE_BENCH_THREADS (threads for both sides, default: all cores),
+CHUNKVALE_BENCH_ISA (force a kernel instruction set, e.g. avx2 on an AVX-512 machine).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ import time
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from machine import bench_isa, describe  # noqa: E402
 
 B, H, D = 32, 8, 128
 ROWS = [  # dtype, ns, nu
@@ -120,7 +124,8 @@ class Decode:
         self.chunk_size = C
         cap = math.ceil(ns / C) + B * (math.ceil((nu + 1) / C) + 2) + 8
         self.cache = cv.KVCache(cv.CacheConfig(layers=1, q_heads=H, kv_heads=H, head_dim=D, dtype=dtype,
-                                               capacity_chunks=cap, threads=THREADS, **cfg_kw))
+                                               capacity_chunks=cap, threads=THREADS, kernel_isa=bench_isa(),
+                                               **cfg_kw))
         c = self.cache
 
         def rnd(n):
@@ -257,6 +262,10 @@ def test_decode_attention(benchmark, decode, impl, copy_bandwidth, torch):
 
 def format_table(results, bandwidth_gbps=None, chunk_size=None, loadavg=None):
     lines = []
+    try:
+        lines.append(describe(THREADS))
+    except ImportError:  # re-printing a saved run without chunkvale installed
+        pass
     head = f"CPU decode attention, B={B}, {H} heads, head dim {D}, {THREADS} threads"
     if chunk_size:
         head += f", chunk {chunk_size}"

@@ -1,3 +1,5 @@
+#include <cstdlib>
+
 #include "chunkvale/errors.h"
 #include "kernels.h"
 
@@ -36,16 +38,22 @@ std::vector<std::string> kernel_isas() {
   return out;
 }
 
-const KernelTable* kernels_for(DType dtype, int head_dim, const std::string& isa) {
+const KernelTable* kernels_for(DType dtype, int head_dim, const std::string& isa_arg) {
+  // An empty kernel_isa defers to CHUNKVALE_KERNEL_ISA (forcing a path in a whole program,
+  // e.g. a benchmark of the engine), then to the best this CPU runs.
+  const char* env = std::getenv("CHUNKVALE_KERNEL_ISA");
+  const bool from_env = isa_arg.empty() && env && *env;
+  const std::string isa = from_env ? std::string(env) : isa_arg;
+  const char* what = from_env ? "CHUNKVALE_KERNEL_ISA" : "kernel_isa";
   Isa want = best();
   if (!isa.empty()) {
     bool known = false;
     for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Generic})
       if (isa == name_of(i)) want = i, known = true;
     if (!known)
-      throw ValueError("kernel_isa: expected '' (best), 'avx512', 'avx2' or 'generic', got '" + isa + "'");
+      throw ValueError(std::string(what) + ": expected '' (best), 'avx512', 'avx2' or 'generic', got '" + isa + "'");
     if (int(want) > int(best()))
-      throw ValueError("kernel_isa: expected an instruction set this CPU runs (best: " +
+      throw ValueError(std::string(what) + ": expected an instruction set this CPU runs (best: " +
                        std::string(name_of(best())) + "), got '" + isa + "'");
   }
 #if defined(CHUNKVALE_X86)

@@ -55,8 +55,8 @@ struct CacheConfig {
   int share_threshold = 2;      // query rows needed to run a shared chunk chunk-first
   float sm_scale = 0.0f;        // 0 = 1/sqrt(head_dim)
   std::string device = "cpu";
-  // CPU kernels' instruction set: "" = the best this CPU runs; "avx512", "avx2" or
-  // "generic" force one (tests run every path the machine has). See kernel_isas().
+  // CPU kernels' instruction set: "" = $CHUNKVALE_KERNEL_ISA if set, else the best this CPU
+  // runs; "avx512", "avx2" or "generic" force one (tests run every path the machine has).
   std::string kernel_isa;
   EvictionConfig eviction;
 

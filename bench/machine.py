@@ -1,0 +1,32 @@
+"""The line every CPU benchmark table starts with: CPU model, the kernels' instruction set,
+threads and load average, so that no figure outlives the machine it was measured on."""
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_isa():
+    """CHUNKVALE_BENCH_ISA (or CHUNKVALE_KERNEL_ISA, which every cache obeys) forces one kernel
+    instruction set (any of chunkvale.kernel_isas()); None takes the best."""
+    return os.environ.get("CHUNKVALE_BENCH_ISA") or os.environ.get("CHUNKVALE_KERNEL_ISA") or None
+
+
+def describe(threads: int) -> str:
+    import chunkvale
+
+    isa = bench_isa() or chunkvale.kernel_isa()
+    return (f"{cpu_model()}, {os.cpu_count()} cores, kernels {isa} (this CPU runs "
+            f"{'/'.join(chunkvale.kernel_isas())}), {threads} threads, load average "
+            f"{os.getloadavg()[0]:.2f}")
