@@ -142,7 +142,7 @@ def _venv_python(venv: Path, packages: list[str], post: list[list[str]] = ()) ->
 
 def _run(name: str, python: Path, script: str, prompts_path: str, model_dir: str, extra: str, env: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        runner, out = Path(tmp) / f"{name}.py", Path(tmp) / "out.json"
+        runner, out = Path(tmp) / f"run_{name}.py", Path(tmp) / "out.json"  # not vllm.py: it would shadow vllm
         runner.write_text(textwrap.dedent(script))
         t0 = time.perf_counter()
         proc = subprocess.run([str(python), str(runner), prompts_path, str(out), model_dir, extra],

@@ -1,4 +1,5 @@
 #include "chunkvale/backend.h"
+#include "half_type.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -53,7 +54,7 @@ void tile_to_float(const void* src, DType dtype, size_t n, float* dst) {
     switch (dtype) {
       case DType::Float32: std::memcpy(&dst[i], p + 4 * i, 4); break;
       case DType::Float16: {
-        _Float16 h;
+        half_t h;
         std::memcpy(&h, p + 2 * i, 2);
         dst[i] = float(h);
         break;

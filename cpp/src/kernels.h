@@ -18,6 +18,7 @@ struct KernelScratch {
   std::vector<float> o;       // output accumulators (transposed in the lanes path)
   std::vector<float> ml;      // running (max, sum) per stacked row
   std::vector<float> kf, vf;  // a chunk's K and V widened to fp32 (fp16 / bf16 storage)
+  std::vector<uint16_t> qh;   // queries as bf16 pairs (the BF16 dot-product path)
   std::vector<int64_t> pos;   // position of each stacked row
 };
 
@@ -64,5 +65,6 @@ std::vector<std::string> kernel_isas();   // every one this CPU runs, best first
 namespace generic { const KernelTable* table(DType dtype, int head_dim); }
 namespace avx2 { const KernelTable* table(DType dtype, int head_dim); }
 namespace avx512 { const KernelTable* table(DType dtype, int head_dim); }
+namespace avx512bf16 { const KernelTable* table(DType dtype, int head_dim); }
 
 }  // namespace chunkvale

@@ -5,9 +5,11 @@
 
 namespace chunkvale {
 namespace {
-enum class Isa { Generic, Avx2, Avx512 };
+enum class Isa { Generic, Avx2, Avx512, Avx512Bf16 };  // in order: each runs where the next does
+constexpr Isa kAll[] = {Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Generic};  // best first
 const char* name_of(Isa i) {
   switch (i) {
+    case Isa::Avx512Bf16: return "avx512bf16";
     case Isa::Avx512: return "avx512";
     case Isa::Avx2: return "avx2";
     default: return "generic";
@@ -19,7 +21,7 @@ Isa detect() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::Avx512;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::Avx512Bf16 : Isa::Avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
 #endif
   return Isa::Generic;
@@ -33,7 +35,7 @@ Isa best() {
 
 std::vector<std::string> kernel_isas() {
   std::vector<std::string> out;
-  for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Generic})
+  for (Isa i : kAll)
     if (int(i) <= int(best())) out.push_back(name_of(i));
   return out;
 }
@@ -48,16 +50,18 @@ const KernelTable* kernels_for(DType dtype, int head_dim, const std::string& isa
   Isa want = best();
   if (!isa.empty()) {
     bool known = false;
-    for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Generic})
+    for (Isa i : kAll)
       if (isa == name_of(i)) want = i, known = true;
     if (!known)
-      throw ValueError(std::string(what) + ": expected '' (best), 'avx512', 'avx2' or 'generic', got '" + isa + "'");
+      throw ValueError(std::string(what) + ": expected '' (best), 'avx512bf16', 'avx512', 'avx2' or 'generic', got '" +
+                       isa + "'");
     if (int(want) > int(best()))
       throw ValueError(std::string(what) + ": expected an instruction set this CPU runs (best: " +
                        std::string(name_of(best())) + "), got '" + isa + "'");
   }
 #if defined(CHUNKVALE_X86)
   switch (want) {
+    case Isa::Avx512Bf16: return avx512bf16::table(dtype, head_dim);
     case Isa::Avx512: return avx512::table(dtype, head_dim);
     case Isa::Avx2: return avx2::table(dtype, head_dim);
     default: break;

@@ -56,7 +56,7 @@ struct CacheConfig {
   float sm_scale = 0.0f;        // 0 = 1/sqrt(head_dim)
   std::string device = "cpu";
   // CPU kernels' instruction set: "" = $CHUNKVALE_KERNEL_ISA if set, else the best this CPU
-  // runs; "avx512", "avx2" or "generic" force one (tests run every path the machine has).
+  // runs; "avx512bf16", "avx512", "avx2" or "generic" force one (tests run every path the machine has).
   std::string kernel_isa;
   EvictionConfig eviction;
 
