@@ -269,3 +269,76 @@ def test_the_table_covers_every_public_method(cv):
     methods = {p.id.split("-")[0] for p in _cases()}
     public = {m for m in dir(cv.KVCache) if not m.startswith("_") and callable(getattr(cv.KVCache, m))}
     assert public - methods == {"clear", "stats"}  # they take no arguments
+
+
+# ------------------------------------------------------------------ CacheConfig / Eviction
+
+GOOD = dict(layers=2, q_heads=4, kv_heads=2, head_dim=64, chunk_size=16, capacity_chunks=16)
+EV = dict(budget_tokens=4096, sink_chunks=1, window_chunks=2, dense_layers=1, device_chunks=64,
+          host_bytes=None, spill_path=None)
+
+
+@pytest.mark.parametrize("field,value,exc", [
+    ("capacity_chunks", 2.5, TypeError), ("capacity_chunks", "16", TypeError), ("capacity_chunks", True, TypeError),
+    ("capacity_bytes", 1e6, TypeError), ("capacity_chunks", 2**70, ValueError), ("capacity_chunks", -1, ValueError),
+    ("layers", 2.0, TypeError), ("layers", "2", TypeError), ("layers", 2**40, ValueError), ("layers", 1 << 17, ValueError),
+    ("q_heads", None, TypeError), ("kv_heads", True, TypeError), ("head_dim", 64.0, TypeError),
+    ("chunk_size", "16", TypeError), ("threads", 2**31, ValueError), ("share_threshold", 1.5, TypeError),
+    ("sm_scale", 0.0, ValueError), ("sm_scale", -0.125, ValueError), ("sm_scale", float("nan"), ValueError),
+    ("sm_scale", float("inf"), ValueError), ("sm_scale", "0.1", TypeError), ("sm_scale", True, TypeError),
+    ("device", 0, TypeError), ("dtype", "float\ud800", ValueError), ("kernel_isa", 3, TypeError),
+])
+def test_bad_config_field_is_named(cv, field, value, exc):
+    with pytest.raises(exc, match=field):
+        cv.KVCache(cv.CacheConfig(**{**GOOD, field: value}))
+
+
+@pytest.mark.parametrize("field,value,exc,named", [
+    ("sink_chunks", 2**31 - 1, ValueError, "eviction.budget_tokens"),  # (sink + window) * C used to wrap
+    ("window_chunks", 2**31 - 1, ValueError, "eviction.budget_tokens"),
+    ("topk_chunks", 2**31 - 2, ValueError, "eviction.device_chunks"),  # sink + window + top-k used to wrap
+    ("sink_chunks", 2**31, ValueError, "eviction.sink_chunks"),
+    ("budget_tokens", 2**63, ValueError, "eviction.budget_tokens"),
+    ("budget_tokens", 96.0, TypeError, "eviction.budget_tokens"),
+    ("topk_chunks", True, TypeError, "eviction.topk_chunks"),
+    ("device_chunks", "64", TypeError, "eviction.device_chunks"),
+    ("host_bytes", 1.5e6, TypeError, "eviction.host_bytes"),
+    ("digest", 3, TypeError, "eviction.digest"),
+    ("dense_layers", None, TypeError, "eviction.dense_layers"),
+])
+def test_bad_eviction_field_is_named_and_sums_do_not_wrap(cv, field, value, exc, named):
+    with pytest.raises(exc, match=named.replace(".", r"\.")):
+        cv.KVCache(cv.CacheConfig(**GOOD, eviction=cv.Eviction(**{**EV, field: value})))
+
+
+def test_good_config_values_of_other_int_and_float_kinds(cv):
+    cache = cv.KVCache(cv.CacheConfig(**{**GOOD, "capacity_chunks": np.int64(16), "layers": np.int32(2)},
+                                      sm_scale=np.float32(0.25)))
+    assert cache.stats()["capacity_chunks"] == 16
+    default = cv.KVCache(cv.CacheConfig(**GOOD, sm_scale=None))
+    explicit = cv.KVCache(cv.CacheConfig(**GOOD, sm_scale=1 / 8))  # 1/sqrt(64): the same outputs
+    outs = []
+    for c in (default, explicit):
+        s, _ = c.add_sequence(list(range(20)))
+        st = c.plan([(s, 20)])
+        k = _data(0, 0, 20, HKV)
+        for layer in range(2):
+            c.append(layer, st, k, k)
+        outs.append(c.attention(1, st, _data(0, 1, 20, HQ)))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_fork_beyond_the_pool_is_all_or_nothing(cv):
+    cache = cv.KVCache(cv.CacheConfig(**{**GOOD, "capacity_chunks": 8}))
+    s, _ = cache.add_sequence(list(range(20)))  # one full chunk + a partial tail: each child copies it
+    st = cache.plan([(s, 20)])
+    k = _data(0, 0, 20, HKV)
+    for layer in range(2):
+        cache.append(layer, st, k, k)
+    before = cache.stats()
+    with pytest.raises(cv.CapacityError, match="fork"):
+        cache.fork(s, 4096)
+    assert cache.stats() == before
+    kids = cache.fork(s, 3)
+    assert kids == [s + 1, s + 2, s + 3]  # no id was used by the failed call
+    assert cache.stats()["sequences"] == 4
