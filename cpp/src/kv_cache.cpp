@@ -822,8 +822,9 @@ std::vector<int64_t> KVCache::fork(int64_t seq, int n) {
     c->tail.reserve(1);
     c->tokens = s.tokens;
     c->pending.assign(s.pending.begin() + long(s.pending_head), s.pending.end());
-    ids.push_back(c->id);
-    children.emplace(c->id, std::move(c));
+    const int64_t id = c->id;
+    ids.push_back(id);
+    children.emplace(id, std::move(c));
   }
   seqs_.reserve(seqs_.size() + size_t(n));
   end_step("fork");  // nothing below can fail
