@@ -131,8 +131,8 @@ void diagnose(nb::handle h, const std::string& name, bool writable) {
         throw TypeError(name + ": expected a tensor on cpu or cuda, got one on " + t +
                         (t == "meta" ? " (a meta tensor has no data)" : ""));
     }
-    if (nb::cast<bool>(h.attr("requires_grad")))
-      throw TypeError(name + ": expected a tensor that does not require grad (pass .detach()), got one with "
+    if (writable && nb::cast<bool>(h.attr("requires_grad")))
+      throw TypeError(name + ": expected an output tensor that does not require grad, got one with "
                       "requires_grad=True");
   }
   if (writable && nb::hasattr(h, "flags")) {
@@ -143,15 +143,22 @@ void diagnose(nb::handle h, const std::string& name, bool writable) {
   }
 }
 
+// The cast first (the hot path: a few calls per layer and step); only an array nanobind
+// refuses (big-endian, read-only for an output, a meta or grad tensor, not an array at all)
+// is looked at closely, to name what is wrong with it.
 template <typename Array>
 Array as_array(nb::handle h, const std::string& name, bool writable) {
-  diagnose(h, name, writable);
   Array a;
-  if (!nb::try_cast<Array>(h, a, /*convert=*/false))
-    throw TypeError(name + ": expected a numpy array or a torch tensor that DLPack can export" +
-                    std::string(writable ? " (writable)" : "") + ", got a " + type_label(h) +
-                    " that it cannot");
-  return a;
+  if (nb::try_cast<Array>(h, a, /*convert=*/false)) {
+    // Reading a tensor that requires grad is harmless; writing into one would bypass autograd.
+    if (writable && nb::hasattr(h, "requires_grad") && nb::cast<bool>(h.attr("requires_grad")))
+      throw TypeError(name + ": expected an output tensor that does not require grad, got one with "
+                      "requires_grad=True");
+    return a;
+  }
+  diagnose(h, name, writable);
+  throw TypeError(name + ": expected a numpy array or a torch tensor that DLPack can export" +
+                  std::string(writable ? " (writable)" : "") + ", got a " + type_label(h) + " that it cannot");
 }
 }  // namespace
 

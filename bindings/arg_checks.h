@@ -36,7 +36,7 @@ std::vector<int32_t> tokens_arg(nanobind::handle h, const std::string& name);
 // accepted. Byte order, exportability and kind are checked; shape, dtype and device are
 // the core's to check (it knows the cache's).
 AnyArray in_array(nanobind::handle h, const std::string& name);
-// An output array: as in_array, and writable.
+// An output array: as in_array, writable, and (a torch tensor) not requiring grad.
 OutArray out_array(nanobind::handle h, const std::string& name);
 
 }  // namespace chunkvale::bind

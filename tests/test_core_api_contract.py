@@ -89,7 +89,6 @@ def _arrays_bad(shape):
         ("rows", lambda: np.zeros((shape[0] + 1,) + shape[1:], np.float32), ValueError),
         ("zero_d", lambda: np.zeros((), np.float32), ValueError),
         ("torch_meta", lambda: torch.zeros(shape, device="meta"), TypeError),
-        ("torch_grad", lambda: torch.zeros(shape, requires_grad=True), TypeError),
         ("torch_f64", lambda: torch.zeros(shape, dtype=torch.float64), TypeError),
     ]
 
@@ -156,7 +155,8 @@ def _cases():
     for label, make, exc in _arrays_bad((3, HQ, D)):
         add(f"attention-q-{label}", exc, "q", lambda w, m=make: w.cache.attention(0, w.step, w.fit(m, HQ)))
     for label, make, exc in [x for x in _arrays_bad((3, HQ, D)) if x[0] not in ("none", "zero_d")] + [
-            ("read_only", None, ValueError), ("bytes_backed", "bytes", ValueError), ("same_as_q", "q", ValueError)]:
+            ("read_only", None, ValueError), ("bytes_backed", "bytes", ValueError), ("same_as_q", "q", ValueError),
+            ("torch_grad", lambda: torch.zeros((3, HQ, D), requires_grad=True), TypeError)]:
         add(f"attention-out-{label}", exc, "out", lambda w, m=make: w.cache.attention(0, w.step, *w.out(m)))
     for label, v in [("int", 1), ("str", "yes"), ("none", None)]:
         add(f"attention-return_lse-{label}", TypeError, "return_lse",
@@ -342,3 +342,19 @@ def test_fork_beyond_the_pool_is_all_or_nothing(cv):
     kids = cache.fork(s, 3)
     assert kids == [s + 1, s + 2, s + 3]  # no id was used by the failed call
     assert cache.stats()["sequences"] == 4
+
+
+def test_inputs_that_require_grad_are_read_like_any_other(cv):
+    """Only outputs refuse requires_grad (writing would bypass autograd); k, v and q are read."""
+    outs = []
+    for as_torch in (False, True):
+        cache = cv.KVCache(cv.CacheConfig(**GOOD))
+        s, _ = cache.add_sequence(list(range(20)))
+        st = cache.plan([(s, 20)])
+        wrap = (lambda a: torch.from_numpy(a).requires_grad_(True)) if as_torch else (lambda a: a)
+        for layer in range(2):
+            k = _data(0, layer, 20, HKV)
+            cache.append(layer, st, wrap(k), wrap(-k))
+        out = cache.attention(1, st, wrap(_data(0, 1, 20, HQ)))
+        outs.append(out.detach().numpy() if as_torch else out)
+    np.testing.assert_array_equal(outs[0], outs[1])
