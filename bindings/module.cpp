@@ -7,16 +7,26 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <cmath>
+#include <memory>
 #include <optional>
 
 #include "../cuda/cuda_api.h"
 #include "chunkvale/kv_cache.h"
+#include "arg_checks.h"
 #include "tensor_args.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 using chunkvale::bind::AnyArray;
+using chunkvale::bind::in_array;
+using chunkvale::bind::int32_arg;
+using chunkvale::bind::int_arg;
 using chunkvale::bind::OutArray;
+using chunkvale::bind::out_array;
+using chunkvale::bind::step_arg;
+using chunkvale::bind::str_arg;
+using chunkvale::bind::tokens_arg;
 using chunkvale::bind::view_of;
 
 namespace chunkvale {
@@ -31,41 +41,51 @@ using chunkvale::KVCache;
 
 std::vector<chunkvale::PlanEntry> parse_entries(nb::handle entries) {
   if (!nb::isinstance<nb::list>(entries) && !nb::isinstance<nb::tuple>(entries))
-    throw chunkvale::TypeError("entries: expected a list of (seq, n_new) or (seq, token_ids) pairs");
+    throw chunkvale::TypeError("entries: expected a list of (seq, n_new) or (seq, token_ids) pairs, got " +
+                               chunkvale::bind::type_label(entries));
   std::vector<chunkvale::PlanEntry> out;
   size_t i = 0;
   for (nb::handle e : entries) {
     std::string arg = "entries[" + std::to_string(i++) + "]";
     if (!nb::isinstance<nb::tuple>(e) && !nb::isinstance<nb::list>(e))
       throw chunkvale::TypeError(arg + ": expected a (seq, n_new) or (seq, token_ids) pair, got " +
-                                 std::string(nb::type_name(e.type()).c_str()));
+                                 chunkvale::bind::type_label(e));
     nb::sequence pair = nb::borrow<nb::sequence>(e);
     if (nb::len(pair) != 2)
       throw chunkvale::ValueError(arg + ": expected a pair (seq, n_new), got " +
                                   std::to_string(nb::len(pair)) + " items");
     chunkvale::PlanEntry pe;
-    nb::handle seq = pair[0], what = pair[1];
-    if (!nb::isinstance<nb::int_>(seq))
-      throw chunkvale::TypeError(arg + ": sequence id: expected an int, got " +
-                                 std::string(nb::type_name(seq.type()).c_str()));
-    pe.seq = nb::cast<int64_t>(seq);
-    if (nb::isinstance<nb::int_>(what)) {
-      pe.count = nb::cast<int64_t>(what);
-      if (pe.count < 1)
-        throw chunkvale::ValueError(arg + ": n_new: expected an integer >= 1, got " + std::to_string(pe.count));
-    } else {
-      try {
-        pe.tokens = nb::cast<std::vector<int32_t>>(what);
-      } catch (const nb::cast_error&) {
-        throw chunkvale::TypeError(arg + ": expected n_new (int) or a list of int32 token ids, got " +
-                                   std::string(nb::type_name(what.type()).c_str()));
-      }
+    nb::object seq = pair[0], what = pair[1];
+    pe.seq = int_arg(seq, arg + ": seq", INT64_MIN, INT64_MAX);
+    if (nb::isinstance<nb::list>(what) || nb::isinstance<nb::tuple>(what)) {
+      pe.tokens = tokens_arg(what, arg + ": token_ids");
       if (pe.tokens.empty())
         throw chunkvale::ValueError(arg + ": token_ids: expected at least one token id, got []");
+    } else {
+      if (!PyIndex_Check(what.ptr()) || PyBool_Check(what.ptr()))
+        throw chunkvale::TypeError(arg + ": n_new: expected an int (pending prompt tokens) or a list of token "
+                                   "ids, got " + chunkvale::bind::type_label(what));
+      pe.count = int_arg(what, arg + ": n_new", 1, INT32_MAX);
     }
     out.push_back(std::move(pe));
   }
   return out;
+}
+
+// sm_scale: None = 1/sqrt(head_dim); otherwise a finite float > 0 (0.0 is not "default").
+float scale_arg(nb::handle h) {
+  if (h.is_none()) return 0.0f;
+  if (PyBool_Check(h.ptr()) || !(PyFloat_Check(h.ptr()) || PyLong_Check(h.ptr())))
+    throw chunkvale::TypeError("sm_scale: expected a float or None, got " + chunkvale::bind::type_label(h));
+  const double v = PyFloat_AsDouble(h.ptr());
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw chunkvale::ValueError("sm_scale: expected a finite float > 0 or None, got an int too large for a float");
+  }
+  if (!(v > 0.0) || !std::isfinite(float(v)))
+    throw chunkvale::ValueError("sm_scale: expected a finite float > 0 or None (the default, 1/sqrt(head_dim)), got " +
+                                std::to_string(v));
+  return float(v);
 }
 
 nb::dict stats_dict(const chunkvale::CacheStats& s) {
@@ -119,6 +139,8 @@ NB_MODULE(_native, m) {
       PyErr_SetString(PyExc_KeyError, e.what());
     } catch (const chunkvale::CapacityError& e) {
       PyErr_SetString(capacity_error.ptr(), e.what());
+    } catch (const chunkvale::IOError& e) {
+      PyErr_SetString(PyExc_OSError, e.what());
     }
   });
 
@@ -135,7 +157,7 @@ NB_MODULE(_native, m) {
       .def("__init__",
            [](KVCache* self, int layers, int q_heads, int kv_heads, int head_dim, int chunk_size,
               const std::string& dtype, int64_t capacity_chunks, int64_t capacity_bytes,
-              int threads, int share_threshold, float sm_scale, const std::string& device,
+              int threads, int share_threshold, nb::handle sm_scale, const std::string& device,
               int64_t budget_tokens, int sink_chunks, int window_chunks, int topk_chunks,
               const std::string& digest, int dense_layers, int64_t device_chunks,
               int64_t host_bytes, const std::string& spill_path, const std::string& kernel_isa) {
@@ -150,7 +172,7 @@ NB_MODULE(_native, m) {
              c.capacity_bytes = capacity_bytes;
              c.threads = threads;
              c.share_threshold = share_threshold;
-             c.sm_scale = sm_scale;
+             c.sm_scale = scale_arg(sm_scale);
              c.device = device;
              c.eviction.enabled = budget_tokens > 0;
              c.eviction.budget_tokens = budget_tokens;
@@ -167,23 +189,27 @@ NB_MODULE(_native, m) {
            },
            "layers"_a, "q_heads"_a, "kv_heads"_a, "head_dim"_a, "chunk_size"_a, "dtype"_a,
            "capacity_chunks"_a, "capacity_bytes"_a, "threads"_a, "share_threshold"_a,
-           "sm_scale"_a, "device"_a, "budget_tokens"_a = 0, "sink_chunks"_a = 1,
+           "sm_scale"_a.none(), "device"_a, "budget_tokens"_a = 0, "sink_chunks"_a = 1,
            "window_chunks"_a = 2, "topk_chunks"_a = 0, "digest"_a = "cuboid_max",
            "dense_layers"_a = 2, "device_chunks"_a = 0, "host_bytes"_a = 0, "spill_path"_a = "",
            "kernel_isa"_a = "")
       .def("add_sequence",
-           [](KVCache& c, const std::vector<int32_t>& tokens, const std::string& ns, int64_t max_reuse) {
-             return c.add_sequence(tokens, ns, max_reuse);
+           [](KVCache& c, nb::handle tokens, nb::handle ns, nb::handle max_reuse) {
+             std::vector<int32_t> t = tokens_arg(tokens, "token_ids");
+             std::string n = str_arg(ns, "namespace");
+             int64_t m = max_reuse.is_none() ? -1 : int_arg(max_reuse, "max_reuse", 0, INT64_MAX);
+             nb::gil_scoped_release r;
+             return c.add_sequence(t, n, m);
            },
-           "token_ids"_a, "namespace"_a, "max_reuse"_a, nb::call_guard<nb::gil_scoped_release>())
+           "token_ids"_a.none(), "namespace"_a.none(), "max_reuse"_a.none())
       .def("plan", [](KVCache& c, nb::handle entries) {
              auto parsed = parse_entries(entries);
              nb::gil_scoped_release r;
              return c.plan(parsed);
-           }, "entries"_a)
+           }, "entries"_a.none())
       .def("step_info",
-           [](KVCache& c, uint64_t step) {
-             chunkvale::StepInfo p = c.step_info(step);
+           [](KVCache& c, nb::handle step) {
+             chunkvale::StepInfo p = c.step_info(step_arg(step, "step"));
              nb::dict d;
              d["num_tokens"] = p.num_tokens;
              d["seq_ids"] = p.seq_ids;
@@ -193,50 +219,85 @@ NB_MODULE(_native, m) {
              d["positions"] = nb::ndarray<nb::numpy, int64_t, nb::ndim<1>>(pos->data(), {pos->size()}, owner);
              return d;
            },
-           "step"_a)
+           "step"_a.none())
       .def("append",
-           [](KVCache& c, int layer, uint64_t step, const AnyArray& k, const AnyArray& v, uintptr_t stream) {
-             chunkvale::cuda_api::StreamScope on(stream);
-             c.append(layer, step, view_of(k), view_of(v));
+           [](KVCache& c, nb::handle layer, nb::handle step, nb::handle k, nb::handle v, nb::handle stream) {
+             const int l = int32_arg(layer, "layer");
+             const uint64_t s = step_arg(step, "step");
+             AnyArray ka = in_array(k, "k"), va = in_array(v, "v");
+             const auto st = uintptr_t(int_arg(stream, "stream", 0, INT64_MAX));
+             nb::gil_scoped_release r;
+             chunkvale::cuda_api::StreamScope on(st);
+             c.append(l, s, view_of(ka), view_of(va));
            },
-           "layer"_a, "step"_a, "k"_a, "v"_a, "stream"_a = 0,
-           nb::call_guard<nb::gil_scoped_release>())
+           "layer"_a.none(), "step"_a.none(), "k"_a.none(), "v"_a.none(), "stream"_a.none() = 0)
       .def("attention",
-           [](KVCache& c, int layer, uint64_t step, const AnyArray& q, const OutArray& out,
-              std::optional<OutArray> lse, uintptr_t stream) {
-             chunkvale::cuda_api::StreamScope on(stream);
+           [](KVCache& c, nb::handle layer, nb::handle step, nb::handle q, nb::handle out, nb::handle lse,
+              nb::handle stream) {
+             const int l = int32_arg(layer, "layer");
+             const uint64_t s = step_arg(step, "step");
+             AnyArray qa = in_array(q, "q");
+             OutArray oa = out_array(out, "out");
+             std::optional<OutArray> la;
+             if (!lse.is_none()) la = out_array(lse, "lse");
+             const auto st = uintptr_t(int_arg(stream, "stream", 0, INT64_MAX));
+             nb::gil_scoped_release r;
+             chunkvale::cuda_api::StreamScope on(st);
              chunkvale::TensorView lv;
-             if (lse) lv = view_of(*lse);
-             c.attention(layer, step, view_of(q), view_of(out), lse ? &lv : nullptr);
+             if (la) lv = view_of(*la);
+             c.attention(l, s, view_of(qa), view_of(oa), la ? &lv : nullptr);
            },
-           "layer"_a, "step"_a, "q"_a, "out"_a, "lse"_a.none(), "stream"_a = 0,
-           nb::call_guard<nb::gil_scoped_release>())
-      .def("cancel", &KVCache::cancel, "step"_a, nb::call_guard<nb::gil_scoped_release>())
-      .def("fork", &KVCache::fork, "seq"_a, "n"_a, nb::call_guard<nb::gil_scoped_release>())
-      .def("remove", &KVCache::remove, "seq"_a, nb::call_guard<nb::gil_scoped_release>())
+           "layer"_a.none(), "step"_a.none(), "q"_a.none(), "out"_a.none(), "lse"_a.none(), "stream"_a.none() = 0)
+      .def("cancel", [](KVCache& c, nb::handle step) {
+             const uint64_t s = step_arg(step, "step");
+             nb::gil_scoped_release r;
+             c.cancel(s);
+           }, "step"_a.none())
+      .def("fork", [](KVCache& c, nb::handle seq, nb::handle n) {
+             const int64_t s = int_arg(seq, "seq", INT64_MIN, INT64_MAX);
+             const int k = int(int_arg(n, "n", 1, chunkvale::kMaxForkChildren));
+             nb::gil_scoped_release r;
+             return c.fork(s, k);
+           }, "seq"_a.none(), "n"_a.none())
+      .def("remove", [](KVCache& c, nb::handle seq) {
+             const int64_t s = int_arg(seq, "seq", INT64_MIN, INT64_MAX);
+             nb::gil_scoped_release r;
+             c.remove(s);
+           }, "seq"_a.none())
       .def("clear", &KVCache::clear, nb::call_guard<nb::gil_scoped_release>())
-      .def("sequence_length", &KVCache::sequence_length, "seq"_a)
-      .def("sequence_slots", &KVCache::sequence_slots, "seq"_a)
+      .def("sequence_length", [](KVCache& c, nb::handle seq) {
+             return c.sequence_length(int_arg(seq, "seq", INT64_MIN, INT64_MAX));
+           }, "seq"_a.none())
+      .def("sequence_slots", [](KVCache& c, nb::handle seq) {
+             return c.sequence_slots(int_arg(seq, "seq", INT64_MIN, INT64_MAX));
+           }, "seq"_a.none())
       .def("stats", [](KVCache& c) { return stats_dict(c.stats()); })
       .def("read_tile",
-           [](const KVCache& c, int layer, int32_t slot, int kv, int head) {
+           [](const KVCache& c, nb::handle layer, nb::handle slot, nb::handle kv, nb::handle head) {
+             const int l = int32_arg(layer, "layer"), s = int32_arg(slot, "slot"), k = int32_arg(kv, "kv"),
+                       h = int32_arg(head, "head");
              const auto& cfg = c.config();
              size_t n = size_t(cfg.chunk_size) * cfg.head_dim;
-             auto* buf = new std::vector<float>(n);
-             c.read_tile(layer, slot, kv, head, buf->data());
-             nb::capsule owner(buf, [](void* v) noexcept { delete static_cast<std::vector<float>*>(v); });
+             auto buf = std::make_unique<std::vector<float>>(n);
+             c.read_tile(l, s, k, h, buf->data());
+             float* data = buf->data();
+             nb::capsule owner(buf.release(), [](void* v) noexcept { delete static_cast<std::vector<float>*>(v); });
              return nb::ndarray<nb::numpy, float, nb::ndim<2>>(
-                 buf->data(), {size_t(cfg.chunk_size), size_t(cfg.head_dim)}, owner);
+                 data, {size_t(cfg.chunk_size), size_t(cfg.head_dim)}, owner);
            },
-           "layer"_a, "slot"_a, "kv"_a, "head"_a)
-      .def("chunk_residency", &KVCache::chunk_residency, "layer"_a, "slot"_a)
+           "layer"_a.none(), "slot"_a.none(), "kv"_a.none(), "head"_a.none())
+      .def("chunk_residency", [](const KVCache& c, nb::handle layer, nb::handle slot) {
+             return c.chunk_residency(int32_arg(layer, "layer"), int32_arg(slot, "slot"));
+           }, "layer"_a.none(), "slot"_a.none())
       .def("read_digest",
-           [](const KVCache& c, int layer, int32_t slot, int head) {
+           [](const KVCache& c, nb::handle layer, nb::handle slot, nb::handle head) {
+             const int l = int32_arg(layer, "layer"), s = int32_arg(slot, "slot"), h = int32_arg(head, "head");
              size_t D = size_t(c.config().head_dim);
-             auto* buf = new std::vector<float>(2 * D);
-             c.read_digest(layer, slot, head, buf->data());
-             nb::capsule owner(buf, [](void* v) noexcept { delete static_cast<std::vector<float>*>(v); });
-             return nb::ndarray<nb::numpy, float, nb::ndim<2>>(buf->data(), {2, D}, owner);
+             auto buf = std::make_unique<std::vector<float>>(2 * D);
+             c.read_digest(l, s, h, buf->data());
+             float* data = buf->data();
+             nb::capsule owner(buf.release(), [](void* v) noexcept { delete static_cast<std::vector<float>*>(v); });
+             return nb::ndarray<nb::numpy, float, nb::ndim<2>>(data, {2, D}, owner);
            },
-           "layer"_a, "slot"_a, "head"_a);
+           "layer"_a.none(), "slot"_a.none(), "head"_a.none());
 }

@@ -68,6 +68,10 @@ void CacheConfig::validate() const {
        got("head_dim", "one of 64, 80, 96, 128, 256", head_dim));
   need(chunk_size >= 16 && chunk_size <= 128 && (chunk_size & (chunk_size - 1)) == 0,
        got("chunk_size", "a power of two in [16, 128]", chunk_size));
+  // Sizes are products of these: keep every one far from overflowing 64 bits.
+  need(layers <= kMaxLayers, got("layers", ("at most " + std::to_string(kMaxLayers)).c_str(), layers));
+  need(kv_heads <= kMaxHeads, got("kv_heads", ("at most " + std::to_string(kMaxHeads)).c_str(), kv_heads));
+  need(q_heads <= kMaxHeads, got("q_heads", ("at most " + std::to_string(kMaxHeads)).c_str(), q_heads));
   need(capacity_chunks >= 0, got("capacity_chunks", "an integer >= 0", capacity_chunks));
   need(capacity_bytes >= 0, got("capacity_bytes", "an integer >= 0", capacity_bytes));
   need((capacity_chunks > 0) != (capacity_bytes > 0),
@@ -78,25 +82,33 @@ void CacheConfig::validate() const {
                               " bytes)").c_str(), capacity_bytes));
   need(resolved_capacity() < (int64_t(1) << 31),
        got("capacity_chunks", "fewer than 2^31 chunks", resolved_capacity()));
+  // The pool's bytes (capacity * bytes_per_chunk) must be a size the allocator can be asked for.
+  need(double(resolved_capacity()) * double(bytes_per_chunk()) < 0x1p62,
+       got(capacity_chunks > 0 ? "capacity_chunks" : "capacity_bytes",
+           ("a pool below 2^62 bytes (" + std::to_string(bytes_per_chunk()) + " bytes per chunk)").c_str(),
+           capacity_chunks > 0 ? capacity_chunks : capacity_bytes));
   need(threads >= 0 && threads <= 1024, got("threads", "0 (all cores) .. 1024", threads));
   need(share_threshold >= 1, got("share_threshold", "an integer >= 1", share_threshold));
   need(std::isfinite(sm_scale) && sm_scale >= 0.0f,
        "sm_scale: expected a finite value > 0 (or None), got " + std::to_string(sm_scale));
   if (eviction.enabled) {
     const EvictionConfig& e = eviction;
-    int64_t fixed = int64_t(e.sink_chunks + e.window_chunks) * chunk_size;
     need(e.sink_chunks >= 0, got("eviction.sink_chunks", "an integer >= 0", e.sink_chunks));
     need(e.window_chunks >= 1, got("eviction.window_chunks", "an integer >= 1 (the chunk being written)", e.window_chunks));
     need(e.topk_chunks >= -1, got("eviction.topk_chunks", "an integer >= 0 (or None)", e.topk_chunks));
     need(e.dense_layers >= 0, got("eviction.dense_layers", "an integer >= 0", e.dense_layers));
+    need(e.budget_tokens >= 1, got("eviction.budget_tokens", "an integer >= 1", e.budget_tokens));
+    // 64-bit sums: chunk counts near 2^31 must not wrap around and pass the checks below.
+    const int64_t fixed = (int64_t(e.sink_chunks) + int64_t(e.window_chunks)) * chunk_size;
     // Room for the sinks, the window and (unless top-k is off) one selected chunk.
-    int64_t least = fixed + (e.topk_chunks < 0 ? 0 : chunk_size);
+    const int64_t least = fixed + (e.topk_chunks < 0 ? 0 : chunk_size);
     need(e.budget_tokens >= least,
          got("eviction.budget_tokens",
              ("at least (sink_chunks + window_chunks" + std::string(e.topk_chunks < 0 ? "" : " + 1") +
               ") * chunk_size = " + std::to_string(least)).c_str(),
              e.budget_tokens));
-    const int64_t selection = e.sink_chunks + e.window_chunks + e.resolved_topk(chunk_size);
+    const int64_t selection =
+        int64_t(e.sink_chunks) + int64_t(e.window_chunks) + int64_t(e.resolved_topk(chunk_size));
     need(e.device_chunks == 0 || e.device_chunks >= selection,
          got("eviction.device_chunks", ("0 (no host tier) or at least sink_chunks + window_chunks + topk_chunks = " +
                                         std::to_string(selection) + " (one sequence's selection)").c_str(),

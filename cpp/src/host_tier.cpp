@@ -7,7 +7,6 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
-#include <stdexcept>
 
 #include "chunkvale/errors.h"
 
@@ -18,27 +17,24 @@ constexpr size_t kSlabBytes = size_t(64) << 20;
 constexpr int64_t kFirstSlabBlocks = 8;
 }  // namespace
 
-HostTier::HostTier(size_t block_bytes, int64_t ram_bytes, const std::string& spill_path, HostMemory memory)
+HostTier::HostTier(size_t block_bytes, int64_t ram_bytes, const std::string& spill_path, HostMemory memory,
+                   TestFaults faults)
     : block_bytes_(block_bytes),
       ram_limit_(ram_bytes > 0 ? ram_bytes / int64_t(block_bytes) : -1),
       mem_(std::move(memory)),
-      spill_path_(spill_path) {
-  if (!spill_path.empty()) {
-    fd_ = ::open(spill_path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd_ < 0)
-      throw ValueError("eviction.spill_path: expected a file chunkvale can create and write, got '" +
-                       spill_path + "' (" + std::strerror(errno) + ")");
+      faults_(faults) {
+  if (faults_.alloc.armed()) {  // test-only: host allocations that fail
+    auto inner = mem_.alloc;
+    mem_.alloc = [this, inner](size_t n) -> void* { return faults_.alloc.next() ? nullptr : inner(n); };
   }
+  if (!spill_path.empty()) file_ = std::make_unique<SpillFile>(spill_path, block_bytes, &faults_);
 }
 
 HostTier::~HostTier() {
   for (void* p : slabs_) mem_.release(p);
   for (Staged& st : staged_) mem_.release(st.bytes);
   for (uint8_t* p : staging_free_) mem_.release(p);
-  if (fd_ >= 0) {
-    ::close(fd_);
-    ::unlink(spill_path_.c_str());  // the file is scratch space of this cache only
-  }
+  file_.reset();  // removes the file: it is scratch space of this cache only
 }
 
 void HostTier::grow_ram() {
@@ -67,7 +63,7 @@ int64_t HostTier::alloc() {
     ++ram_used_;
     return ram_next_++;
   }
-  if (fd_ < 0) return -1;
+  if (!file_) return -1;
   ++file_used_;
   if (!file_free_.empty()) {
     int64_t b = file_free_.back();
@@ -89,6 +85,7 @@ void HostTier::free(int64_t block) {
       staged_.erase(staged_.begin() + long(i));
       break;
     }
+  file_->forget(file_index(block));
   file_free_.push_back(block);
   --file_used_;
 }
@@ -97,13 +94,27 @@ void HostTier::reserve(int64_t n) {
   const int64_t ram_left = ram_limit_ < 0 ? n : int64_t(ram_free_.size()) + (ram_limit_ - ram_next_);
   const int64_t from_ram = std::min(n, ram_left);
   while (int64_t(ram_free_.size()) + (int64_t(block_ptr_.size()) - ram_next_) < from_ram) grow_ram();
-  if (fd_ < 0) return;
-  for (int64_t spilled = n - from_ram; int64_t(staging_free_.size()) < spilled;)
-    staging_free_.push_back(new_staging());
+  if (!file_) return;
+  const int64_t spilled = n - from_ram;
+  // Disk space for the blocks past those in use or free (staging first: a failure of either
+  // leaves the tier as it was, up to buffers kept for reuse).
+  const int64_t fresh = std::max<int64_t>(0, spilled - int64_t(file_free_.size()));
+  while (int64_t(staging_free_.size()) < spilled) staging_free_.push_back(new_staging());
+  file_->reserve(file_next_ + fresh);
+}
+
+void HostTier::check() {
+  if (write_error_.empty()) return;
+  std::string msg = std::move(write_error_);
+  const int err = write_errno_;
+  write_error_.clear();
+  write_errno_ = 0;
+  if (err == ENOSPC || err == EDQUOT || err == EFBIG) throw CapacityError(msg);
+  throw IOError(msg);
 }
 
 int64_t HostTier::available() const {
-  if (ram_limit_ < 0 || fd_ >= 0) return std::numeric_limits<int64_t>::max();
+  if (ram_limit_ < 0 || file_) return std::numeric_limits<int64_t>::max();
   return ram_limit_ - ram_used_;
 }
 
@@ -142,14 +153,18 @@ void HostTier::settle(uint64_t done) {
       staged_[keep++] = s;
       continue;
     }
-    const off_t off = off_t(file_index(s.block)) * off_t(block_bytes_);
-    if (::pwrite(fd_, s.bytes, block_bytes_, off) != ssize_t(block_bytes_)) {
-      const int err = errno;
-      // Keep this block and the rest staged: their bytes stay readable, nothing is lost.
+    if (const int err = file_->write(file_index(s.block), s.bytes)) {
+      // Keep this block and the rest staged: their bytes stay readable, nothing is lost;
+      // the next settle() writes them again, check() reports the failure.
+      if (write_error_.empty()) {
+        write_errno_ = err;
+        write_error_ = "eviction.spill_path: writing a " + std::to_string(block_bytes_) + "-byte block to '" +
+                       file_->path() + "' failed (" + std::strerror(err) + "); " +
+                       std::to_string(staged_.size() - i) +
+                       " block(s) stay in host memory and are written again later, nothing was lost";
+      }
       for (size_t j = i; j < staged_.size(); ++j) staged_[keep++] = staged_[j];
-      staged_.resize(keep);
-      throw CapacityError("eviction.spill_path: writing " + std::to_string(block_bytes_) + " bytes to '" +
-                          spill_path_ + "' failed (" + std::strerror(err) + ")");
+      break;
     }
     staging_free_.push_back(s.bytes);
   }
@@ -161,10 +176,7 @@ const void* HostTier::read(int64_t block, std::vector<uint8_t>& scratch) {
   for (const Staged& s : staged_)
     if (s.block == block) return s.bytes;
   scratch.resize(block_bytes_);
-  const off_t off = off_t(file_index(block)) * off_t(block_bytes_);
-  if (::pread(fd_, scratch.data(), block_bytes_, off) != ssize_t(block_bytes_))
-    throw std::runtime_error("chunkvale: reading a spilled chunk from '" + spill_path_ + "' failed (" +
-                             std::strerror(errno) + ")");
+  file_->read(file_index(block), scratch.data());
   return scratch.data();
 }
 

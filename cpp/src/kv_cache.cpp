@@ -55,6 +55,12 @@ bool selects(const EvictionConfig& ev, int topk, bool decode, int64_t total, int
 std::atomic<uint64_t> g_next_step_id{1};
 std::atomic<uint64_t> g_next_plan_revision{1};
 void new_revision(StepPlan& p) { p.revision = g_next_plan_revision++; }
+// Throws ValueError naming `arg` unless 0 <= v < n (`what`: what the range is).
+void check_index(const char* arg, int64_t v, int64_t n, const char* what) {
+  if (v < 0 || v >= n)
+    throw ValueError(std::string(arg) + ": expected " + what + " in 0.." + std::to_string(n - 1) + ", got " +
+                     std::to_string(v));
+}
 int64_t ns_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -74,7 +80,8 @@ KVCache::KVCache(const CacheConfig& config)
   if (cfg_.eviction.host_tier()) {
     backend_->open_host_tier();  // a backend without a host tier refuses here
     host_ = std::make_unique<HostTier>(cfg_.layer_chunk_bytes(), cfg_.eviction.host_bytes,
-                                       cfg_.eviction.spill_path, backend_->host_memory());
+                                       cfg_.eviction.spill_path, backend_->host_memory(),
+                                       TestFaults::from_env());
     res_ = std::make_unique<Residency>(std::min(cfg_.eviction.dense_layers, cfg_.layers), cfg_.layers,
                                        cfg_.resolved_capacity(), cfg_.eviction.device_chunks);
   }
@@ -245,18 +252,33 @@ int32_t KVCache::device_slot_for(int layer, int32_t chunk, uint64_t stamp) {
 
 void KVCache::make_resident(int layer, int32_t chunk, uint64_t stamp) {
   if (res_->slot(layer, chunk) >= 0) return;
-  const int64_t b = res_->host_block(layer, chunk);
+  // Read (and verify) the host copy before a device slot is taken: a copy that cannot be
+  // had is an error with nothing moved, never a slot holding the wrong bytes.
+  const void* src = res_->host_block(layer, chunk) >= 0 ? host_copy(layer, chunk) : nullptr;
   const int32_t s = device_slot_for(layer, chunk, stamp);
-  if (b < 0) return;  // first written in this step: nothing to recall
-  recall(layer, chunk, s);
+  if (src) recall(layer, s, src);  // else first written in this step: nothing to recall
 }
 
-void KVCache::recall(int layer, int32_t chunk, int32_t slot) {
+const void* KVCache::host_copy(int layer, int32_t chunk) {
   wait_backup(res_->ticket(layer, chunk));
   host_->settle(backend_->backups_done());
-  backend_->recall(layer, slot, host_->read(res_->host_block(layer, chunk), host_scratch_));
+  return host_->read(res_->host_block(layer, chunk), host_scratch_);
+}
+
+void KVCache::recall(int layer, int32_t slot, const void* src) {
+  backend_->recall(layer, slot, src);
   ++recalls_;
   bytes_from_host_ += int64_t(host_->block_bytes());
+}
+
+void KVCache::check_host_copies(int32_t chunk) {
+  if (!res_) return;
+  for (int l = res_->first_layer(); l < cfg_.layers; ++l)
+    if (res_->slot(l, chunk) < 0 && res_->host_block(l, chunk) >= 0) host_copy(l, chunk);
+}
+
+void KVCache::check_host_tier() {
+  if (host_) host_->check();
 }
 
 int64_t KVCache::take_host_block() {
@@ -336,11 +358,14 @@ void KVCache::copy_chunk_all_layers(int32_t src, int32_t dst, int32_t n_tokens) 
     const uint64_t stamp = ++res_clock_;
     const int32_t from = res_->slot(l, src);
     if (from >= 0) res_->touch(l, src, stamp);
+    // The source on host only is recalled straight into the copy (check_host_copies
+    // verified it before the call changed anything).
+    const void* host_src = from >= 0 ? nullptr : host_copy(l, src);
     const int32_t to = device_slot_for(l, dst, stamp);
     if (from >= 0) {
       backend_->copy_chunk_layer(l, from, to, n_tokens);
-    } else {  // the source is on host only: recall it straight into the copy
-      recall(l, src, to);
+    } else {
+      recall(l, to, host_src);
     }
   }
 }
@@ -463,6 +488,8 @@ std::pair<int64_t, int64_t> KVCache::add_sequence(const std::vector<int32_t>& to
     if (!tail_src && m.partial->live == 0) ++pinned;
     require_slots(1, "add_sequence", (step_ ? int64_t(step_->deferred_free.size()) : 0) - pinned);
     require_device_tails(1, "add_sequence");
+    check_host_tier();
+    check_host_copies(tail_src ? tail_src->tail.front() : m.partial->slot);
   }
   end_step("add_sequence");  // nothing below can fail
 
@@ -526,6 +553,7 @@ uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
   if (rows >= (int64_t(1) << 31)) throw ValueError("entries: too many tokens in one step");
   if (step_ && !step_->committed) end_step("plan");  // refuses: a layer is missing
   require_slots(need, "plan", step_ ? int64_t(step_->deferred_free.size()) : 0);
+  check_host_tier();
   require_tiers(entries, need);
   end_step("plan");
 
@@ -584,14 +612,14 @@ uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
 
 void KVCache::append(int layer, uint64_t step, const TensorView& k, const TensorView& v) {
   std::lock_guard<std::mutex> g(mu_);
-  if (layer < 0 || layer >= cfg_.layers)
-    throw ValueError("layer: expected 0.." + std::to_string(cfg_.layers - 1) + ", got " + std::to_string(layer));
+  check_index("layer", layer, cfg_.layers, "a layer");
   const OpenStep& st = open_step(step, "step");
   if (st.appended[size_t(layer)])
     throw ValueError("layer: layer " + std::to_string(layer) + " was already appended in step " +
                      std::to_string(step));
   check_tensor3(k, "k", device_, cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
   check_tensor3(v, "v", device_, cfg_.dtype, plan_.num_tokens, cfg_.kv_heads, cfg_.head_dim);
+  check_host_tier();
   if (cfg_.evicts_to_host(layer)) {
     backend_->append(layer, to_device_slots(layer, plan_, true), k, v);
     backup_filled(layer);  // digests, then the asynchronous copies to the host tier
@@ -608,8 +636,7 @@ void KVCache::append(int layer, uint64_t step, const TensorView& k, const Tensor
 void KVCache::attention(int layer, uint64_t step, const TensorView& q, const TensorView& out,
                         const TensorView* lse) {
   std::lock_guard<std::mutex> g(mu_);
-  if (layer < 0 || layer >= cfg_.layers)
-    throw ValueError("layer: expected 0.." + std::to_string(cfg_.layers - 1) + ", got " + std::to_string(layer));
+  check_index("layer", layer, cfg_.layers, "a layer");
   const OpenStep& st = open_step(step, "step");
   if (!st.appended[size_t(layer)])
     throw ValueError("layer: attention for layer " + std::to_string(layer) + " of step " +
@@ -634,6 +661,7 @@ void KVCache::attention(int layer, uint64_t step, const TensorView& q, const Ten
                        ", " + std::to_string(cfg_.q_heads) + "]");
     }
   }
+  check_host_tier();
   const StepPlan* plan = &plan_;
   if (cfg_.eviction.enabled && layer >= cfg_.eviction.dense_layers && select_chunks(layer, q))
     plan = &layer_plan_;
@@ -769,31 +797,48 @@ void KVCache::cancel(uint64_t step) {
 std::vector<int64_t> KVCache::fork(int64_t seq, int n) {
   std::lock_guard<std::mutex> g(mu_);
   Sequence& s = get_seq(seq, "seq");
-  if (n < 1) throw ValueError("n: expected an integer >= 1, got " + std::to_string(n));
+  if (n < 1 || n > kMaxForkChildren)
+    throw ValueError("n: expected an integer in 1.." + std::to_string(kMaxForkChildren) +
+                     " (children per fork call), got " + std::to_string(n));
   commit_if_complete();
   if (step_ && !step_->committed) end_step("fork");  // refuses: a layer is missing
   const int C = cfg_.chunk_size;
   const int32_t tail_tokens = int32_t(s.length() - int64_t(s.path.size()) * C);
   require_slots(tail_tokens > 0 ? n : 0, "fork", step_ ? int64_t(step_->deferred_free.size()) : 0);
   require_device_tails(tail_tokens > 0 ? n : 0, "fork");
-  end_step("fork");
+  check_host_tier();
+  if (tail_tokens > 0) check_host_copies(s.tail.front());
+  // All or nothing: every allocation (the children, their ids, room in seqs_) happens
+  // before the cache changes; std::bad_alloc here leaves it as it was.
+  std::unordered_map<int64_t, std::unique_ptr<Sequence>> children;
+  children.reserve(size_t(n));
   std::vector<int64_t> ids;
+  ids.reserve(size_t(n));
   for (int i = 0; i < n; ++i) {
     auto c = std::make_unique<Sequence>();
-    c->id = next_seq_id_;
+    c->id = next_seq_id_ + i;
     c->root = s.root;
     c->path = s.path;
-    for (TreeNode* node : c->path) tree_.acquire(node);
+    c->tail.reserve(1);
+    c->tokens = s.tokens;
+    c->pending.assign(s.pending.begin() + long(s.pending_head), s.pending.end());
+    const int64_t id = c->id;
+    ids.push_back(id);
+    children.emplace(id, std::move(c));
+  }
+  seqs_.reserve(seqs_.size() + size_t(n));
+  end_step("fork");  // nothing below can fail
+  for (int64_t id : ids) {
+    Sequence& c = *children.at(id);
+    for (TreeNode* node : c.path) tree_.acquire(node);
     if (tail_tokens > 0) {
       int32_t slot = take_slot();  // cannot fail: require_slots counted it
       copy_chunk_all_layers(s.tail.front(), slot, tail_tokens);
-      c->tail.push_back(slot);
+      c.tail.push_back(slot);
     }
-    c->tokens = s.tokens;
-    c->pending.assign(s.pending.begin() + long(s.pending_head), s.pending.end());
-    ids.push_back(next_seq_id_);
-    seqs_.emplace(next_seq_id_++, std::move(c));
   }
+  next_seq_id_ += n;
+  seqs_.merge(children);  // moves the nodes: no allocation (room reserved above)
   return ids;
 }
 
@@ -896,17 +941,22 @@ const StepPlan& KVCache::step_plan(uint64_t step) const {
 
 void KVCache::read_digest(int layer, int32_t slot, int head, float* dst) const {
   std::lock_guard<std::mutex> g(mu_);
-  if (layer < 0 || layer >= cfg_.layers || slot < 0 || slot >= pool_.capacity() || head < 0 ||
-      head >= cfg_.kv_heads)
-    throw ValueError("read_digest: (layer, slot, head) out of range");
+  check_index("layer", layer, cfg_.layers, "a layer");
+  check_index("slot", slot, pool_.capacity(), "a chunk id");
+  check_index("head", head, cfg_.kv_heads, "a KV head");
+  if (!cfg_.eviction.enabled)
+    throw ValueError("read_digest: expected a cache with eviction (digests are kept for budgeted attention "
+                     "only), got one without");
   backend_->read_digest(layer, slot, head, dst);
 }
 
 void KVCache::read_tile(int layer, int32_t slot, int kv, int head, float* dst) const {
   std::lock_guard<std::mutex> g(mu_);
-  if (layer < 0 || layer >= cfg_.layers || slot < 0 || slot >= pool_.capacity() || kv < 0 ||
-      kv > 1 || head < 0 || head >= cfg_.kv_heads)
-    throw ValueError("read_tile: (layer, slot, kv, head) out of range");
+  check_index("layer", layer, cfg_.layers, "a layer");
+  check_index("slot", slot, pool_.capacity(), "a chunk id");
+  check_index("kv", kv, 2, "0 (K) or 1 (V), i.e.");
+  check_index("head", head, cfg_.kv_heads, "a KV head");
+  if (!dst) throw ValueError("dst: expected a buffer, got a null pointer");
   if (!cfg_.evicts_to_host(layer)) {
     backend_->read_tile(layer, slot, kv, head, dst);
     return;
@@ -929,10 +979,8 @@ void KVCache::read_tile(int layer, int32_t slot, int kv, int head, float* dst) c
 
 std::string KVCache::chunk_residency(int layer, int32_t slot) const {
   std::lock_guard<std::mutex> g(mu_);
-  if (layer < 0 || layer >= cfg_.layers || slot < 0 || slot >= pool_.capacity())
-    throw ValueError("chunk_residency: expected layer in 0.." + std::to_string(cfg_.layers - 1) +
-                     " and slot in 0.." + std::to_string(pool_.capacity() - 1) + ", got (" +
-                     std::to_string(layer) + ", " + std::to_string(slot) + ")");
+  check_index("layer", layer, cfg_.layers, "a layer");
+  check_index("slot", slot, pool_.capacity(), "a chunk id");
   if (!cfg_.evicts_to_host(layer)) return "device";
   const bool dev = res_->slot(layer, slot) >= 0, host = res_->host_block(layer, slot) >= 0;
   return dev && host ? "device+host" : dev ? "device" : host ? "host" : "none";

@@ -3,7 +3,8 @@ output allocation in the caller's tensor kind, and a Step handle."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -30,19 +31,20 @@ def _token_list(token_ids, arg: str) -> List[int]:
         raise TypeError(f"{arg}: expected a sequence of int token ids, got {type(token_ids).__name__}")
     try:
         arr = np.asarray(token_ids)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise TypeError(f"{arg}: expected a sequence of int token ids ({e})") from None
-    if arr.dtype == object:
-        raise TypeError(f"{arg}: expected int token ids, got {type(token_ids).__name__} of objects")
     if arr.ndim != 1:
         raise ValueError(f"{arg}: expected a 1-D sequence of token ids, got shape {arr.shape}")
-    if arr.dtype.kind not in "iu" and arr.size:
+    if arr.dtype != object and arr.dtype.kind not in "iu" and arr.size:
         raise TypeError(f"{arg}: expected integer token ids, got dtype {arr.dtype}")
-    tokens = [int(t) for t in arr.tolist()]
-    for t in tokens:
+    tokens = arr.tolist()
+    for i, t in enumerate(tokens):
+        # An object array holds ints too big for int64, or mixed types: name the first bad one.
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise TypeError(f"{arg}[{i}]: expected an int token id, got {type(t).__name__} ({t!r})")
         if not _INT32[0] <= t <= _INT32[1]:
-            raise ValueError(f"{arg}: expected token ids in int32 range, got {t}")
-    return tokens
+            raise ValueError(f"{arg}[{i}]: expected a token id in int32 range [{_INT32[0]}, {_INT32[1]}], got {t}")
+    return [int(t) for t in tokens]
 
 
 def _empty_like(x, shape, dtype=None):
@@ -86,13 +88,8 @@ class KVCache:
     def add_sequence(self, token_ids, namespace: str = "", max_reuse: Optional[int] = None) -> Tuple[int, int]:
         """Adds a prompt; returns (sequence id, leading tokens already cached)."""
         tokens = _token_list(token_ids, "token_ids")
-        if not isinstance(namespace, str):
-            raise TypeError(f"namespace: expected a str, got {type(namespace).__name__}")
-        if max_reuse is not None and (isinstance(max_reuse, bool) or not isinstance(max_reuse, (int, np.integer))):
-            raise TypeError(f"max_reuse: expected an int or None, got {type(max_reuse).__name__}")
-        if max_reuse is not None and max_reuse < 0:
-            raise ValueError(f"max_reuse: expected None or an integer >= 0, got {max_reuse}")
-        return self._native.add_sequence(tokens, namespace, -1 if max_reuse is None else int(max_reuse))
+        # namespace and max_reuse are checked by the core (type, Unicode, range; never bool).
+        return self._native.add_sequence(tokens, namespace, max_reuse)
 
     def plan(self, entries: Sequence[Tuple[int, Union[int, Sequence[int]]]]) -> Step:
         """Plans one step: each entry is (seq, n_new) for pending prompt tokens or
@@ -100,12 +97,12 @@ class KVCache:
         if isinstance(entries, (list, tuple)):
             norm = []
             for i, e in enumerate(entries):
-                if isinstance(e, (list, tuple)) and len(e) == 2 and not isinstance(e[1], (int, np.integer)):
-                    e = (e[0], _token_list(e[1], f"entries[{i}]"))
-                elif isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[1], np.integer):
-                    e = (e[0], int(e[1]))
-                if isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], np.integer):
-                    e = (int(e[0]), e[1])
+                # Token ids given as an array (or any sequence but list/tuple) become a list;
+                # everything else (seq, n_new, their types and ranges) is the core's to check.
+                if (isinstance(e, (list, tuple)) and len(e) == 2 and not isinstance(e[1], (list, tuple))
+                        and not isinstance(e[1], (numbers.Integral, str, bytes)) and e[1] is not None
+                        and hasattr(e[1], "__len__")):
+                    e = (e[0], _token_list(e[1], f"entries[{i}]: token_ids"))
                 norm.append(e)
             entries = norm
         step_id = self._native.plan(entries)
@@ -125,6 +122,12 @@ class KVCache:
         softmax denominator of the scaled scores (FlashInfer's is base 2).
         """
         kind = _kind(q, "q")
+        step_id = _step_id(step)
+        if not isinstance(return_lse, (bool, np.bool_)):
+            raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+        if len(q.shape) != 3:  # before out/lse are allocated from q's shape
+            raise ValueError(f"q: expected shape [{step.num_tokens}, {self.config.q_heads}, "
+                             f"{self.config.head_dim}], got {list(q.shape)}")
         if out is None:
             out = _empty_like(q, tuple(q.shape))
         elif _kind(out, "out") != kind:
@@ -135,7 +138,7 @@ class KVCache:
                 lse = np.empty((q.shape[0], self.config.q_heads), dtype=np.float32)
             else:
                 lse = _empty_like(q, (q.shape[0], self.config.q_heads), dtype=_torch().float32)
-        self._native.attention(layer, _step_id(step), q, out, lse, _stream_of(q))
+        self._native.attention(layer, step_id, q, out, lse, _stream_of(q))
         return (out, lse) if return_lse else out
 
     def cancel(self, step: Step) -> None:

@@ -1,9 +1,42 @@
-"""Cache configuration (a plain dataclass; the native core validates it)."""
+"""Cache configuration (a plain dataclass). Types and integer ranges are checked here, so
+that every field is named in the error; the native core validates the values."""
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Optional
+
+_INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _int(name: str, value, lo=_INT32[0], hi=_INT32[1], optional: bool = False):
+    """An int field (numpy integers too; never bool, float or a numeric string) in [lo, hi]."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        what = "an int or None" if optional else "an int"
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__} ({value!r})")
+    value = int(value)
+    if value < lo:
+        raise ValueError(f"{name}: expected {'None or ' if optional else ''}an integer >= {lo}, got {value}")
+    if value > hi:
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _str(name: str, value, optional: bool = False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected a str{' or None' if optional else ''}, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name}: expected valid Unicode text, got {value!r} (a lone surrogate)") from None
+    return value
 
 
 @dataclass
@@ -38,33 +71,39 @@ class Eviction:
     device_chunks: Optional[int] = None  # last: positional calls written before it still mean the same
 
     def native_kwargs(self) -> dict:
-        for name in ("device_chunks", "host_bytes"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TypeError(f"eviction.{name}: expected an int or None, got {type(value).__name__}")
-            if value is not None and value < 1:
-                raise ValueError(f"eviction.{name}: expected None or an integer >= 1, got {value}")
-        if self.spill_path is not None:
-            if not isinstance(self.spill_path, (str, os.PathLike)):
+        device_chunks = _int("eviction.device_chunks", self.device_chunks, 1, _INT32[1], optional=True)
+        host_bytes = _int("eviction.host_bytes", self.host_bytes, 1, _INT64[1], optional=True)
+        spill_path = self.spill_path
+        if spill_path is not None:
+            if not isinstance(spill_path, (str, os.PathLike)):
                 raise TypeError(f"eviction.spill_path: expected a str or os.PathLike or None, "
-                                f"got {type(self.spill_path).__name__}")
-            if not os.fspath(self.spill_path):
+                                f"got {type(spill_path).__name__}")
+            spill_path = os.fspath(spill_path)
+            if isinstance(spill_path, bytes):
+                spill_path = os.fsdecode(spill_path)
+            if not spill_path:
                 raise ValueError("eviction.spill_path: expected a file path or None, got ''")
-        for name in ("budget_tokens", "sink_chunks", "window_chunks", "dense_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"eviction.{name}: expected an int, got {type(value).__name__}")
-        if self.budget_tokens < 1:
-            raise ValueError(f"eviction.budget_tokens: expected an integer >= 1, got {self.budget_tokens}")
-        if self.topk_chunks is not None and (isinstance(self.topk_chunks, bool) or not isinstance(self.topk_chunks, int)
-                                             or self.topk_chunks < 0):
-            raise ValueError(f"eviction.topk_chunks: expected None or an integer >= 0, got {self.topk_chunks}")
-        return dict(budget_tokens=self.budget_tokens, sink_chunks=self.sink_chunks,
-                    window_chunks=self.window_chunks,
-                    topk_chunks=0 if self.topk_chunks is None else (self.topk_chunks or -1),
-                    digest=str(self.digest), dense_layers=self.dense_layers,
-                    device_chunks=self.device_chunks or 0, host_bytes=self.host_bytes or 0,
-                    spill_path="" if self.spill_path is None else str(os.fspath(self.spill_path)))
+            if "\0" in spill_path:
+                raise ValueError("eviction.spill_path: expected a file path, got one containing a NUL character")
+            try:  # a path that names no file this OS can open (e.g. undecodable bytes) is refused here
+                os.fsencode(spill_path)
+            except UnicodeEncodeError:
+                raise ValueError(f"eviction.spill_path: expected a path the file system can encode, "
+                                 f"got {spill_path!r}") from None
+        budget = _int("eviction.budget_tokens", self.budget_tokens, 1, _INT64[1])
+        sink = _int("eviction.sink_chunks", self.sink_chunks, 0)
+        window = _int("eviction.window_chunks", self.window_chunks, 1)
+        dense = _int("eviction.dense_layers", self.dense_layers, 0)
+        if self.topk_chunks is not None and (isinstance(self.topk_chunks, bool)
+                                             or not isinstance(self.topk_chunks, numbers.Integral)):
+            raise TypeError(f"eviction.topk_chunks: expected an int or None, got {type(self.topk_chunks).__name__}")
+        topk = _int("eviction.topk_chunks", self.topk_chunks, 0, optional=True)
+        digest = _str("eviction.digest", self.digest)
+        return dict(budget_tokens=budget, sink_chunks=sink, window_chunks=window,
+                    topk_chunks=0 if topk is None else (topk or -1),
+                    digest=digest, dense_layers=dense,
+                    device_chunks=device_chunks or 0, host_bytes=host_bytes or 0,
+                    spill_path="" if spill_path is None else spill_path)
 
 
 @dataclass
@@ -92,33 +131,36 @@ class CacheConfig:
 
     def native_kwargs(self) -> dict:
         dtype = _dtype_name(self.dtype)
-        if self.capacity_chunks is None and self.capacity_bytes is None:
+        ints = {name: _int(name, getattr(self, name))
+                for name in ("layers", "q_heads", "kv_heads", "head_dim", "chunk_size", "threads",
+                             "share_threshold")}
+        capacity_chunks = _int("capacity_chunks", self.capacity_chunks, 0, _INT64[1], optional=True)
+        capacity_bytes = _int("capacity_bytes", self.capacity_bytes, 0, _INT64[1], optional=True)
+        if capacity_chunks is None and capacity_bytes is None:
             raise ValueError("capacity_chunks/capacity_bytes: expected one of them, got neither")
-        for name in ("layers", "q_heads", "kv_heads", "head_dim", "chunk_size", "threads",
-                     "share_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+        sm_scale = self.sm_scale
+        if sm_scale is not None:
+            if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
+                raise TypeError(f"sm_scale: expected a float or None, got {type(sm_scale).__name__} ({sm_scale!r})")
+            sm_scale = float(sm_scale)
+            if not (math.isfinite(sm_scale) and sm_scale > 0.0):
+                raise ValueError(f"sm_scale: expected a finite float > 0 or None (the default, "
+                                 f"1/sqrt(head_dim)), got {sm_scale!r}")
+        device = _str("device", self.device)
         if self.eviction is not None and not isinstance(self.eviction, Eviction):
             raise TypeError(f"eviction: expected chunkvale.Eviction or None, got {type(self.eviction).__name__}")
-        if self.kernel_isa is not None and not isinstance(self.kernel_isa, str):
-            raise TypeError(f"kernel_isa: expected a str or None, got {type(self.kernel_isa).__name__}")
+        kernel_isa = _str("kernel_isa", self.kernel_isa, optional=True)
         evict = self.eviction.native_kwargs() if self.eviction is not None else {}
         return dict(
-            **evict,
-            layers=self.layers, q_heads=self.q_heads, kv_heads=self.kv_heads,
-            head_dim=self.head_dim, chunk_size=self.chunk_size, dtype=dtype,
-            capacity_chunks=int(self.capacity_chunks or 0),
-            capacity_bytes=int(self.capacity_bytes or 0), threads=self.threads,
-            share_threshold=self.share_threshold,
-            sm_scale=float(self.sm_scale) if self.sm_scale is not None else 0.0,
-            device=str(self.device), kernel_isa=self.kernel_isa or "")
+            **evict, **ints, dtype=dtype,
+            capacity_chunks=capacity_chunks or 0, capacity_bytes=capacity_bytes or 0,
+            sm_scale=sm_scale, device=device, kernel_isa=kernel_isa or "")
 
 
 def _dtype_name(dtype) -> str:
     """Accepts 'float32'-style names, numpy dtypes and torch dtypes."""
     if isinstance(dtype, str):
-        return dtype
+        return _str("dtype", dtype)
     name = str(dtype)
     for known in ("bfloat16", "float16", "float32"):
         if name.endswith(known):

@@ -42,6 +42,10 @@ struct EvictionConfig {
   bool host_tier() const { return enabled && device_chunks > 0; }
 };
 
+// Bounds validate() puts on the model shape, so that every size derived from it fits 64 bits.
+constexpr int kMaxLayers = 1 << 16;
+constexpr int kMaxHeads = 1 << 16;
+
 struct CacheConfig {
   int layers = 0;
   int q_heads = 0;
@@ -53,14 +57,15 @@ struct CacheConfig {
   int64_t capacity_bytes = 0;
   int threads = 0;              // 0 = all hardware threads
   int share_threshold = 2;      // query rows needed to run a shared chunk chunk-first
-  float sm_scale = 0.0f;        // 0 = 1/sqrt(head_dim)
+  float sm_scale = 0.0f;        // 0 = 1/sqrt(head_dim) (Python: None); negative, NaN, inf: ValueError
   std::string device = "cpu";
   // CPU kernels' instruction set: "" = $CHUNKVALE_KERNEL_ISA if set, else the best this CPU
   // runs; "avx512bf16", "avx512", "avx2" or "generic" force one (tests run every path the machine has).
   std::string kernel_isa;
   EvictionConfig eviction;
 
-  // Throws ValueError naming the first bad field.
+  // Throws ValueError naming the first bad field. Sums and products of fields are computed
+  // in 64 bits, so values near the int limits are refused, never wrapped around.
   void validate() const;
   int group() const { return q_heads / kv_heads; }
   // Bytes one slot takes: every layer, K and V, every KV head.

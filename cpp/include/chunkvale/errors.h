@@ -25,5 +25,10 @@ struct KeyError : std::out_of_range {
 struct CapacityError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+// The spill file failed: a read or write error, or a block that does not hold what the cache
+// wrote there (changed behind its back). Python: OSError. The cache itself stays consistent.
+struct IOError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 }  // namespace chunkvale

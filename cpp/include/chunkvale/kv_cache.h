@@ -56,6 +56,9 @@ struct CacheStats {
 class HostTier;
 class Residency;
 
+// The most children one fork() call makes (each copies its parent's token ids).
+constexpr int kMaxForkChildren = 4096;
+
 class KVCache {
  public:
   explicit KVCache(const CacheConfig& config);
@@ -76,6 +79,8 @@ class KVCache {
   void attention(int layer, uint64_t step, const TensorView& q, const TensorView& out,
                  const TensorView* lse = nullptr);
   void cancel(uint64_t step);
+  // n in 1..kMaxForkChildren; all or nothing (CapacityError when the pool cannot hold the
+  // children's private tails, cache unchanged).
   std::vector<int64_t> fork(int64_t seq, int n);
   void remove(int64_t seq);
   void clear();  // drops every unreferenced cached prefix chunk
@@ -125,7 +130,12 @@ class KVCache {
   void wait_backup(uint64_t ticket);
   int32_t device_slot_for(int layer, int32_t chunk, uint64_t stamp);
   void make_resident(int layer, int32_t chunk, uint64_t stamp);
-  void recall(int layer, int32_t chunk, int32_t slot);  // its host copy into a device slot
+  // A chunk's host copy of one layer (waits for its backup; a spilled block is read and
+  // verified: IOError naming eviction.spill_path when it is not what was written).
+  const void* host_copy(int layer, int32_t chunk);
+  void recall(int layer, int32_t slot, const void* src);  // a host copy into a device slot
+  void check_host_copies(int32_t chunk);  // host_copy of every layer where chunk is off the device
+  void check_host_tier();                 // reports a spill-file write that failed since the last call
   int64_t take_host_block();
   // The plan with chunk ids replaced by the layer's device slots; `need` chunks (the
   // written ones for append, the attended ones for attention) are made resident first.
