@@ -30,3 +30,13 @@ def describe(threads: int) -> str:
     return (f"{cpu_model()}, {os.cpu_count()} cores, kernels {isa} (this CPU runs "
             f"{'/'.join(chunkvale.kernel_isas())}), {threads} threads, load average "
             f"{os.getloadavg()[0]:.2f}")
+
+
+def print_uncaptured(request, text: str) -> None:
+    """Print past pytest's output capture (the table a benchmark module ends with)."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if capman is None:  # pragma: no cover
+        print(text)
+        return
+    with capman.global_and_fixture_disabled():
+        print("\n" + text, flush=True)

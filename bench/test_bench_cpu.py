@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from machine import bench_isa, describe  # noqa: E402
+from machine import bench_isa, describe, print_uncaptured  # noqa: E402
 
 B, H, D = 32, 8, 128
 ROWS = [  # dtype, ns, nu
@@ -306,12 +306,7 @@ def _print_table(request):
     loads = [r["loadavg_1min"] for r in RESULTS.values() if "loadavg_1min" in r]
     text = format_table(RESULTS, any_row.get("copy_bandwidth_GBps"), any_row.get("chunk_size"),
                         max(loads) if loads else None)
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    if capman is not None:
-        with capman.global_and_fixture_disabled():
-            print("\n" + text, flush=True)
-    else:  # pragma: no cover
-        print(text)
+    print_uncaptured(request, text)
 
 
 def _table_from_json(path):

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from machine import bench_isa, describe  # noqa: E402
+from machine import bench_isa, describe, print_uncaptured  # noqa: E402
 from test_bench_cpu import copy_bandwidth, flush_cache, torch  # noqa: E402,F401  (fixtures)
 
 ROUNDS = int(os.environ.get("CHUNKVALE_BENCH_ROUNDS", "10"))
@@ -216,6 +216,4 @@ def _print_table(request):
     _STATE.clear()
     if not RESULTS:
         return
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled():
-        print("\n" + format_table(RESULTS), flush=True)
+    print_uncaptured(request, format_table(RESULTS))
