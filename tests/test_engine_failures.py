@@ -93,3 +93,20 @@ def test_stream_yields_each_result_as_it_finishes(model):
     first = next(it)
     assert first.index == 1 and eng.has_work()  # the short one, while the long one still runs
     assert [r.index for r in it] == [0]
+
+
+def test_cancel_releases_a_request_and_returns_what_it_had(model):
+    eng = Engine(model, chunk_size=C, capacity_tokens=1024, max_batch_size=2)
+    prompts = [rand_tokens(20, 30 + i) for i in range(3)]
+    ia, ib, ic = (eng.submit(Request(token_ids=p, max_new_tokens=10, id=i)) for i, p in enumerate(prompts))
+    for _ in range(3):
+        eng.step()
+    running = eng.cancel(ia)
+    waiting = eng.cancel(ic)  # max_batch_size=2: still queued behind a and b
+    assert running.samples[0].finish_reason == "cancelled" and 0 < len(running.samples[0].token_ids) < 10
+    assert running.samples[0].token_ids == solo(model, prompts[0], 10).samples[0].token_ids[: len(running.samples[0].token_ids)]
+    assert waiting.samples == [] and waiting.ok
+    assert eng.cancel(ia) is None and eng.cancel(99) is None
+    rest = eng.run(progress=False)
+    assert [r.index for r in rest] == [ib] and tokens(rest[0]) == tokens(solo(model, prompts[1], 10))
+    assert_released(eng)

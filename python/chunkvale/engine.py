@@ -27,7 +27,7 @@ from .requests import Request  # noqa: F401  (part of this module's API)
 class Sample:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" | "length" | "error" (the request failed before this sample finished)
+    finish_reason: str  # "stop" | "length" | "error" (the request failed first) | "cancelled"
 
 
 @dataclass
@@ -183,6 +183,26 @@ class Engine:
         """Validate a request completely and queue it; it joins the batch at the next step.
         Returns its index. Bad fields raise TypeError/ValueError naming ``request.<field>``."""
         return self._queue(self._validate(request))
+
+    def cancel(self, index: int) -> Result | None:
+        """Stop request ``index`` (waiting or running; between steps): its sequences are released
+        and its Result returned at once, with the tokens generated so far and finish_reason
+        "cancelled" on unfinished samples. None if it is not queued or running (e.g. finished)."""
+        for queue in (self._waiting, self._running):
+            for req in queue:
+                if req.index == index:
+                    queue.remove(req)
+                    for s in req.seqs:
+                        if s.seq is not None:
+                            self.cache.remove(s.seq)
+                            s.seq = None
+                        if s.finish_reason is None:
+                            s.finish_reason = "cancelled"
+                    self._isolate.discard(index)
+                    if not self.has_work():
+                        self._end = time.perf_counter()
+                    return self._result(req)
+        return None
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
@@ -584,8 +604,10 @@ class Engine:
             except chunkvale.CapacityError as e:
                 # Samples that finished in this very step give their chunks back first (_retire
                 # would release them right after): that preempts nothing complete.
+                # Not a parent still to be forked (this one or a later one of this step: its
+                # first token may have finished it), which the fork copies.
                 finished = [s for r in self._running for s in r.seqs
-                            if s.finish_reason is not None and s.seq is not None]
+                            if s.finish_reason is not None and s.seq is not None and len(r.seqs) == r.p.n]
                 for s in finished:
                     self.cache.remove(s.seq)
                     s.seq = None
