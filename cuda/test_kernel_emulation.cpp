@@ -52,8 +52,8 @@ struct Case {
 };
 
 // Which kernel paths the sweep reached (counted on the mma runs): every tile layout (warps
-// splitting the keys 4 / 2 / 1 ways), causal and non-causal (chunk-first) items, and rows merged
-// from several partials (split chunks). main() fails the sweep if one was never taken.
+// splitting the keys 4 / 2 / 1 ways), causal and non-causal (chunk-first) items, split items,
+// and rows merged from several partials. main() fails the fast sweep if one was never taken.
 struct Coverage {
   int64_t warps_n[5] = {};
   int64_t causal = 0, non_causal = 0, merged_rows = 0, split_items = 0;
@@ -395,9 +395,11 @@ int main(int argc, char** argv) {
               "split %lld; rows merged from several partials %lld\n", (long long)cov.warps_n[4],
               (long long)cov.warps_n[2], (long long)cov.warps_n[1], (long long)cov.causal, (long long)cov.non_causal,
               (long long)cov.split_items, (long long)cov.merged_rows);
-  EXPECT(cov.warps_n[4] > 0 && cov.warps_n[2] > 0 && cov.warps_n[1] > 0 && cov.causal > 0 && cov.non_causal > 0 &&
-             cov.split_items > 0 && cov.merged_rows > 0,
-         "the %s sweep missed a kernel path (see the counts above)", full ? "full" : "fast");
+  // The fast sweep's trees are built to take every path; the full sweep's are random (a run
+  // may miss one, which the fast sweep covers anyway).
+  EXPECT(full || (cov.warps_n[4] > 0 && cov.warps_n[2] > 0 && cov.warps_n[1] > 0 && cov.causal > 0 &&
+                  cov.non_causal > 0 && cov.split_items > 0 && cov.merged_rows > 0),
+         "the fast sweep missed a kernel path (see the counts above)");
   std::printf("%s: %d failures (seed base %u)\n", failures() ? "FAIL" : "ok", failures(), base);
   return failures() ? 1 : 0;
 }
