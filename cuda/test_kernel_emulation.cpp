@@ -3,10 +3,19 @@
 // trees; prefill, extend, decode; GQA; chunk sizes; fp16 and bf16), compared with the CPU
 // backend's output for the same K/V and queries. No GPU needed; see emulate.h for what
 // this does and does not prove.
+//
+// Two sweeps over the same cases (every kernel — append, mma attention, reference attention,
+// merge, copy_chunk — for fp16 and bf16, head dims 64/80/128/256, every pipeline shape, GQA and
+// MQA, split and unsplit sequence-first): the default one, for CI, builds smaller random trees
+// per case (fewer and shorter sequences, fewer decode steps); CHUNKVALE_FULL_EMULATION=1 (or
+// argument --full) runs the full one.
 #define CHUNKVALE_EMULATE 1
+#include <chrono>
 #include <cmath>
-
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
 #include <map>
 #include <random>
 #include <vector>
@@ -42,6 +51,35 @@ struct Case {
   bool bf16;
 };
 
+// Which kernel paths the sweep reached (counted on the mma runs): every tile layout (warps
+// splitting the keys 4 / 2 / 1 ways), causal and non-causal (chunk-first) items, split items,
+// and rows merged from several partials. main() fails the fast sweep if one was never taken.
+struct Coverage {
+  int64_t warps_n[5] = {};
+  int64_t causal = 0, non_causal = 0, merged_rows = 0, split_items = 0;
+};
+Coverage& coverage() {
+  static Coverage c;
+  return c;
+}
+
+void count_paths(const std::vector<int32_t>& W, const cuda::PlanLayout& L) {
+  Coverage& cov = coverage();
+  for (int i = 0; i < L.n_items; ++i) {
+    const int32_t flags = W[size_t(L.items + int64_t(i) * 8 + 5)];
+    const int wn = cuda::item_warps_n(flags);
+    if (wn == 1 || wn == 2 || wn == 4) ++cov.warps_n[wn];
+    ++((flags & cuda::kItemCausal) ? cov.causal : cov.non_causal);
+  }
+  for (int r = 0; r < L.num_tokens; ++r)
+    cov.merged_rows += W[size_t(L.row_off + r + 1)] - W[size_t(L.row_off + r)] > 1;
+  for (int i = 1; i < L.n_items; ++i) {  // one tile's chunks cut into pieces: same rows, next item
+    const int32_t* a = W.data() + L.items + int64_t(i - 1) * 8;
+    const int32_t* b = a + 8;
+    cov.split_items += a[2] == b[2] && a[3] == b[3] && a[1] == b[0];
+  }
+}
+
 template <typename T, int D, typename S = AttnShape<D>>
 void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, int sm_count, bool reference,
                  std::vector<uint16_t>& q, std::vector<uint16_t>& out, std::vector<float>& lse) {
@@ -54,6 +92,7 @@ void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, i
   std::vector<int32_t> W;
   cuda::PlanLayout L;
   cuda::build_device_plan(plan, bp, W, L);
+  if (!reference) count_paths(W, L);
   // The device pool [1 layer][slots][2][H][C][D], filled from the CPU cache's tiles.
   int slots = 0;
   for (int c = 0; c < L.n_chunks; ++c) slots = std::max(slots, W[size_t(L.chunk_slot + c)] + 1);
@@ -187,7 +226,7 @@ void check_copy_chunk() {
 }
 
 template <typename T, int D, typename S = AttnShape<D>>
-void run_case(const Case& cs, uint32_t seed) {
+void run_case(const Case& cs, uint32_t seed, bool full) {
   CacheConfig cfg;
   cfg.layers = 1;
   cfg.q_heads = cs.q_heads;
@@ -254,26 +293,49 @@ void run_case(const Case& cs, uint32_t seed) {
   };
 
   const int C = cs.C;
-  std::vector<std::vector<int32_t>> prefixes;
-  for (int p = 0; p < 2; ++p) {
-    std::vector<int32_t> pre(size_t(1 + rng() % (3 * C + 5)));
-    for (auto& x : pre) x = int32_t(rng() % 1000);
-    prefixes.push_back(pre);
-  }
+  auto random_tokens = [&](size_t n) {
+    std::vector<int32_t> t(n);
+    for (auto& x : t) x = int32_t(rng() % 1000);
+    return t;
+  };
   std::vector<int64_t> live;
-  for (int s = 0; s < 5; ++s) {
-    const auto& pre = prefixes[rng() % prefixes.size()];
-    std::vector<int32_t> tk(pre.begin(), pre.begin() + long(1 + rng() % pre.size()));
-    for (int i = 0, n = int(1 + rng() % (C + 3)); i < n; ++i) tk.push_back(int32_t(rng() % 1000));
+  auto prefill = [&](std::vector<int32_t> tk, bool split) {
     auto [id, cached] = cache.add_sequence(tk);
     toks[id] = tk;
     const int64_t pend = int64_t(tk.size()) - cached;
-    const int64_t first = pend < 2 || rng() % 2 ? pend : 1 + int64_t(rng() % uint32_t(pend - 1));
+    const int64_t first = pend < 2 || !split ? pend : 1 + int64_t(rng() % uint32_t(pend - 1));
     step({PlanEntry{id, first, {}}});
     if (pend > first) step({PlanEntry{id, pend - first, {}}});
     live.push_back(id);
+  };
+  if (full) {
+    // Random trees: two prefixes of up to 3 chunks, five sequences on random cuts of them (each
+    // prefilled in one or two steps), three decode steps of all five.
+    std::vector<std::vector<int32_t>> prefixes;
+    for (int p = 0; p < 2; ++p) prefixes.push_back(random_tokens(size_t(1 + rng() % (3 * C + 5))));
+    for (int s = 0; s < 5; ++s) {
+      const auto& pre = prefixes[rng() % prefixes.size()];
+      std::vector<int32_t> tk(pre.begin(), pre.begin() + long(1 + rng() % pre.size()));
+      const auto own = random_tokens(size_t(1 + rng() % (C + 3)));
+      tk.insert(tk.end(), own.begin(), own.end());
+      prefill(tk, rng() % 2);
+    }
+  } else {
+    // The smallest tree that takes every path: two sequences on one prefix of a chunk and two
+    // tokens (a shared full chunk -> chunk-first, non-causal, merged with sequence-first; a
+    // copied partial chunk), the first prefilled in two steps (extend); in the cheap cases
+    // (C = 16, GQA group <= 4) also one of 6 private chunks, whose sequence-first decode tile
+    // is split into pieces.
+    const auto pre = random_tokens(size_t(C + 2));
+    for (int s = 0; s < 2; ++s) {
+      std::vector<int32_t> tk = pre;
+      const auto own = random_tokens(size_t(1 + 2 * s));
+      tk.insert(tk.end(), own.begin(), own.end());
+      prefill(tk, s == 0);
+    }
+    if (C == 16 && cs.q_heads / cs.kv_heads <= 4) prefill(random_tokens(size_t(5 * C + 3)), false);
   }
-  for (int d = 0; d < 3; ++d) {
+  for (int d = 0, steps = full ? 3 : 2; d < steps; ++d) {
     std::vector<PlanEntry> es;
     for (int64_t id : live) {
       const int32_t tok = int32_t(rng() % 1000);
@@ -284,26 +346,60 @@ void run_case(const Case& cs, uint32_t seed) {
   }
 }
 
+using Shape64x2x3 = AttnShape<64, 2, 3>;
+using Shape64x1x4 = AttnShape<64, 1, 4>;
+using Shape64x4x2 = AttnShape<64, 4, 2>;
+
+bool full_sweep(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::strcmp(argv[i], "--full") == 0) return true;
+  const char* env = std::getenv("CHUNKVALE_FULL_EMULATION");
+  return env != nullptr && *env != '\0' && std::strcmp(env, "0") != 0;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   std::random_device rd;
   const uint32_t base = rd();
   uint32_t n = 0;
+  const bool full = full_sweep(argc, argv);
+  std::printf("%s sweep (%s)\n", full ? "full" : "fast",
+              full ? "CHUNKVALE_FULL_EMULATION" : "set CHUNKVALE_FULL_EMULATION=1 or --full for the full one");
+  auto timed = [&](const char* name, auto run) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::clock_t c0 = std::clock();
+    run();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("  %-38s %7.2f s (%.2f s CPU)\n", name, s, double(std::clock() - c0) / CLOCKS_PER_SEC);
+    std::fflush(stdout);
+  };
   // q_heads, kv_heads, D, C, share threshold, SMs (split granularity), bf16
-  run_case<__half, 64>({4, 4, 64, 16, 2, 2, false}, base + n++);
-  run_case<__nv_bfloat16, 64>({8, 2, 64, 32, 1, 3, true}, base + n++);
-  run_case<__half, 64>({9, 3, 64, 16, 2, 1, false}, base + n++);
-  run_case<__nv_bfloat16, 64>({8, 1, 64, 64, 1, 4, true}, base + n++);
-  run_case<__half, 64>({32, 1, 64, 16, 2, 2, false}, base + n++);
-  run_case<__half, 80>({4, 2, 80, 16, 1, 2, false}, base + n++);
-  run_case<__nv_bfloat16, 128>({16, 4, 128, 32, 2, 2, true}, base + n++);
-  run_case<__half, 256>({2, 1, 256, 16, 1, 1, false}, base + n++);
+#define CASE(T, D, S, ...) timed(#T " D" #D " " #__VA_ARGS__, [&] { run_case<T, D, S>({__VA_ARGS__}, base + n++, full); })
+  CASE(__half, 64, AttnShape<64>, 4, 4, 64, 16, 2, 2, false);
+  CASE(__nv_bfloat16, 64, AttnShape<64>, 8, 2, 64, 32, 1, 3, true);
+  CASE(__half, 64, AttnShape<64>, 9, 3, 64, 16, 2, 1, false);
+  CASE(__nv_bfloat16, 64, AttnShape<64>, 8, 1, 64, 64, 1, 4, true);
+  CASE(__half, 64, AttnShape<64>, 32, 1, 64, 16, 2, 2, false);
+  CASE(__half, 80, AttnShape<80>, 4, 2, 80, 16, 1, 2, false);
+  CASE(__nv_bfloat16, 128, AttnShape<128>, 16, 4, 128, 32, 2, 2, true);
+  CASE(__half, 256, AttnShape<256>, 2, 1, 256, 16, 1, 1, false);
   // Other pipeline shapes (16-key blocks per stage x stages) over the same stream logic.
-  run_case<__half, 64, AttnShape<64, 2, 3>>({8, 2, 64, 32, 1, 3, false}, base + n++);
-  run_case<__nv_bfloat16, 64, AttnShape<64, 1, 4>>({4, 4, 64, 16, 2, 2, true}, base + n++);
-  run_case<__half, 64, AttnShape<64, 4, 2>>({16, 4, 64, 64, 2, 2, false}, base + n++);
-  check_copy_chunk();
+  CASE(__half, 64, Shape64x2x3, 8, 2, 64, 32, 1, 3, false);
+  CASE(__nv_bfloat16, 64, Shape64x1x4, 4, 4, 64, 16, 2, 2, true);
+  CASE(__half, 64, Shape64x4x2, 16, 4, 64, 64, 2, 2, false);
+#undef CASE
+  timed("copy_chunk", [] { check_copy_chunk(); });
+  const Coverage& cov = coverage();
+  std::printf("paths: items with 4/2/1 key-splitting warps %lld/%lld/%lld, causal %lld, non-causal %lld, "
+              "split %lld; rows merged from several partials %lld\n", (long long)cov.warps_n[4],
+              (long long)cov.warps_n[2], (long long)cov.warps_n[1], (long long)cov.causal, (long long)cov.non_causal,
+              (long long)cov.split_items, (long long)cov.merged_rows);
+  // The fast sweep's trees are built to take every path; the full sweep's are random (a run
+  // may miss one, which the fast sweep covers anyway).
+  EXPECT(full || (cov.warps_n[4] > 0 && cov.warps_n[2] > 0 && cov.warps_n[1] > 0 && cov.causal > 0 &&
+                  cov.non_causal > 0 && cov.split_items > 0 && cov.merged_rows > 0),
+         "the fast sweep missed a kernel path (see the counts above)");
   std::printf("%s: %d failures (seed base %u)\n", failures() ? "FAIL" : "ok", failures(), base);
   return failures() ? 1 : 0;
 }

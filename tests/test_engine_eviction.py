@@ -97,7 +97,7 @@ def test_a_request_that_cannot_fit_the_device_is_refused_at_submit(model):
                  eviction=evict(budget_tokens=64, sink_chunks=1, window_chunks=1, topk_chunks=2, device_chunks=5))
     # Prefill attends to every chunk: 81 tokens take 6 chunks > 5.
     with pytest.raises(ValueError,
-                       match=r"request 0: prompt: 81 tokens .* need up to 6 chunks .* eviction.device_chunks=5"):
+                       match=r"request 0: request.token_ids: 81 tokens .* need up to 6 chunks .* eviction.device_chunks=5"):
         eng.submit(Request(token_ids=rand_tokens(81, 30), max_new_tokens=4))
     # Decode within budget attends to every chunk too: 70 + 15 - 1 > 64 = budget, so the
     # longest full-attention step is 64 tokens (4 chunks, fits); with budget 96 it would be 84.

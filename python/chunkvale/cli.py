@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts", required=True, metavar="FILE.jsonl",
                      help='one request per line: {"prompt": ...} | {"messages": [...]} | {"token_ids": [...]}, '
                           "optional max_new_tokens, temperature, top_p, seed, n, stop, namespace, ignore_eos, id")
-    gen.add_argument("--out", default="-", metavar="FILE.jsonl", help="where to write completions (default stdout)")
+    gen.add_argument("--out", default="-", metavar="FILE.jsonl",
+                     help="where to write completions (default stdout), one line per request as it finishes; "
+                          "failed requests get an error record and the exit status 1")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="default for requests that do not say")
     gen.add_argument("--temperature", type=float, default=0.0, help="default for requests that do not say")
     gen.add_argument("--kv-tokens", type=int, default=32768, help="KV cache capacity in tokens")

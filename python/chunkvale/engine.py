@@ -14,47 +14,29 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from . import hf, sampling
-
-
-@dataclass
-class Request:
-    """One generation request: exactly one of ``prompt`` (text), ``messages`` (chat, the
-    tokenizer's chat template is applied) or ``token_ids``."""
-
-    prompt: str | None = None
-    messages: list[dict] | None = None
-    token_ids: Sequence[int] | None = None
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    n: int = 1
-    stop: Sequence[str | int] = ()  # extra stop strings / token ids (EOS always stops)
-    namespace: str = ""  # prefixes are shared only within one namespace
-    ignore_eos: bool = False  # for benchmarks that need a fixed number of tokens
-    id: Any = None
+from . import hf, requests, sampling
+from .requests import Request  # noqa: F401  (part of this module's API)
 
 
 @dataclass
 class Sample:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "error" (the request failed first) | "cancelled"
 
 
 @dataclass
 class RequestMetrics:
     prompt_tokens: int
     prefix_tokens_reused: int  # prompt tokens served from the cache (not computed)
-    queue_s: float  # submit -> admitted
-    ttft_s: float  # submit -> first token
-    prefill_s: float  # admitted -> first token
+    queue_s: float | None  # submit -> admitted (None: failed before)
+    ttft_s: float | None  # submit -> first token (None: failed before)
+    prefill_s: float | None  # admitted -> first token
     generated_tokens: int
     total_s: float  # submit -> last sample finished
     decode_tokens_per_s: float  # generated tokens after the first, per second, all samples
@@ -66,6 +48,13 @@ class Result:
     index: int  # order of submission
     samples: list[Sample]
     metrics: RequestMetrics
+    # None, or why the request failed while running ("CapacityError: ..."): then the samples
+    # hold the tokens generated until then, unfinished ones with finish_reason "error".
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass
@@ -112,28 +101,13 @@ class _Req:
     n_cached: int = 0
     prefilled: int = 0  # prompt tokens in the cache (cached + computed)
     seqs: list[_Seq] = field(default_factory=list)
-    stop_ids: frozenset = frozenset()
-    stop_strings: tuple = ()
+    p: requests.Checked = None  # the validated parameters
+    stop_ids: frozenset = frozenset()  # p.stop_ids plus EOS unless ignored
 
 
-def encode_request(tokenizer, request: Request) -> list[int]:
+def encode_request(tokenizer, request: Request, vocab_size: int | None = None) -> list[int]:
     """Token ids of a request's prompt, chat template applied for ``messages``."""
-    given = [name for name in ("prompt", "messages", "token_ids") if getattr(request, name) is not None]
-    if len(given) != 1:
-        raise ValueError(f"request: give exactly one of prompt, messages, token_ids (got {given or 'none'})")
-    if request.token_ids is not None:
-        return [int(t) for t in request.token_ids]
-    if tokenizer is None:
-        raise ValueError("request: text prompts need a tokenizer; pass token_ids or give the engine a tokenizer")
-    if request.messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("messages: the model's tokenizer has no chat template; pass prompt text instead")
-        # Render to text, then tokenize without special tokens: the template already holds them,
-        # and this behaves the same across transformers versions (whose tokenize=True return
-        # types differ).
-        text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(request.prompt)["input_ids"])
+    return requests.encode(tokenizer, request, vocab_size if vocab_size is not None else 2**63)
 
 
 class Engine:
@@ -146,9 +120,11 @@ class Engine:
     attention; with ``device_chunks``, the bounded device tier backed by host memory). When a step
     does not fit the cache (``CapacityError`` from ``plan``: pool or ``device_chunks``), the engine
     first prefills fewer tokens in that step (down to none), then decodes fewer sequences (down to
-    one), and only then preempts the newest request; it raises ``CapacityError`` only when one
-    request alone cannot take a step. With ``device_chunks``, a request that could not take a step
-    even alone is refused at ``submit`` (``ValueError``).
+    one), and only then preempts the newest request. Requests are validated completely at
+    ``submit`` (a prompt the pool, or with ``device_chunks`` the device tier, could not hold even
+    alone is refused there); one that still cannot go on while running (e.g. its decode outgrows
+    the pool alone, or the model raises on it) *fails alone*: its :class:`Result` carries
+    ``error`` and the tokens generated until then, and every other request carries on.
 
     On CPU, start the process with ``OMP_WAIT_POLICY=PASSIVE`` (the CLI sets it): torch's spinning
     OpenMP workers otherwise hold the cores that chunkvale's attention threads need in every layer
@@ -197,59 +173,95 @@ class Engine:
         self._waiting: list[_Req] = []
         self._running: list[_Req] = []
         self._submitted = 0
+        self._failed: list[Result] = []  # failed since the last step() returned
+        self._isolate: set[int] = set()  # requests to run one at a time (a shared step failed)
         self._reset_metrics()
 
     # -- public API -------------------------------------------------------------------------
 
     def submit(self, request: Request) -> int:
-        """Queue a request; it joins the batch at the next step. Returns its index."""
-        req = self._validate(request)
-        self._waiting.append(req)
-        self._requests += 1
-        self._prompt_tokens += len(req.prompt)
-        return req.index
+        """Validate a request completely and queue it; it joins the batch at the next step.
+        Returns its index. Bad fields raise TypeError/ValueError naming ``request.<field>``."""
+        return self._queue(self._validate(request))
+
+    def cancel(self, index: int) -> Result | None:
+        """Stop request ``index`` (waiting or running; between steps): its sequences are released
+        and its Result returned at once, with the tokens generated so far and finish_reason
+        "cancelled" on unfinished samples. None if it is not queued or running (e.g. finished)."""
+        for queue in (self._waiting, self._running):
+            for req in queue:
+                if req.index == index:
+                    queue.remove(req)
+                    for s in req.seqs:
+                        if s.seq is not None:
+                            self.cache.remove(s.seq)
+                            s.seq = None
+                        if s.finish_reason is None:
+                            s.finish_reason = "cancelled"
+                    self._isolate.discard(index)
+                    if not self.has_work():
+                        self._end = time.perf_counter()
+                    return self._result(req)
+        return None
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
     def step(self) -> list[Result]:
-        """Run one batched forward pass; returns the requests that finished in it."""
+        """Run one batched forward pass; returns the requests that finished in it, failed ones
+        included (``Result.error``). A request that cannot run fails alone: the others go on."""
         if self._start is None:
             self._start = time.perf_counter()
         self._end = None  # more work after an idle spell extends the measurement window
         self._admit()
-        if not self._running:
-            return []
-        step = self._plan()
-        if step is None:  # everything was preempted back to the queue
-            return []
+        step = self._plan() if self._running else None
+        if step is None:  # nothing to run, everything preempted back to the queue, or failed
+            return self._take_failed()
         batch, entries, ids, rows = self._current
         try:
             logits = self.runner.forward(step, ids, [r for r in rows if r is not None])
+        except Exception as e:
+            self._drop_step(step)
+            if len(self._running) == 1:
+                self._fail(self._running[0], e)
+            else:
+                # Which request made the model fail is unknown: run these again one at a time
+                # (from scratch, same seeds), so that only one that fails alone fails.
+                self._isolate.update(r.index for r in self._running)
+                self._requeue_running()
+            return self._take_failed()
         except BaseException:
             # Leave cache and queue consistent for whoever handles the error (e.g. Ctrl-C in a
             # server loop): drop the half-done step, and restart the running requests later.
-            with contextlib.suppress(ValueError):  # a step appended in every layer is already committed
-                self.cache.cancel(step)
-            for req in reversed(self._running):
-                self._requeue(req)
-            self._running = []
+            self._drop_step(step)
+            self._requeue_running()
             raise
         self._steps += 1
         self._consume(batch, entries, rows, logits)
         self._account_memory()
-        return self._retire()
+        return self._take_failed() + self._retire()
 
     def generate(self, requests: Iterable[Request], progress: bool | None = None) -> list[Result]:
-        """Serve ``requests`` to completion; results in submission order."""
-        indices = [self.submit(r) for r in requests]
+        """Serve ``requests`` to completion; results in submission order. Every request is
+        validated before any is queued, so a bad one leaves the engine as it was."""
+        first = self._submitted
+        try:
+            checked = [self._validate(r) for r in requests]
+        except BaseException:
+            self._submitted = first
+            raise
+        indices = [self._queue(req) for req in checked]
         done = {r.index: r for r in self.run(progress)}
         return [done[i] for i in indices]
 
     def run(self, progress: bool | None = None) -> list[Result]:
         """Step until every submitted request finished; their results in submission order.
         ``progress``: True shows a tqdm bar, None shows one only if the run lasts over 2 s."""
-        results = []
+        return sorted(self.stream(progress), key=lambda r: r.index)
+
+    def stream(self, progress: bool | None = None) -> Iterator[Result]:
+        """Like :meth:`run`, but yields each result as soon as its request finishes (or fails),
+        so a caller keeps every finished result even if the loop is interrupted."""
         bar = None
         if progress is not False:
             from tqdm.auto import tqdm
@@ -259,14 +271,13 @@ class Engine:
         try:
             while self.has_work():
                 finished = self.step()
-                results.extend(finished)
                 if bar is not None:
                     bar.update(len(finished))
                     bar.set_postfix(tok_s=f"{self.metrics().tokens_per_s:.1f}", refresh=False)
+                yield from finished
         finally:
             if bar is not None:
                 bar.close()
-        return sorted(results, key=lambda r: r.index)
 
     def metrics(self) -> EngineMetrics:
         wall = (self._end or time.perf_counter()) - self._start if self._start is not None else 0.0
@@ -302,53 +313,83 @@ class Engine:
         self._peak_unshared_chunks = 0
 
     def _validate(self, request: Request) -> _Req:
+        """Every check a request can fail before it runs: field types and ranges
+        (``requests.check``), the prompt's token ids, and what this engine can hold."""
         if not isinstance(request, Request):
             raise TypeError(f"request: expected chunkvale.engine.Request, got {type(request).__name__}")
         where = f"request {self._submitted}" + (f" (id={request.id!r})" if request.id is not None else "")
         try:
-            prompt = encode_request(self.tokenizer, request)
-            if not prompt:
-                raise ValueError("prompt is empty after tokenization")
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"token_ids: {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
-            if request.max_new_tokens < 1:
-                raise ValueError(f"max_new_tokens: expected >= 1, got {request.max_new_tokens}")
-            if request.n < 1:
-                raise ValueError(f"n: expected >= 1, got {request.n}")
-            if request.n > self.max_batch_size:
-                raise ValueError(f"n: {request.n} samples exceed max_batch_size={self.max_batch_size}")
-            sampling.check_params(request.temperature, request.top_p)
+            p = requests.check(request, vocab_size=self.vocab_size, has_tokenizer=self.tokenizer is not None)
+            prompt = requests.encode(self.tokenizer, request, self.vocab_size)
+            if p.n > self.max_batch_size:
+                raise ValueError(f"request.n: {p.n} samples exceed max_batch_size={self.max_batch_size}")
+            field = "request." + next(f for f in ("prompt", "messages", "token_ids") if getattr(request, f) is not None)
             if self.max_context and len(prompt) >= self.max_context:
-                raise ValueError(f"prompt: {len(prompt)} tokens, the model's usable context is {self.max_context}")
-            self._check_device_tier(len(prompt), request.max_new_tokens, request.n)
-            stop_ids, stop_strings = set(), []
-            for s in request.stop:
-                if isinstance(s, (int, np.integer)) and not isinstance(s, bool):
-                    stop_ids.add(int(s))
-                elif isinstance(s, str) and s:
-                    if self.tokenizer is None:
-                        raise ValueError("stop: stop strings need a tokenizer")
-                    stop_strings.append(s)
-                else:
-                    raise ValueError(f"stop: expected token ids or non-empty strings, got {s!r}")
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        if not request.ignore_eos:
-            stop_ids |= self.eos_ids
-        req = _Req(request=request, index=self._submitted, prompt=prompt, submitted=time.perf_counter(),
-                   stop_ids=frozenset(stop_ids), stop_strings=tuple(stop_strings))
+                raise ValueError(f"{field}: {len(prompt)} tokens, the model's usable context is {self.max_context}")
+            self._check_capacity(field, len(prompt), p.n)
+            self._check_device_tier(field, len(prompt), p.max_new_tokens, p.n)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from None
+        stop_ids = p.stop_ids if p.ignore_eos else p.stop_ids | self.eos_ids
+        req = _Req(request=request, index=self._submitted, prompt=prompt, submitted=time.perf_counter(), p=p,
+                   stop_ids=frozenset(stop_ids))
         self._submitted += 1
         return req
 
+    def _queue(self, req: _Req) -> int:
+        self._waiting.append(req)
+        self._requests += 1
+        self._prompt_tokens += len(req.prompt)
+        return req.index
+
+    def _drop_step(self, step) -> None:
+        with contextlib.suppress(ValueError):  # a step appended in every layer is already committed
+            self.cache.cancel(step)
+
+    def _requeue_running(self) -> None:
+        for req in reversed(self._running):
+            self._requeue(req)
+        self._running = []
+
+    def _fail(self, req: _Req, error: BaseException) -> None:
+        """``req`` cannot go on: release its sequences and report it with the error and what it
+        generated so far; every other request carries on."""
+        for s in req.seqs:
+            if s.seq is not None:
+                self.cache.remove(s.seq)
+                s.seq = None
+            if s.finish_reason is None:
+                s.finish_reason = "error"
+        if req in self._running:
+            self._running.remove(req)
+        self._isolate.discard(req.index)
+        self._failed.append(self._result(req, error=f"{type(error).__name__}: {error}"))
+
+    def _take_failed(self) -> list[Result]:
+        failed, self._failed = self._failed, []
+        if not self.has_work():
+            self._end = time.perf_counter()
+        return failed
+
+    def _check_capacity(self, field: str, prompt_tokens: int, n: int) -> None:
+        """Refuse a prompt the pool could not hold even alone: its full chunks, plus one chunk per
+        sample for the first decode step (each sample's own partial or new chunk)."""
+        capacity = int(self.cache.stats()["capacity_chunks"])
+        need = prompt_tokens // self.chunk_size + n
+        if need > capacity:
+            raise ValueError(
+                f"{field}: {prompt_tokens} tokens{f' with n={n} samples' if n > 1 else ''} need {need} chunks "
+                f"of {self.chunk_size} tokens to start decoding, but the KV cache holds {capacity} "
+                f"({capacity * self.chunk_size} tokens); raise capacity_tokens (--kv-tokens) or shorten the prompt")
+
     def _live_seqs(self) -> int:
-        return sum(len(r.seqs) if r.seqs else r.request.n for r in self._running)
+        return sum(len(r.seqs) if r.seqs else r.p.n for r in self._running)
 
     def _shares_inflight_prefill(self, req: _Req) -> bool:
         """True if a request still prefilling will soon cache at least one chunk of ``req``'s
         prompt: admitting ``req`` now would compute that prefix twice instead of reusing it."""
         for other in self._running:
-            if other.prefilled >= len(other.prompt) or other.request.namespace != req.request.namespace:
+            if other.prefilled >= len(other.prompt) or other.p.namespace != req.p.namespace:
                 continue
             m = min(len(other.prompt), len(req.prompt))
             a = np.asarray(other.prompt[:m])
@@ -365,14 +406,17 @@ class Engine:
         still_waiting = []
         full_up = False
         for req in self._waiting:
-            if (full_up or self._live_seqs() + req.request.n > self.max_batch_size
-                    or self._shares_inflight_prefill(req)):
+            if (full_up or self._live_seqs() + req.p.n > self.max_batch_size
+                    or (self._isolate and self._running) or self._shares_inflight_prefill(req)):
                 still_waiting.append(req)
                 continue
             # max_reuse: the last prompt token is always computed, its logits give the first token.
             try:
-                seq, n_cached = self.cache.add_sequence(req.prompt, namespace=req.request.namespace,
+                seq, n_cached = self.cache.add_sequence(req.prompt, namespace=req.p.namespace,
                                                         max_reuse=len(req.prompt) - 1)
+            except (ValueError, TypeError, KeyError) as e:
+                self._fail(req, e)
+                continue
             except chunkvale.CapacityError:
                 # Reusing a partial chunk needs a copy in a free slot (and, with a host tier, a
                 # device slot next to every live sequence's partial chunk). While others run, the
@@ -383,13 +427,17 @@ class Engine:
                     still_waiting.append(req)
                     continue
                 full = (len(req.prompt) - 1) // self.chunk_size * self.chunk_size
-                seq, n_cached = self.cache.add_sequence(req.prompt, namespace=req.request.namespace,
-                                                        max_reuse=full)
+                try:
+                    seq, n_cached = self.cache.add_sequence(req.prompt, namespace=req.p.namespace,
+                                                            max_reuse=full)
+                except (chunkvale.CapacityError, ValueError, TypeError, KeyError) as e:
+                    self._fail(req, e)
+                    continue
             req.admitted = time.perf_counter()
             req.n_cached = req.prefilled = int(n_cached)
             self._reused += req.n_cached
             req.seqs = [_Seq(req=req, sample_index=0, seq=seq, length=req.n_cached,
-                             generator=sampling.make_generator(req.request.seed, 0))]
+                             generator=sampling.make_generator(req.p.seed, 0))]
             self._running.append(req)
         self._waiting = still_waiting
 
@@ -459,9 +507,10 @@ class Engine:
                 what = ("raise eviction.device_chunks" if "eviction." in str(error)
                         else "raise capacity_tokens (now {} chunks of {} tokens)".format(
                             self.cache.stats()["capacity_chunks"], self.chunk_size))
-                raise chunkvale.CapacityError(
-                    f"KV cache too small for a single request, even one prefill/decode step of it alone; "
-                    f"{what}. The cache said: {error}") from None
+                self._fail(self._running[0], chunkvale.CapacityError(
+                    f"KV cache too small for this request, even one prefill/decode step of it alone; "
+                    f"{what}. The cache said: {error}"))
+                return None
             # Recompute-preemption: send the newest request back to the queue (its cache
             # sequences are released; its prefix stays cached, so re-admission is cheap).
             self._requeue(self._running.pop())
@@ -471,7 +520,7 @@ class Engine:
             if not entries:
                 return None
 
-    def _check_device_tier(self, prompt_tokens: int, max_new_tokens: int, n: int) -> None:
+    def _check_device_tier(self, field: str, prompt_tokens: int, max_new_tokens: int, n: int) -> None:
         """With a host tier, refuse a request that could not take a step even alone: every chunk
         of a prefill step, and of a decode step of a sequence within ``budget_tokens``, must be
         on the device at once (in each evicting layer), next to the partial chunk of every other
@@ -487,7 +536,7 @@ class Engine:
             need = max(need, n + 1)
         if need > ev.device_chunks:
             raise ValueError(
-                f"prompt: {prompt_tokens} tokens (+ up to {max_new_tokens} new"
+                f"{field}: {prompt_tokens} tokens (+ up to {max_new_tokens} new"
                 f"{f', n={n} samples' if n > 1 else ''}) need up to {need} chunks of {self.chunk_size} tokens "
                 f"on the device at once (prefill, and decode within budget_tokens={ev.budget_tokens}, "
                 f"attend to every chunk{'; each other sample keeps its partial chunk there' if n > 1 else ''}), but "
@@ -503,9 +552,11 @@ class Engine:
         self._reused -= req.n_cached
         self._generated -= sum(len(s.tokens) for s in req.seqs)
         self._waiting.insert(0, _Req(request=req.request, index=req.index, prompt=req.prompt,
-                                     submitted=req.submitted, stop_ids=req.stop_ids, stop_strings=req.stop_strings))
+                                     submitted=req.submitted, p=req.p, stop_ids=req.stop_ids))
 
     def _consume(self, batch, entries, rows, logits) -> None:
+        import chunkvale
+
         now = time.perf_counter()
         forks = []
         li = 0
@@ -522,19 +573,24 @@ class Engine:
             li += 1
             if req.first_token is None:
                 req.first_token = now
-                if req.request.n > 1:
+                if req.p.n > 1:
                     forks.append((req, row_logits))
-            self._emit(s, sampling.next_token(row_logits, req.request.temperature, req.request.top_p, s.generator))
+            self._emit(s, sampling.next_token(row_logits, req.p.temperature, req.p.top_p, s.generator))
         for req, row_logits in forks:
             if req not in self._running:  # preempted to make room for an earlier fork
                 continue
             # The prompt is in the cache now: the other samples share all its full chunks.
             parent = req.seqs[0]
-            for i, child in enumerate(self._fork(req), start=1):
+            try:
+                children = self._fork(req)
+            except chunkvale.CapacityError as e:
+                self._fail(req, e)
+                continue
+            for i, child in enumerate(children, start=1):
                 s = _Seq(req=req, sample_index=i, seq=child, length=parent.length,
-                         generator=sampling.make_generator(req.request.seed, i))
+                         generator=sampling.make_generator(req.p.seed, i))
                 req.seqs.append(s)
-                self._emit(s, sampling.next_token(row_logits, req.request.temperature, req.request.top_p,
+                self._emit(s, sampling.next_token(row_logits, req.p.temperature, req.p.top_p,
                                                   s.generator))
 
     def _fork(self, req: _Req) -> list[int]:
@@ -544,12 +600,14 @@ class Engine:
 
         while True:
             try:
-                return self.cache.fork(req.seqs[0].seq, req.request.n - 1)
+                return self.cache.fork(req.seqs[0].seq, req.p.n - 1)
             except chunkvale.CapacityError as e:
                 # Samples that finished in this very step give their chunks back first (_retire
                 # would release them right after): that preempts nothing complete.
+                # Not a parent still to be forked (this one or a later one of this step: its
+                # first token may have finished it), which the fork copies.
                 finished = [s for r in self._running for s in r.seqs
-                            if s.finish_reason is not None and s.seq is not None]
+                            if s.finish_reason is not None and s.seq is not None and len(r.seqs) == r.p.n]
                 for s in finished:
                     self.cache.remove(s.seq)
                     s.seq = None
@@ -559,7 +617,7 @@ class Engine:
                           if r is not req and any(s.seq is not None for s in r.seqs)]
                 if not others:
                     raise chunkvale.CapacityError(
-                        f"request {req.index}: its n={req.request.n} samples do not fit the KV cache even alone; "
+                        f"request {req.index}: its n={req.p.n} samples do not fit the KV cache even alone; "
                         f"lower n or raise the cache's capacity. The cache said: {e}") from None
                 victim = others[-1]
                 self._running.remove(victim)
@@ -572,13 +630,13 @@ class Engine:
         self._generated += 1
         if token in req.stop_ids:
             s.finish_reason = "stop"
-        elif req.stop_strings:
+        elif req.p.stop_strings:
             text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
-            cut = min((text.find(x) for x in req.stop_strings if x in text), default=-1)
+            cut = min((text.find(x) for x in req.p.stop_strings if x in text), default=-1)
             if cut >= 0:
                 s.finish_reason, s.text = "stop", text[:cut]
         if s.finish_reason is None:
-            if len(s.tokens) >= req.request.max_new_tokens:
+            if len(s.tokens) >= req.p.max_new_tokens:
                 s.finish_reason = "length"
             elif self.max_context and s.length >= self.max_context:
                 # The next step would feed this token at position s.length, past what the model
@@ -592,7 +650,8 @@ class Engine:
                 if s.finish_reason is not None and s.seq is not None:
                     self.cache.remove(s.seq)
                     s.seq = None
-            if len(req.seqs) == req.request.n and all(s.finish_reason for s in req.seqs):
+            if len(req.seqs) == req.p.n and all(s.finish_reason for s in req.seqs):
+                self._isolate.discard(req.index)
                 finished.append(self._result(req))
             else:
                 keep.append(req)
@@ -601,7 +660,7 @@ class Engine:
             self._end = time.perf_counter()
         return finished
 
-    def _result(self, req: _Req) -> Result:
+    def _result(self, req: _Req, error: str | None = None) -> Result:
         now = time.perf_counter()
         samples = []
         for s in req.seqs:
@@ -610,18 +669,19 @@ class Engine:
                 text = self.tokenizer.decode(s.tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
             samples.append(Sample(token_ids=list(s.tokens), text=text, finish_reason=s.finish_reason))
         generated = sum(len(s.tokens) for s in req.seqs)
-        decode_s = now - req.first_token
+        first, admitted = req.first_token, req.admitted
+        decode_s = now - first if first is not None else 0.0
         metrics = RequestMetrics(
             prompt_tokens=len(req.prompt),
             prefix_tokens_reused=req.n_cached,
-            queue_s=req.admitted - req.submitted,
-            ttft_s=req.first_token - req.submitted,
-            prefill_s=req.first_token - req.admitted,
+            queue_s=admitted - req.submitted if admitted is not None else None,
+            ttft_s=first - req.submitted if first is not None else None,
+            prefill_s=first - admitted if first is not None and admitted is not None else None,
             generated_tokens=generated,
             total_s=now - req.submitted,
             decode_tokens_per_s=(generated - len(req.seqs)) / decode_s if decode_s > 0 else 0.0,
         )
-        return Result(request=req.request, index=req.index, samples=samples, metrics=metrics)
+        return Result(request=req.request, index=req.index, samples=samples, metrics=metrics, error=error)
 
     def _account_memory(self):
         # Sampled after the forward pass and before finished sequences are removed: the step's

