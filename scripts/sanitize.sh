@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 t0=$(date +%s)
+mkdir -p build  # the logs below sit beside the build trees (a fresh clone has no build/)
 
 configure() {  # build dir, sanitizer list
   cmake -S . -B "$1" -DCHUNKVALE_CUDA=OFF -DCHUNKVALE_TESTS=ON -DCHUNKVALE_SANITIZE="$2" \
