@@ -17,6 +17,7 @@ Exit status 0 when every check holds; otherwise each failed check is printed and
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import sys
@@ -41,13 +42,15 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def engines(model, spill_dir):
+def engines(model, spill_dir, tag):
+    """The two engines of the soak; `tag` names their spill file (a spill file belongs to one
+    cache at a time, so the fresh engines that check outputs get their own)."""
     import chunkvale
     from chunkvale.engine import Engine
 
     small = Engine(model, chunk_size=C, capacity_tokens=24 * C, max_batch_size=16, max_step_tokens=256, threads=1)
     ev = chunkvale.Eviction(budget_tokens=64, sink_chunks=1, window_chunks=1, topk_chunks=1, dense_layers=1,
-                            device_chunks=14, host_bytes=16 * 4096, spill_path=os.path.join(spill_dir, "spill.bin"))
+                            device_chunks=14, host_bytes=16 * 4096, spill_path=os.path.join(spill_dir, f"spill-{tag}.bin"))
     tiered = Engine(model, chunk_size=C, capacity_tokens=256 * C, max_batch_size=16, max_step_tokens=256,
                     threads=1, eviction=ev)
     return {"small-pool": small, "host-tier": tiered}
@@ -131,7 +134,7 @@ def _soak(requests, seconds, seed, sample_every, log):
     work = Workload(seed)
     rng = random.Random(seed + 1)
     with tempfile.TemporaryDirectory(prefix="chunkvale-soak-") as spill_dir:
-        engs = engines(model, spill_dir)
+        engs = engines(model, spill_dir, "soak")
         names = list(engs)
         done = cancelled = preemptions = peak_spill = evictions = 0
         sample = []  # (engine name, request, samples)
@@ -197,13 +200,14 @@ def _soak(requests, seconds, seed, sample_every, log):
         if end[1] > warm[1] + 2:
             problems.append(f"open file descriptors grew from {warm[1]} after warm-up to {end[1]}")
         # A fresh engine of the same kind, one request at a time, gives the same tokens.
-        fresh = engines(model, spill_dir)
+        fresh = engines(model, spill_dir, "fresh")
         for name, req, want in sample:
             res = fresh[name].generate([req], progress=False)[0]
             if [s.token_ids for s in res.samples] != want:
                 problems.append(f"{name}: request {req.id} gave {want} in the soak, "
                                 f"{[s.token_ids for s in res.samples]} alone on a fresh engine")
-        del fresh, engs
+        fresh = engs = eng = None  # the last caches go (each removes its own spill file)
+        gc.collect()
         log(f"soak: {i} requests ({cancelled} cancelled, {preemptions} preemptions, {evictions} host-tier "
             f"evictions, spill file peak {peak_spill} B) in "
             f"{time.monotonic() - start:.0f} s; RSS {warm[0] / 2**20:.0f} -> {end[0] / 2**20:.0f} MiB, "
