@@ -110,3 +110,31 @@ def test_cancel_releases_a_request_and_returns_what_it_had(model):
     rest = eng.run(progress=False)
     assert [r.index for r in rest] == [ib] and tokens(rest[0]) == tokens(solo(model, prompts[1], 10))
     assert_released(eng)
+
+
+def test_a_refused_fork_keeps_the_parent_a_later_fork_of_the_step_copies(model):
+    # Two prompts complete in one step and both fork. The first fork is refused once (as under
+    # pool pressure), so the engine gives back samples that finished in this step -- but not
+    # the second request's parent, which its first token finished (max_new_tokens=1) and which
+    # its own fork, later in the step, still copies. (Found by the soak: that fork got None.)
+    import chunkvale
+
+    reqs = [Request(token_ids=rand_tokens(20, 80), max_new_tokens=4, n=2, temperature=1.0, seed=1),
+            Request(token_ids=rand_tokens(20, 81), max_new_tokens=1, n=2, temperature=1.0, seed=2)]
+    want = [tokens(r) for r in Engine(model, chunk_size=C, capacity_tokens=64 * C).generate(reqs, progress=False)]
+    eng = Engine(model, chunk_size=C, capacity_tokens=64 * C)
+    real, calls = eng.cache.fork, []
+
+    def fork(seq, n):
+        calls.append(seq)
+        if len(calls) == 1:
+            raise chunkvale.CapacityError("pool: injected refusal")
+        return real(seq, n)
+
+    eng.cache.fork = fork
+    got = eng.generate(reqs, progress=False)
+    assert len(calls) == 3  # refused, retried, then the second request's fork
+    assert all(r.ok for r in got), [r.error for r in got]
+    assert [tokens(r) for r in got] == want
+    assert [len(s) for s in want[1]] == [1, 1]
+    assert_released(eng)
