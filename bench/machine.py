@@ -40,3 +40,18 @@ def print_uncaptured(request, text: str) -> None:
         return
     with capman.global_and_fixture_disabled():
         print("\n" + text, flush=True)
+
+
+def print_table_at_end(results: dict, state: dict, render):
+    """A module-scoped autouse fixture: when the module's benchmarks are done, drop the cached
+    scenarios (`state`) and print `render()` if any row was measured."""
+    import pytest
+
+    @pytest.fixture(scope="module", autouse=True)
+    def _print_table(request):
+        yield
+        state.clear()
+        if results:
+            print_uncaptured(request, render())
+
+    return _print_table

@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from machine import bench_isa, describe, print_uncaptured  # noqa: E402
+from machine import bench_isa, describe, print_table_at_end  # noqa: E402
 
 B, H, D = 32, 8, 128
 ROWS = [  # dtype, ns, nu
@@ -296,17 +296,14 @@ def format_table(results, bandwidth_gbps=None, chunk_size=None, loadavg=None):
     return "\n".join(lines)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _print_table(request):
-    yield
-    _STATE.clear()
-    if not RESULTS:
-        return
+def _render():
     any_row = next(iter(RESULTS.values()))
     loads = [r["loadavg_1min"] for r in RESULTS.values() if "loadavg_1min" in r]
-    text = format_table(RESULTS, any_row.get("copy_bandwidth_GBps"), any_row.get("chunk_size"),
+    return format_table(RESULTS, any_row.get("copy_bandwidth_GBps"), any_row.get("chunk_size"),
                         max(loads) if loads else None)
-    print_uncaptured(request, text)
+
+
+_print_table = print_table_at_end(RESULTS, _STATE, _render)
 
 
 def _table_from_json(path):

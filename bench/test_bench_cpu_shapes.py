@@ -26,11 +26,10 @@ import math
 import os
 import sys
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from machine import bench_isa, describe, print_uncaptured  # noqa: E402
+from machine import bench_isa, describe, print_table_at_end  # noqa: E402
 from test_bench_cpu import copy_bandwidth, flush_cache, torch  # noqa: E402,F401  (fixtures)
 
 ROUNDS = int(os.environ.get("CHUNKVALE_BENCH_ROUNDS", "10"))
@@ -210,10 +209,4 @@ def format_table(results):
     return "\n".join(lines)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _print_table(request):
-    yield
-    _STATE.clear()
-    if not RESULTS:
-        return
-    print_uncaptured(request, format_table(RESULTS))
+_print_table = print_table_at_end(RESULTS, _STATE, lambda: format_table(RESULTS))

@@ -192,13 +192,7 @@ class Engine:
             for req in queue:
                 if req.index == index:
                     queue.remove(req)
-                    for s in req.seqs:
-                        if s.seq is not None:
-                            self.cache.remove(s.seq)
-                            s.seq = None
-                        if s.finish_reason is None:
-                            s.finish_reason = "cancelled"
-                    self._isolate.discard(index)
+                    self._release(req, "cancelled")
                     if not self.has_work():
                         self._end = time.perf_counter()
                     return self._result(req)
@@ -351,18 +345,22 @@ class Engine:
             self._requeue(req)
         self._running = []
 
-    def _fail(self, req: _Req, error: BaseException) -> None:
-        """``req`` cannot go on: release its sequences and report it with the error and what it
-        generated so far; every other request carries on."""
+    def _release(self, req: _Req, reason: str) -> None:
+        """Give back ``req``'s sequences; samples that had not finished end with ``reason``."""
         for s in req.seqs:
             if s.seq is not None:
                 self.cache.remove(s.seq)
                 s.seq = None
             if s.finish_reason is None:
-                s.finish_reason = "error"
+                s.finish_reason = reason
+        self._isolate.discard(req.index)
+
+    def _fail(self, req: _Req, error: BaseException) -> None:
+        """``req`` cannot go on: release its sequences and report it with the error and what it
+        generated so far; every other request carries on."""
         if req in self._running:
             self._running.remove(req)
-        self._isolate.discard(req.index)
+        self._release(req, "error")
         self._failed.append(self._result(req, error=f"{type(error).__name__}: {error}"))
 
     def _take_failed(self) -> list[Result]:
