@@ -127,7 +127,7 @@ class CacheConfig:
     share_threshold: int = 2
     sm_scale: Optional[float] = None
     eviction: Optional[Eviction] = None
-    kernel_isa: Optional[str] = None  # CPU kernels: None = best; or one of chunkvale.kernel_isas()
+    kernel_isa: Optional[str] = None  # CPU kernels: None = $CHUNKVALE_KERNEL_ISA, else the best; or one of chunkvale.kernel_isas()
 
     def native_kwargs(self) -> dict:
         dtype = _dtype_name(self.dtype)
