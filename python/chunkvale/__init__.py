@@ -1,6 +1,6 @@
 """chunkvale: a prefix-sharing, chunked KV-cache engine for LLM inference."""
 from . import _native
-from ._native import CapacityError
+from .errors import CapacityError
 from .cache import KVCache, Step
 from .config import CacheConfig, Eviction
 

@@ -2,6 +2,7 @@
 output allocation in the caller's tensor kind, and a Step handle."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
@@ -12,6 +13,8 @@ from . import _native
 from .config import CacheConfig
 
 _INT32 = (-(2**31), 2**31 - 1)
+
+Mapping.register(_native.CacheStats)  # a read-only mapping of its fields (keys, items, get, ==)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class KVCache:
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config: expected chunkvale.CacheConfig, got {type(config).__name__}")
         self.config = config
-        self._native = _native.KVCache(**config.native_kwargs())
+        self._native = _native.KVCache(config.to_native())
 
     # -- sequences --
     def add_sequence(self, token_ids, namespace: str = "", max_reuse: Optional[int] = None) -> Tuple[int, int]:
@@ -159,7 +162,8 @@ class KVCache:
     def sequence_length(self, seq: int) -> int:
         return self._native.sequence_length(seq)
 
-    def stats(self) -> dict:
+    def stats(self) -> "_native.CacheStats":
+        """A snapshot: read-only fields, also a read-only mapping (``stats()["chunks_in_use"]``)."""
         return self._native.stats()
 
     # -- inspection (tests, debugging) --

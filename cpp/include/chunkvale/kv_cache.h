@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "chunkvale/backend.h"
+#include "chunkvale/cache_stats.h"
 #include "chunkvale/chunk_pool.h"
 #include "chunkvale/config.h"
 #include "chunkvale/errors.h"
@@ -34,23 +35,6 @@ struct StepInfo {
   std::vector<int64_t> seq_ids;
   std::vector<int32_t> row_offsets;  // B + 1
   std::vector<int64_t> positions;    // per packed row, for RoPE
-};
-
-struct CacheStats {
-  int64_t capacity_chunks = 0, chunks_in_use = 0, chunks_free = 0, chunks_shared = 0,
-          chunks_cached = 0, peak_chunks = 0, sequences = 0, tokens_cached = 0,
-          tokens_saved_by_sharing = 0, reused_prompt_tokens = 0, plan_rebuilds = 0,
-          plan_reuses = 0, chunk_first_units = 0, chunk_first_chunks = 0;
-  // Budgeted attention: chunks scored, chunks left out, time spent scoring + selecting.
-  int64_t evict_scored_chunks = 0, evict_dropped_chunks = 0, evict_select_ns = 0;
-  int64_t evict_score_ns = 0;  // time in the backend's scoring calls (results back on the host included)
-  // Host tier (zero without it): chunk moves and bytes per (layer, chunk), waits for a
-  // backup before a slot was reused, what the tiers hold now, time spent on residency.
-  int64_t evict_device_chunks = 0, evict_device_slots_in_use = 0, evict_backups = 0,
-          evict_recalls = 0, evict_evictions = 0, evict_backup_waits = 0,
-          evict_bytes_to_host = 0, evict_bytes_from_host = 0, evict_host_bytes_in_use = 0,
-          evict_spill_bytes_in_use = 0, evict_residency_ns = 0;
-  size_t bytes_per_chunk = 0;
 };
 
 // What a step needs of each resource, against what it can have now (CapacityError's units:
