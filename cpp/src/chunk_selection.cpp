@@ -13,22 +13,22 @@ int64_t ns_since(std::chrono::steady_clock::time_point t0) {
 }
 }  // namespace
 
-ChunkSelector::ChunkSelector(const CacheConfig& cfg, Backend& backend, const PlanParams& params)
-    : cfg_(cfg), backend_(backend), params_(params), rule_(cfg.eviction, cfg.chunk_size) {}
+ChunkSelector::ChunkSelector(const CacheConfig& cfg, Digests* digests, const PlanParams& params)
+    : cfg_(cfg), digests_(digests), params_(params), rule_(cfg.eviction, cfg.chunk_size) {}
 
 // The top-k candidates of every request of score_reqs_, by digest score (the backend
 // scores and ranks: top_k.h's rule), into top_ (k per request, best first).
-void ChunkSelector::top_requests(int layer, const TensorView& q) {
+void ChunkSelector::top_requests(int layer, const TensorView& q, const ExecContext& ctx) {
   const size_t k = size_t(std::max(rule_.topk, 0));
   top_.resize(score_reqs_.size() * k);
   for (size_t i = 0; i < score_reqs_.size(); ++i) score_reqs_[i].top = top_.data() + i * k;
   auto t0 = std::chrono::steady_clock::now();
-  backend_.top_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), cfg_.eviction.digest, rule_.topk);
-  score_ns_ += ns_since(t0);
+  digests_->top_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), rule_.topk, ctx);
+  counts_.evict_score_ns += ns_since(t0);
 }
 
-const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(int layer, const Step& step,
-                                                                      const TensorView& q) {
+const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(int layer, const Step& step, const TensorView& q,
+                                                                      const ExecContext& ctx) {
   const StepPlan& plan = step.plan;
   unselected_.clear();
   score_reqs_.clear();
@@ -37,15 +37,15 @@ const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(int layer, c
     // Prefill / extend rows whose sequence selects from its next decode step on.
     const SelectionRule::Range r = rule_.of(true, s.total(), s.chunk_end - s.chunk_begin);
     if (step.decodes(i) || !r.selects) continue;
-    Backend::ScoreRequest req;
+    Digests::ScoreRequest req;
     req.row = s.row_begin + s.n_new - 1;
     req.slots = plan.seq_chunks.data() + s.chunk_begin + r.lo;  // full chunks: their digests exist
     req.n = size_t(r.hi - r.lo);
     score_reqs_.push_back(req);
   }
   if (score_reqs_.empty()) return unselected_;
-  top_requests(layer, q);
-  for (const Backend::ScoreRequest& r : score_reqs_) {
+  top_requests(layer, q, ctx);
+  for (const Digests::ScoreRequest& r : score_reqs_) {
     taken_.assign(r.n, 0);
     for (int j = 0; j < rule_.topk; ++j) taken_[size_t(r.top[j])] = 1;
     for (size_t c = 0; c < r.n; ++c)
@@ -54,7 +54,7 @@ const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(int layer, c
   return unselected_;
 }
 
-const StepPlan* ChunkSelector::select(int layer, const Step& step, const TensorView& q) {
+const StepPlan* ChunkSelector::select(int layer, const Step& step, const TensorView& q, const ExecContext& ctx) {
   const StepPlan& plan = step.plan;
   auto t0 = std::chrono::steady_clock::now();
   const size_t B = plan.seqs.size();
@@ -68,7 +68,7 @@ const StepPlan* ChunkSelector::select(int layer, const Step& step, const TensorV
     const SelectionRule::Range r = rule_.of(step.decodes(i), s.total(), nch);
     if (!r.selects) continue;  // prefill, extend and sequences within budget attend to everything
     cand_lo_[i] = int32_t(r.lo);
-    Backend::ScoreRequest req;
+    Digests::ScoreRequest req;
     req.row = s.row_begin;
     req.slots = plan.seq_chunks.data() + s.chunk_begin + r.lo;
     req.n = size_t(r.hi - r.lo);
@@ -76,16 +76,16 @@ const StepPlan* ChunkSelector::select(int layer, const Step& step, const TensorV
   }
   const bool any = !score_reqs_.empty();
   if (any) {
-    top_requests(layer, q);
+    top_requests(layer, q, ctx);
     for (size_t i = 0, k = 0; i < B; ++i) {
       if (cand_lo_[i] < 0) continue;
-      const Backend::ScoreRequest& r = score_reqs_[k++];
+      const Digests::ScoreRequest& r = score_reqs_[k++];
       auto& keep = keep_[i];
       const int32_t lo = cand_lo_[i];
       for (size_t c = 0; c < r.n; ++c) keep[size_t(lo) + c] = 0;
       for (int32_t j = 0; j < rule_.topk; ++j) keep[size_t(lo + r.top[j])] = 1;
-      scored_ += int64_t(r.n);
-      dropped_ += int64_t(r.n) - rule_.topk;
+      counts_.evict_scored_chunks += int64_t(r.n);
+      counts_.evict_dropped_chunks += int64_t(r.n) - rule_.topk;
     }
     inputs_.resize(B);
     for (size_t i = 0; i < B; ++i) {
@@ -103,15 +103,8 @@ const StepPlan* ChunkSelector::select(int layer, const Step& step, const TensorV
     layer_plan_.id = plan.id;
     new_revision(layer_plan_);
   }
-  select_ns_ += ns_since(t0);
+  counts_.evict_select_ns += ns_since(t0);
   return any ? &layer_plan_ : nullptr;
-}
-
-void ChunkSelector::fill_stats(CacheStats& st) const {
-  st.evict_scored_chunks = scored_;
-  st.evict_dropped_chunks = dropped_;
-  st.evict_select_ns = select_ns_;
-  st.evict_score_ns = score_ns_;
 }
 
 }  // namespace chunkvale

@@ -16,22 +16,24 @@ namespace chunkvale {
 
 class ChunkSelector {
  public:
-  ChunkSelector(const CacheConfig& cfg, Backend& backend, const PlanParams& params);
+  // `digests`: the backend's (null without eviction: then nothing is asked of it).
+  ChunkSelector(const CacheConfig& cfg, Digests* digests, const PlanParams& params);
 
   // This layer's plan over the kept chunks, or null when nothing is dropped (the step's
   // plan stands). Valid until the next call.
-  const StepPlan* select(int layer, const Step& step, const TensorView& q);
+  const StepPlan* select(int layer, const Step& step, const TensorView& q, const ExecContext& ctx);
   // The chunks (ids) of prefill / extend rows, over budget from their next decode step on,
   // that their last prompt token would not select.
-  const std::vector<int32_t>& unselected_after_prefill(int layer, const Step& step, const TensorView& q);
+  const std::vector<int32_t>& unselected_after_prefill(int layer, const Step& step, const TensorView& q,
+                                                      const ExecContext& ctx);
 
-  void fill_stats(CacheStats& st) const;
+  const CacheStats& counts() const { return counts_; }  // part_counts.h
 
  private:
-  void top_requests(int layer, const TensorView& q);  // score_reqs_ -> top_
+  void top_requests(int layer, const TensorView& q, const ExecContext& ctx);  // score_reqs_ -> top_
 
   const CacheConfig& cfg_;
-  Backend& backend_;
+  Digests* digests_;
   const PlanParams& params_;
   SelectionRule rule_;
   StepPlan layer_plan_;
@@ -39,9 +41,9 @@ class ChunkSelector {
   std::vector<PlanSeqInput> inputs_;
   std::vector<int32_t> top_;  // k per request
   std::vector<uint8_t> taken_;
-  std::vector<Backend::ScoreRequest> score_reqs_;
+  std::vector<Digests::ScoreRequest> score_reqs_;
   std::vector<int32_t> cand_lo_, unselected_;
-  int64_t scored_ = 0, dropped_ = 0, select_ns_ = 0, score_ns_ = 0;
+  CacheStats counts_;  // chunks scored and dropped, time selecting and scoring
 };
 
 }  // namespace chunkvale

@@ -28,10 +28,10 @@ class DeviceStore {
   virtual void free_chunk(int32_t chunk);
 
   // One layer of a step. `plan` is the step's or its layer's selection (chunk ids).
-  virtual void append(int layer, const Step& step, const TensorView& k, const TensorView& v);
+  virtual void append(int layer, const Step& step, const TensorView& k, const TensorView& v, const ExecContext& ctx);
   virtual void attention(int layer, const Step& step, const StepPlan& plan, const TensorView& q,
-                         const TensorView& out, const TensorView* lse);
-  // The first n_tokens tokens of chunk src into chunk dst, every layer.
+                         const TensorView& out, const TensorView* lse, const ExecContext& ctx);
+  // The first n_tokens tokens of chunk src into chunk dst, every layer (on the default stream).
   virtual void copy_chunk(int32_t src, int32_t dst, int32_t n_tokens);
 
   // The host tier's hooks; nothing to do without it.
@@ -44,11 +44,12 @@ class DeviceStore {
 
   virtual void read_tile(int layer, int32_t chunk, int kv, int head, float* dst);
   virtual std::string residency(int layer, int32_t chunk) const;
-  virtual void fill_stats(CacheStats&) const {}
+  virtual CacheStats counts() const { return {}; }  // the host tier's (part_counts.h)
 
  protected:
   const CacheConfig& cfg_;
   Backend& backend_;
+  Digests* digests_;  // null without eviction
   ChunkPool& pool_;
   PrefixTree& tree_;
 };

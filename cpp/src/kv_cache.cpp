@@ -9,29 +9,29 @@
 
 #include "admission.h"
 #include "backend_factory.h"
+#include "call_checks.h"
 #include "chunk_selection.h"
 #include "chunk_store.h"
+#include "part_counts.h"
 #include "sequence_table.h"
 #include "step.h"
 
 namespace chunkvale {
 
-namespace {
-// Throws ValueError naming `arg` unless 0 <= v < n (`what`: what the range is).
-void check_index(const char* arg, int64_t v, int64_t n, const char* what) {
-  if (v < 0 || v >= n)
-    throw ValueError(std::string(arg) + ": expected " + what + " in 0.." + std::to_string(n - 1) + ", got " +
-                     std::to_string(v));
-}
-}  // namespace
-
 KVCache::KVCache(const CacheConfig& config)
     : cfg_((config.validate(), config)), pool_(cfg_.resolved_capacity()), tree_(cfg_.chunk_size) {
   backend_ = make_backend(cfg_, cfg_.resolved_capacity());
+  // The abilities a config needs are asked for once, here.
+  if (cfg_.eviction.enabled && !backend_->digests())
+    throw ValueError(std::string("eviction: chunk digests are not implemented on the ") + backend_->name() +
+                     " backend; construct the cache without eviction");
+  if (cfg_.eviction.host_tier() && !backend_->copy_engine())
+    throw ValueError(std::string("eviction.device_chunks: the host tier is not implemented on the ") +
+                     backend_->name() + " backend; leave device_chunks unset");
   device_ = cfg_.device == "cuda" ? TensorView::Device::CUDA : TensorView::Device::CPU;
   seqs_ = std::make_unique<SequenceTable>(tree_, cfg_.chunk_size);
   planner_ = std::make_unique<StepPlanner>(cfg_);
-  selector_ = std::make_unique<ChunkSelector>(cfg_, *backend_, planner_->params());
+  selector_ = std::make_unique<ChunkSelector>(cfg_, backend_->digests(), planner_->params());
   store_ = make_chunk_store(cfg_, *backend_, pool_, tree_, *selector_);
 }
 
@@ -164,7 +164,7 @@ uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
   return step_->id;
 }
 
-void KVCache::append(int layer, uint64_t step, const TensorView& k, const TensorView& v) {
+void KVCache::append(int layer, uint64_t step, const TensorView& k, const TensorView& v, const ExecContext& ctx) {
   std::lock_guard<std::mutex> g(mu_);
   check_index("layer", layer, cfg_.layers, "a layer");
   const Step& st = open_step(step, "step");
@@ -174,43 +174,25 @@ void KVCache::append(int layer, uint64_t step, const TensorView& k, const Tensor
   check_tensor3(k, "k", device_, cfg_.dtype, rows, cfg_.kv_heads, cfg_.head_dim);
   check_tensor3(v, "v", device_, cfg_.dtype, rows, cfg_.kv_heads, cfg_.head_dim);
   store_->check();
-  store_->append(layer, st, k, v);
+  store_->append(layer, st, k, v, ctx);
   step_->appended[size_t(layer)] = 1;
   ++step_->layers_appended;
 }
 
-void KVCache::attention(int layer, uint64_t step, const TensorView& q, const TensorView& out, const TensorView* lse) {
+void KVCache::attention(int layer, uint64_t step, const TensorView& q, const TensorView& out, const TensorView* lse,
+                        const ExecContext& ctx) {
   std::lock_guard<std::mutex> g(mu_);
   check_index("layer", layer, cfg_.layers, "a layer");
   const Step& st = open_step(step, "step");
   if (!st.appended[size_t(layer)])
     throw ValueError("layer: attention for layer " + std::to_string(layer) + " of step " + std::to_string(step) +
                      " needs append(layer, step, k, v) first");
-  const int rows = st.plan.num_tokens;
-  check_tensor3(q, "q", device_, cfg_.dtype, rows, cfg_.q_heads, cfg_.head_dim);
-  check_tensor3(out, "out", device_, cfg_.dtype, rows, cfg_.q_heads, cfg_.head_dim);
-  if (out.data == q.data && rows > 0) throw ValueError("out: expected a buffer distinct from q, got the same memory");
-  if (lse) {
-    TensorView l3 = *lse;  // check as [rows, q_heads, 1]
-    if (l3.ndim == 2) {
-      l3.ndim = 3;
-      l3.shape[2] = 1;
-      l3.strides[2] = 1;
-    } else {
-      l3.ndim = -1;
-    }
-    try {
-      check_tensor3(l3, "lse", device_, DType::Float32, rows, cfg_.q_heads, 1);
-    } catch (const ValueError&) {
-      throw ValueError("lse: expected a C-contiguous float32 tensor of shape [" + std::to_string(rows) + ", " +
-                       std::to_string(cfg_.q_heads) + "]");
-    }
-  }
+  check_attention_args(cfg_, device_, st.plan.num_tokens, q, out, lse);
   store_->check();
   const StepPlan* plan = &st.plan;
   if (cfg_.eviction.enabled && layer >= cfg_.eviction.dense_layers)
-    if (const StepPlan* kept = selector_->select(layer, st, q)) plan = kept;
-  store_->attention(layer, st, *plan, q, out, lse);
+    if (const StepPlan* kept = selector_->select(layer, st, q, ctx)) plan = kept;
+  store_->attention(layer, st, *plan, q, out, lse, ctx);
 }
 
 void KVCache::cancel(uint64_t step) {
@@ -286,7 +268,7 @@ std::vector<int32_t> KVCache::sequence_slots(int64_t seq) {
   return seqs_->chunks_of(seqs_->get(seq, "seq"));
 }
 
-// The one place a CacheStats is assembled: each part fills what it counts.
+// The one place a CacheStats is assembled: the cache's tables here, and what each part counted.
 CacheStats KVCache::stats() {
   std::lock_guard<std::mutex> g(mu_);
   commit_if_complete();
@@ -304,24 +286,15 @@ CacheStats KVCache::stats() {
   st.tokens_saved_by_sharing = std::max<int64_t>(0, seqs_->chunks_held() - held) * cfg_.chunk_size;
   st.reused_prompt_tokens = reused_prompt_tokens_;
   st.bytes_per_chunk = int64_t(cfg_.bytes_per_chunk());
-  planner_->fill_stats(st);
-  selector_->fill_stats(st);
-  store_->fill_stats(st);
+  add_counts(st, planner_->counts());
+  add_counts(st, selector_->counts());
+  add_counts(st, store_->counts());
   return st;
 }
 
 StepInfo KVCache::step_info(uint64_t step) const {
   std::lock_guard<std::mutex> g(mu_);
-  const StepPlan& plan = open_step(step, "step").plan;
-  StepInfo info;
-  info.num_tokens = plan.num_tokens;
-  for (const StepSeq& s : plan.seqs) {
-    info.seq_ids.push_back(s.seq_id);
-    info.row_offsets.push_back(s.row_begin);
-  }
-  info.row_offsets.push_back(plan.num_tokens);
-  info.positions = plan.positions;
-  return info;
+  return open_step(step, "step").info();
 }
 
 const StepPlan& KVCache::step_plan(uint64_t step) const {
@@ -337,7 +310,7 @@ void KVCache::read_digest(int layer, int32_t slot, int head, float* dst) const {
   if (!cfg_.eviction.enabled)
     throw ValueError("read_digest: expected a cache with eviction (digests are kept for budgeted attention "
                      "only), got one without");
-  backend_->read_digest(layer, slot, head, dst);
+  backend_->inspect().read_digest(layer, slot, head, dst);
 }
 
 void KVCache::read_tile(int layer, int32_t slot, int kv, int head, float* dst) const {

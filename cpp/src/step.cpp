@@ -20,6 +20,18 @@ void new_revision(StepPlan& p) { p.revision = g_next_plan_revision++; }
 
 bool Step::decodes(size_t i) const { return SelectionRule::decodes(plan.seqs[i].n_new, entries[i].from_prompt); }
 
+StepInfo Step::info() const {
+  StepInfo out;
+  out.num_tokens = plan.num_tokens;
+  for (const StepSeq& s : plan.seqs) {
+    out.seq_ids.push_back(s.seq_id);
+    out.row_offsets.push_back(s.row_begin);
+  }
+  out.row_offsets.push_back(plan.num_tokens);
+  out.positions = plan.positions;
+  return out;
+}
+
 void Step::commit(SequenceTable& seqs) {
   for (const StepEntry& e : entries) {
     Sequence& s = seqs.get(e.seq, "step");
@@ -92,28 +104,21 @@ std::unique_ptr<Step> StepPlanner::build(const std::vector<PlanEntry>& entries, 
   std::swap(st->plan, last_);
   StepPlan& plan = st->plan;
   if (!grew && tree_version_ == tree.version() && bump_plan(plan, batch, params_)) {
-    ++reuses_;
+    ++counts_.plan_reuses;
   } else {
     plan_step(plan, batch, params_);
     tree_version_ = tree.version();
-    ++rebuilds_;
+    ++counts_.plan_rebuilds;
   }
   plan.id = st->id;
   new_revision(plan);
-  chunk_first_units_ = plan.chunk_first_units;
-  chunk_first_chunks_ = plan.chunk_first_chunks;
+  counts_.chunk_first_units = plan.chunk_first_units;  // the latest plan's
+  counts_.chunk_first_chunks = plan.chunk_first_chunks;
   if (eviction_)  // the chunks this step fills, once for every layer's append
     for (const StepSeq& q : plan.seqs)
       for (int64_t c = q.ctx_before / C_; (c + 1) * C_ <= q.total(); ++c)
         st->filled.push_back(plan.seq_chunks[size_t(q.chunk_begin + c)]);
   return st;
-}
-
-void StepPlanner::fill_stats(CacheStats& st) const {
-  st.plan_rebuilds = rebuilds_;
-  st.plan_reuses = reuses_;
-  st.chunk_first_units = chunk_first_units_;
-  st.chunk_first_chunks = chunk_first_chunks_;
 }
 
 }  // namespace chunkvale

@@ -15,6 +15,7 @@
 namespace chunkvale {
 
 struct PlanEntry;
+struct StepInfo;
 class PrefixTree;
 
 // A fresh revision for a plan whose content changed (a backend keeping a device copy
@@ -39,6 +40,7 @@ class Step {
   std::vector<int32_t> deferred_free; // deduplicated chunks, freed when the step ends
   std::vector<int32_t> filled;        // chunks this step fills (digests; eviction only)
 
+  StepInfo info() const;  // rows and positions, for the caller
   // Entry i decodes (SelectionRule::decodes).
   bool decodes(size_t i) const;
   // Commits the tokens into their sequences and seals their full chunks.
@@ -59,7 +61,7 @@ class StepPlanner {
                               const std::function<int32_t()>& take_chunk);
   // A step that ended hands its plan back for reuse by the next one.
   void recycle(Step& step) { std::swap(last_, step.plan); }
-  void fill_stats(CacheStats& st) const;
+  const CacheStats& counts() const { return counts_; }  // part_counts.h
 
  private:
   int C_, layers_;
@@ -67,8 +69,7 @@ class StepPlanner {
   PlanParams params_;
   StepPlan last_;
   uint64_t tree_version_ = ~0ull;  // the tree `last_` was built against
-  int64_t rebuilds_ = 0, reuses_ = 0;
-  int32_t chunk_first_units_ = 0, chunk_first_chunks_ = 0;
+  CacheStats counts_;  // plan rebuilds and reuses, the latest plan's chunk-first work
 };
 
 }  // namespace chunkvale

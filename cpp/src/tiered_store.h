@@ -17,13 +17,13 @@ namespace chunkvale {
 
 class TieredStore final : public DeviceStore {
  public:
-  // Opens the backend's copy engine (a backend without one refuses here).
+  // The backend has a copy engine (KVCache checked).
   TieredStore(const CacheConfig& cfg, Backend& backend, ChunkPool& pool, PrefixTree& tree, ChunkSelector& selector);
 
   void free_chunk(int32_t chunk) override;  // pool slot, device slots and host copies
-  void append(int layer, const Step& step, const TensorView& k, const TensorView& v) override;
+  void append(int layer, const Step& step, const TensorView& k, const TensorView& v, const ExecContext& ctx) override;
   void attention(int layer, const Step& step, const StepPlan& plan, const TensorView& q, const TensorView& out,
-                 const TensorView* lse) override;
+                 const TensorView* lse, const ExecContext& ctx) override;
   void copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) override;
 
   // Chunks a cancelled step filled hold uncommitted rows: their host copies must go, or a
@@ -37,24 +37,26 @@ class TieredStore final : public DeviceStore {
 
   void read_tile(int layer, int32_t chunk, int kv, int head, float* dst) override;
   std::string residency(int layer, int32_t chunk) const override;
-  void fill_stats(CacheStats& st) const override;
+  CacheStats counts() const override;
 
  private:
   void drop_host_copies(int32_t chunk);
   void wait_backup(uint64_t ticket);
   int32_t device_slot_for(int layer, int32_t chunk, uint64_t stamp);
-  void make_resident(int layer, int32_t chunk, uint64_t stamp);
+  void make_resident(int layer, int32_t chunk, uint64_t stamp, const ExecContext& ctx);
   // A chunk's host copy of one layer (waits for its backup; a spilled block is read and
   // verified: IOError naming eviction.spill_path when it is not what was written).
   const void* host_copy(int layer, int32_t chunk);
-  void recall(int layer, int32_t slot, const void* src);  // a host copy into a device slot
+  void recall(int layer, int32_t slot, const void* src, const ExecContext& ctx);  // a host copy into a device slot
   int64_t take_host_block();
   // The plan with chunk ids replaced by the layer's device slots; the chunks it needs (the
   // written ones for append, the attended ones for attention) are made resident first.
-  const StepPlan& to_device_slots(int layer, const Step& step, const StepPlan& plan, bool for_append);
-  void backup_filled(int layer, const Step& step);
+  const StepPlan& to_device_slots(int layer, const Step& step, const StepPlan& plan, bool for_append,
+                                  const ExecContext& ctx);
+  void backup_filled(int layer, const Step& step, const ExecContext& ctx);
 
   ChunkSelector& selector_;
+  CopyEngine& copy_;
   SelectionRule rule_;
   // Declared before res_: a queued backup writes into host_'s blocks until the backend drains.
   std::unique_ptr<HostTier> host_;
@@ -63,8 +65,7 @@ class TieredStore final : public DeviceStore {
   StepPlan device_plan_;  // a plan in one evicting layer's device slots
   std::vector<int32_t> need_, fill_slots_;
   std::vector<uint8_t> host_scratch_;
-  int64_t backups_ = 0, recalls_ = 0, evictions_ = 0, backup_waits_ = 0, bytes_to_host_ = 0, bytes_from_host_ = 0,
-          residency_ns_ = 0;
+  CacheStats counts_;  // backups, recalls, evictions, waits, bytes moved, time on residency
 };
 
 }  // namespace chunkvale

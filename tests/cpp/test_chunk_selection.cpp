@@ -1,4 +1,4 @@
-// Chunk selection alone, over a backend that ranks candidates by a fixed rule: a decoding
+// Chunk selection alone, over digests that rank candidates by a fixed rule: a decoding
 // sequence over budget keeps sinks + window + its top-k; the rest attend to everything.
 #include <algorithm>
 #include <set>
@@ -14,15 +14,12 @@ namespace {
 constexpr int C = 16;
 
 // Ranks the candidates of each request by chunk id, highest first; records what it was asked.
-struct RankingBackend final : Backend {
+struct RankingDigests final : Digests {
   std::vector<std::vector<int32_t>> asked;  // candidate chunk ids per request
   std::vector<int32_t> rows;
-  const char* name() const override { return "ranking"; }
-  void append(int, const StepPlan&, const TensorView&, const TensorView&) override {}
-  void copy_chunk(int32_t, int32_t, int32_t) override {}
-  void attention(int, const StepPlan&, const TensorView&, const TensorView&, const TensorView*) override {}
-  void read_tile(int, int32_t, int, int, float*) const override {}
-  void top_chunks(int, const TensorView&, const ScoreRequest* reqs, size_t count, DigestKind, int k) override {
+  void update_digests(int, const int32_t*, const int32_t*, size_t, const ExecContext&) override {}
+  void top_chunks(int, const TensorView&, const ScoreRequest* reqs, size_t count, int k,
+                  const ExecContext&) override {
     for (size_t r = 0; r < count; ++r) {
       std::vector<int32_t> idx(reqs[r].n);
       for (size_t i = 0; i < idx.size(); ++i) idx[i] = int32_t(i);
@@ -49,8 +46,8 @@ struct Fixture {
   PrefixTree tree{C};
   SequenceTable seqs{tree, C};
   StepPlanner planner{cfg};
-  RankingBackend backend;
-  ChunkSelector selector{cfg, backend, planner.params()};
+  RankingDigests backend;
+  ChunkSelector selector{cfg, &backend, planner.params()};
   int32_t next = 0;
   std::function<int32_t()> take = [this] { return next++; };
   int64_t add_committed(int n) {  // n tokens already cached, in private chunks
@@ -73,19 +70,19 @@ void decode_over_budget_selects() {
   const int64_t b = f.add_committed(20);   // chunks 7, 8: within budget
   auto st = f.planner.build({PlanEntry{a, 0, {1}}, PlanEntry{b, 0, {2}}}, f.seqs, f.tree, f.take);
   TensorView q{};
-  const StepPlan* kept = f.selector.select(2, *st, q);
+  const StepPlan* kept = f.selector.select(2, *st, q, ExecContext{});
   CHECK(kept != nullptr && kept->id == st->id && kept->revision != st->plan.revision);
   // a: sink 0, window 6, top-2 of candidates 1..5 by the fake's rule (5, 4); b: everything.
   CHECK(attended(*kept) == std::set<int32_t>({0, 4, 5, 6, 7, 8}));
   CHECK(f.backend.asked.size() == 1 && f.backend.asked[0] == std::vector<int32_t>({1, 2, 3, 4, 5}));
   CacheStats stats;
-  f.selector.fill_stats(stats);
+  stats = f.selector.counts();
   CHECK(stats.evict_scored_chunks == 5 && stats.evict_dropped_chunks == 3);
   // Nobody over budget decodes: nothing dropped, no scoring.
   st->commit(f.seqs);
   f.planner.recycle(*st);
   auto p = f.planner.build({PlanEntry{b, 0, {3, 4}}}, f.seqs, f.tree, f.take);
-  CHECK(f.selector.select(2, *p, q) == nullptr && f.backend.asked.size() == 1);
+  CHECK(f.selector.select(2, *p, q, ExecContext{}) == nullptr && f.backend.asked.size() == 1);
 }
 
 void after_prefill_names_the_unselected() {
@@ -94,9 +91,9 @@ void after_prefill_names_the_unselected() {
   const int64_t a = f.seqs.add(f.tree.root(""), {}, [] { return -1; }, toks, 0);
   auto st = f.planner.build({PlanEntry{a, 100, {}}}, f.seqs, f.tree, f.take);
   TensorView q{};
-  CHECK(f.selector.select(2, *st, q) == nullptr);  // a prefill attends to everything
+  CHECK(f.selector.select(2, *st, q, ExecContext{}) == nullptr);  // a prefill attends to everything
   // From its next decode step on it selects: candidates 1..5, the fake keeps 5 and 4.
-  const std::vector<int32_t>& out = f.selector.unselected_after_prefill(2, *st, q);
+  const std::vector<int32_t>& out = f.selector.unselected_after_prefill(2, *st, q, ExecContext{});
   CHECK(std::set<int32_t>(out.begin(), out.end()) == std::set<int32_t>({1, 2, 3}));
   CHECK(f.backend.rows.back() == 99);  // scored for its last prompt token
 }

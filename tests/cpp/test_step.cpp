@@ -57,7 +57,7 @@ void build_commit_and_reuse() {
     d->commit(f.seqs);
     planner.recycle(*d);
   }
-  planner.fill_stats(stats);
+  stats = planner.counts();
   CHECK(stats.plan_rebuilds == 2 && stats.plan_reuses == 2);
   CHECK(f.seqs.get(a, "seq").length() == 23 && f.seqs.get(b, "seq").length() == 8);
 }

@@ -83,9 +83,10 @@ class KVCache {
   // pool holds its full prompt chunks plus one chunk per sample; with a host tier, every
   // chunk a prefill (or a decode within budget_tokens) attends is on the device at once.
   StepNeeds request_needs(int64_t prompt_tokens, int64_t max_new_tokens, int n) const;
-  void append(int layer, uint64_t step, const TensorView& k, const TensorView& v);
+  // `ctx`: where the backend runs them (the caller's CUDA stream; unused on the CPU).
+  void append(int layer, uint64_t step, const TensorView& k, const TensorView& v, const ExecContext& ctx = {});
   void attention(int layer, uint64_t step, const TensorView& q, const TensorView& out,
-                 const TensorView* lse = nullptr);
+                 const TensorView* lse = nullptr, const ExecContext& ctx = {});
   void cancel(uint64_t step);
   // n in 1..kMaxForkChildren; all or nothing (CapacityError when the pool cannot hold the
   // children's private tails, cache unchanged).
@@ -101,7 +102,7 @@ class KVCache {
   // The open step's plan itself, for tests and backends' checks; valid until the step
   // ends, and not safe against a concurrent plan() from another thread.
   const StepPlan& step_plan(uint64_t step) const;
-  // Test/debug access to stored K/V; see Backend::read_tile. `slot` is a chunk id as
+  // Test/debug access to stored K/V; see Inspect::read_tile. `slot` is a chunk id as
   // sequence_slots() gives it; with the host tier, a chunk not on the device in this
   // layer is read from its host copy.
   void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const;
