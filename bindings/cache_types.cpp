@@ -9,6 +9,7 @@
 #include "chunkvale/cache_stats.h"
 #include "chunkvale/config.h"
 #include "chunkvale/errors.h"
+#include "chunkvale/kv_cache.h"
 
 namespace nb = nanobind;
 
@@ -147,11 +148,32 @@ void bind_config(nb::module_& m) {
       .def_rw("eviction", &CacheConfig::eviction);
 }
 
+void bind_step_needs(nb::module_& m) {
+  nb::class_<StepNeeds>(m, "StepNeeds",
+                        "What a step (KVCache.needs) or a request alone (KVCache.request_needs) needs of each "
+                        "resource, against what it can have; units as CapacityError's.")
+      .def_ro("pool_chunks", &StepNeeds::pool_chunks)
+      .def_ro("pool_available", &StepNeeds::pool_available)
+      .def_ro("device_chunks", &StepNeeds::device_chunks)
+      .def_ro("device_available", &StepNeeds::device_available)
+      .def_ro("host_blocks", &StepNeeds::host_blocks)
+      .def_ro("host_available", &StepNeeds::host_available)
+      .def_prop_ro("fits", &StepNeeds::fits)
+      .def("__repr__", [](const StepNeeds& n) {
+        auto f = [](int64_t v) { return std::to_string(v); };
+        return "StepNeeds(pool_chunks=" + f(n.pool_chunks) + ", pool_available=" + f(n.pool_available) +
+               ", device_chunks=" + f(n.device_chunks) + ", device_available=" + f(n.device_available) +
+               ", host_blocks=" + f(n.host_blocks) + ", host_available=" + f(n.host_available) +
+               ", fits=" + (n.fits() ? "True" : "False") + ")";
+      });
+}
+
 }  // namespace
 
 void bind_cache_types(nb::module_& m) {
   bind_stats(m);
   bind_config(m);
+  bind_step_needs(m);
 }
 
 }  // namespace chunkvale::bind

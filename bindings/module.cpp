@@ -76,7 +76,7 @@ std::vector<chunkvale::PlanEntry> parse_entries(nb::handle entries) {
 void set_capacity_error(const chunkvale::CapacityError& e) {
   try {
     nb::object cls = nb::module_::import_("chunkvale.errors").attr("CapacityError");
-    nb::object exc = cls(e.what());
+    nb::object exc = cls(e.what(), chunkvale::resource_name(e.resource), e.needed, e.available);
     PyErr_SetObject(cls.ptr(), exc.ptr());
   } catch (nb::python_error& err) {
     err.restore();  // the package is broken: its import error says why
@@ -131,6 +131,18 @@ NB_MODULE(_native, m) {
              nb::gil_scoped_release r;
              return c.plan(parsed);
            }, "entries"_a.none())
+      .def("needs", [](KVCache& c, nb::handle entries) {
+             auto parsed = parse_entries(entries);
+             nb::gil_scoped_release r;
+             return c.needs(parsed);
+           }, "entries"_a.none())
+      .def("request_needs",
+           [](const KVCache& c, nb::handle prompt_tokens, nb::handle max_new_tokens, nb::handle n) {
+             return c.request_needs(int_arg(prompt_tokens, "prompt_tokens", 1, INT64_MAX),
+                                    int_arg(max_new_tokens, "max_new_tokens", 1, INT64_MAX),
+                                    int(int_arg(n, "n", 1, INT32_MAX)));
+           },
+           "prompt_tokens"_a.none(), "max_new_tokens"_a.none(), "n"_a.none())
       .def("step_info",
            [](KVCache& c, nb::handle step) {
              chunkvale::StepInfo p = c.step_info(step_arg(step, "step"));

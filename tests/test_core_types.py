@@ -72,3 +72,29 @@ def test_capacity_error_is_a_python_class_with_fields():
     assert "capacity_chunks" in str(e)
     again = pickle.loads(pickle.dumps(cv.CapacityError("full", "capacity_chunks", 9, 8)))
     assert (str(again), again.resource, again.needed, again.available) == ("full", "capacity_chunks", 9, 8)
+
+
+def test_capacity_error_fields_name_the_resource_and_agree_with_needs():
+    cache = _cache()
+    seq, _ = cache.add_sequence(list(range(200)))
+    needs = cache.needs([(seq, 200)])
+    assert isinstance(needs, cv.StepNeeds) and not needs.fits
+    assert (needs.pool_chunks, needs.pool_available) == (13, 8)
+    with pytest.raises(cv.CapacityError) as info:
+        cache.plan([(seq, 200)])
+    e = info.value
+    assert (e.resource, e.needed, e.available) == ("capacity_chunks", 13, 8)
+    assert cache.needs([(seq, 100)]).fits
+    cache.plan([(seq, 100)])  # what needs() said fits, fits
+
+
+def test_request_needs_checks_its_arguments():
+    cache = _cache(device_chunks=16, dense_layers=0)
+    got = cache.request_needs(100, 10, 2)
+    assert (got.pool_chunks, got.pool_available) == (100 // 16 + 2, 8)
+    assert (got.device_chunks, got.device_available) == (7 + 1, 16) and got.fits
+    for args, arg in (((0, 1, 1), "prompt_tokens"), ((1, 0, 1), "max_new_tokens"), ((1, 1, 0), "n")):
+        with pytest.raises(ValueError, match=arg):
+            cache.request_needs(*args)
+    with pytest.raises(TypeError, match="n"):
+        cache.request_needs(1, 1, 1.5)

@@ -97,21 +97,21 @@ class KVCache:
     def plan(self, entries: Sequence[Tuple[int, Union[int, Sequence[int]]]]) -> Step:
         """Plans one step: each entry is (seq, n_new) for pending prompt tokens or
         (seq, token_ids) for tokens beyond the prompt."""
-        if isinstance(entries, (list, tuple)):
-            norm = []
-            for i, e in enumerate(entries):
-                # Token ids given as an array (or any sequence but list/tuple) become a list;
-                # everything else (seq, n_new, their types and ranges) is the core's to check.
-                if (isinstance(e, (list, tuple)) and len(e) == 2 and not isinstance(e[1], (list, tuple))
-                        and not isinstance(e[1], (numbers.Integral, str, bytes)) and e[1] is not None
-                        and hasattr(e[1], "__len__")):
-                    e = (e[0], _token_list(e[1], f"entries[{i}]: token_ids"))
-                norm.append(e)
-            entries = norm
-        step_id = self._native.plan(entries)
+        step_id = self._native.plan(_entries(entries))
         info = self._native.step_info(step_id)
         return Step(step_id, info["num_tokens"], list(info["seq_ids"]), list(info["row_offsets"]),
                     info["positions"])
+
+    def needs(self, entries) -> "_native.StepNeeds":
+        """What ``plan(entries)`` needs of each resource and what it can have now; ``plan``
+        raises CapacityError exactly when ``not needs(entries).fits``. Changes nothing."""
+        return self._native.needs(_entries(entries))
+
+    def request_needs(self, prompt_tokens: int, max_new_tokens: int, n: int = 1) -> "_native.StepNeeds":
+        """What the largest step of one request (a prompt of ``prompt_tokens``, up to
+        ``max_new_tokens`` per sample, ``n`` samples) needs running alone in an empty cache,
+        against what an empty cache has: a request that does not fit can never run."""
+        return self._native.request_needs(prompt_tokens, max_new_tokens, n)
 
     def append(self, layer: int, step: Step, k, v) -> None:
         """Writes the step's new K/V ([num_tokens, kv_heads, head_dim]) for one layer."""
@@ -196,6 +196,21 @@ def _stream_of(x) -> int:
     if torch is not None and isinstance(x, torch.Tensor) and x.is_cuda:
         return int(torch.cuda.current_stream(x.device).cuda_stream)
     return 0
+
+
+def _entries(entries):
+    """Token ids given as an array (or any sequence but list/tuple) become a list; everything
+    else (seq, n_new, their types and ranges) is the core's to check."""
+    if not isinstance(entries, (list, tuple)):
+        return entries
+    norm = []
+    for i, e in enumerate(entries):
+        if (isinstance(e, (list, tuple)) and len(e) == 2 and not isinstance(e[1], (list, tuple))
+                and not isinstance(e[1], (numbers.Integral, str, bytes)) and e[1] is not None
+                and hasattr(e[1], "__len__")):
+            e = (e[0], _token_list(e[1], f"entries[{i}]: token_ids"))
+        norm.append(e)
+    return norm
 
 
 def _step_id(step) -> int:
