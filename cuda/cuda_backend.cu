@@ -36,6 +36,17 @@ bool head_dim_supported(int D) {
 #endif
 }
 
+// cudaMalloc of a buffer sized by the pool: running out is the pool's CapacityError.
+void* alloc_for_pool(size_t bytes, int64_t slots, const char* what) {
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, bytes);
+  if (e == cudaSuccess) return p;
+  (void)cudaGetLastError();
+  throw CapacityError(Resource::PoolChunks, slots, 0,
+                      "capacity: could not allocate " + std::to_string(bytes) + " bytes of GPU memory for " + what +
+                          " (" + cudaGetErrorString(e) + "); lower capacity_chunks / capacity_bytes");
+}
+
 }  // namespace
 
 CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slots_(slots) {
@@ -67,26 +78,12 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
     elems += size_t(cfg.evicts_to_host(l) ? cfg.layer_slots(l) : slots) * slot_stride_;
   }
   const size_t bytes = elems * 2;
-  cudaError_t e = cudaMalloc(&pool_, bytes);
-  if (e != cudaSuccess) {
-    (void)cudaGetLastError();
-    pool_ = nullptr;
-    throw CapacityError(Resource::PoolChunks, slots, 0, "capacity: could not allocate " + std::to_string(bytes) +
-                        " bytes of GPU memory for the KV pool (" + cudaGetErrorString(e) +
-                        "); lower capacity_chunks / capacity_bytes");
-  }
+  pool_ = alloc_for_pool(bytes, slots, "the KV pool");
   try {
     CV_CUDA(cudaMemset(pool_, 0, bytes), "cudaMemset(pool)");
     if (cfg.eviction.enabled) {
       const size_t dbytes = size_t(cfg.layers) * size_t(slots) * cfg.kv_heads * 2 * cfg.head_dim * 4;
-      cudaError_t de = cudaMalloc(reinterpret_cast<void**>(&digests_), dbytes);
-      if (de != cudaSuccess) {
-        (void)cudaGetLastError();
-        digests_ = nullptr;
-        throw CapacityError(Resource::PoolChunks, slots, 0, "capacity: could not allocate " + std::to_string(dbytes) +
-                            " bytes of GPU memory for chunk digests (" + cudaGetErrorString(de) +
-                            "); lower capacity_chunks / capacity_bytes");
-      }
+      digests_ = static_cast<float*>(alloc_for_pool(dbytes, slots, "chunk digests"));
       CV_CUDA(cudaMemset(digests_, 0, dbytes), "cudaMemset(digests)");
     }
     // The memset runs on the legacy stream; a caller's non-blocking stream would not wait.
