@@ -10,7 +10,6 @@
 #include <memory>
 #include <optional>
 
-#include "../cuda/cuda_api.h"
 #include "chunkvale/kv_cache.h"
 #include "arg_checks.h"
 #include "cache_types.h"
@@ -110,7 +109,7 @@ NB_MODULE(_native, m) {
         "Every instruction set of the CPU kernels this CPU runs, best first.");
   m.def("cuda_built", [] { return chunkvale::cuda_backend_built(); },
         "Whether this build contains the CUDA backend.");
-  m.def("cuda_device_count", [] { return chunkvale::cuda_api::device_count(); },
+  m.def("cuda_device_count", [] { return chunkvale::cuda_device_count(); },
         "CUDA devices usable at run time (0 without the CUDA backend, a driver or a GPU).");
 
   chunkvale::bind::bind_cache_types(m);
@@ -164,8 +163,7 @@ NB_MODULE(_native, m) {
              AnyArray ka = in_array(k, "k"), va = in_array(v, "v");
              const auto st = uintptr_t(int_arg(stream, "stream", 0, INT64_MAX));
              nb::gil_scoped_release r;
-             chunkvale::cuda_api::StreamScope on(st);
-             c.append(l, s, view_of(ka), view_of(va));
+             c.append(l, s, view_of(ka), view_of(va), chunkvale::ExecContext{reinterpret_cast<void*>(st)});
            },
            "layer"_a.none(), "step"_a.none(), "k"_a.none(), "v"_a.none(), "stream"_a.none() = 0)
       .def("attention",
@@ -179,10 +177,10 @@ NB_MODULE(_native, m) {
              if (!lse.is_none()) la = out_array(lse, "lse");
              const auto st = uintptr_t(int_arg(stream, "stream", 0, INT64_MAX));
              nb::gil_scoped_release r;
-             chunkvale::cuda_api::StreamScope on(st);
              chunkvale::TensorView lv;
              if (la) lv = view_of(*la);
-             c.attention(l, s, view_of(qa), view_of(oa), la ? &lv : nullptr);
+             c.attention(l, s, view_of(qa), view_of(oa), la ? &lv : nullptr,
+                         chunkvale::ExecContext{reinterpret_cast<void*>(st)});
            },
            "layer"_a.none(), "step"_a.none(), "q"_a.none(), "out"_a.none(), "lse"_a.none(), "stream"_a.none() = 0)
       .def("cancel", [](KVCache& c, nb::handle step) {

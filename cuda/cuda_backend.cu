@@ -10,12 +10,11 @@
 #include "attention_kernels.cuh"
 #include "pool_kernels.cuh"
 #include "chunkvale/errors.h"
-#include "cuda_api.h"
 #include "cuda_check.h"
 
 namespace chunkvale {
 
-// ---- runtime queries used by cuda_api.cpp ----
+// ---- the runtime query behind cuda_device_count() (cuda_api.cpp) ----
 int cuda_runtime_device_count() {
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
@@ -37,16 +36,15 @@ bool head_dim_supported(int D) {
 #endif
 }
 
-float bf16_to_float(uint16_t b) {
-  uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-float f16_to_float(uint16_t h) {
-  __half_raw r;
-  r.x = h;
-  return __half2float(__half(r));
+// cudaMalloc of a buffer sized by the pool: running out is the pool's CapacityError.
+void* alloc_for_pool(size_t bytes, int64_t slots, const char* what) {
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, bytes);
+  if (e == cudaSuccess) return p;
+  (void)cudaGetLastError();
+  throw CapacityError(Resource::PoolChunks, slots, 0,
+                      "capacity: could not allocate " + std::to_string(bytes) + " bytes of GPU memory for " + what +
+                          " (" + cudaGetErrorString(e) + "); lower capacity_chunks / capacity_bytes");
 }
 
 }  // namespace
@@ -80,26 +78,12 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
     elems += size_t(cfg.evicts_to_host(l) ? cfg.layer_slots(l) : slots) * slot_stride_;
   }
   const size_t bytes = elems * 2;
-  cudaError_t e = cudaMalloc(&pool_, bytes);
-  if (e != cudaSuccess) {
-    (void)cudaGetLastError();
-    pool_ = nullptr;
-    throw CapacityError(Resource::PoolChunks, slots, 0, "capacity: could not allocate " + std::to_string(bytes) +
-                        " bytes of GPU memory for the KV pool (" + cudaGetErrorString(e) +
-                        "); lower capacity_chunks / capacity_bytes");
-  }
+  pool_ = alloc_for_pool(bytes, slots, "the KV pool");
   try {
     CV_CUDA(cudaMemset(pool_, 0, bytes), "cudaMemset(pool)");
     if (cfg.eviction.enabled) {
       const size_t dbytes = size_t(cfg.layers) * size_t(slots) * cfg.kv_heads * 2 * cfg.head_dim * 4;
-      cudaError_t de = cudaMalloc(reinterpret_cast<void**>(&digests_), dbytes);
-      if (de != cudaSuccess) {
-        (void)cudaGetLastError();
-        digests_ = nullptr;
-        throw CapacityError(Resource::PoolChunks, slots, 0, "capacity: could not allocate " + std::to_string(dbytes) +
-                            " bytes of GPU memory for chunk digests (" + cudaGetErrorString(de) +
-                            "); lower capacity_chunks / capacity_bytes");
-      }
+      digests_ = static_cast<float*>(alloc_for_pool(dbytes, slots, "chunk digests"));
       CV_CUDA(cudaMemset(digests_, 0, dbytes), "cudaMemset(digests)");
     }
     // The memset runs on the legacy stream; a caller's non-blocking stream would not wait.
@@ -160,8 +144,6 @@ CudaBackend::~CudaBackend() {
   if (copy_stream_) (void)cudaStreamDestroy(copy_stream_);
   (void)cudaGetLastError();
 }
-
-cudaStream_t CudaBackend::stream() const { return reinterpret_cast<cudaStream_t>(cuda_api::thread_stream()); }
 
 uint16_t* CudaBackend::slot_ptr(int layer, int32_t slot) const {
   return static_cast<uint16_t*>(pool_) + layer_offset(layer) + size_t(slot) * slot_stride_;
@@ -278,11 +260,12 @@ void CudaBackend::ensure_partials(int32_t p_tok, cudaStream_t s) {
               "partial output");
 }
 
-void CudaBackend::append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v) {
+void CudaBackend::append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v,
+                         const ExecContext& ctx) {
   DeviceGuard g(device_);
   check_tensor(k, "k");
   check_tensor(v, "v");
-  cudaStream_t s = stream();
+  cudaStream_t s = stream(ctx);
   if (cfg_.eviction.enabled) refuse_capture(s, "append");
   order_after_previous(s);
   ensure_plan(plan, s);
@@ -304,26 +287,27 @@ void CudaBackend::append(int layer, const StepPlan& plan, const TensorView& k, c
   record_done(s);
 }
 
-void CudaBackend::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
+void CudaBackend::copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_tokens, const ExecContext& ctx) {
   if (n_tokens <= 0 || src == dst) return;
-  if (cfg_.eviction.host_tier()) {  // layers hold different slot counts: no common stride
-    for (int l = 0; l < cfg_.layers; ++l) copy_chunk_layer(l, src, dst, n_tokens);
+  const bool all = layer == kAllLayers;
+  if (all && cfg_.eviction.host_tier()) {  // layers hold different slot counts: no common stride
+    for (int l = 0; l < cfg_.layers; ++l) copy_chunk(l, src, dst, n_tokens, ctx);
     return;
   }
   DeviceGuard g(device_);
   CopyParams cp;
-  cp.pool = static_cast<uint16_t*>(pool_);
+  cp.pool = all ? static_cast<uint16_t*>(pool_) : slot_ptr(layer, 0);
   cp.slot_stride = int64_t(slot_stride_);
-  cp.layer_stride = int64_t(slots_) * int64_t(slot_stride_);
+  cp.layer_stride = all ? int64_t(slots_) * int64_t(slot_stride_) : 0;
   cp.tile = int64_t(cfg_.chunk_size) * cfg_.head_dim;
   cp.src = src;
   cp.dst = dst;
   cp.n_tokens = std::min(n_tokens, cfg_.chunk_size);
   cp.tiles_per_slot = 2 * cfg_.kv_heads;
-  cp.layers = cfg_.layers;
+  cp.layers = all ? cfg_.layers : 1;
   cp.D = cfg_.head_dim;
   const int64_t work = int64_t(cp.layers) * cp.tiles_per_slot * cp.n_tokens * (cp.D / 8);
-  cudaStream_t s = stream();
+  cudaStream_t s = stream(ctx);
   order_after_previous(s);
   copy_chunk_kernel<<<grid_for(work, 256), 256, 0, s>>>(cp);
   CV_CUDA(cudaGetLastError(), "copy_chunk kernel launch");
@@ -331,14 +315,14 @@ void CudaBackend::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
 }
 
 void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
-                            const TensorView* lse) {
+                            const TensorView* lse, const ExecContext& ctx) {
   DeviceGuard g(device_);
   check_tensor(q, "q");
   check_tensor(out, "out");
   if (lse && lse->device_id != device_)
     throw ValueError("lse: expected a tensor on cuda:" + std::to_string(device_) + ", got cuda:" +
                      std::to_string(lse->device_id));
-  cudaStream_t s = stream();
+  cudaStream_t s = stream(ctx);
   if (cfg_.eviction.enabled) refuse_capture(s, "attention");
   order_after_previous(s);
   ensure_plan(plan, s);
@@ -399,22 +383,12 @@ void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q
   record_done(s);
 }
 
-void CudaBackend::read_tile(int layer, int32_t slot, int kv, int head, float* dst) const {
-  DeviceGuard g(device_);
-  const size_t n = size_t(cfg_.chunk_size) * cfg_.head_dim;
-  std::vector<uint16_t> buf(n);
-  const uint16_t* src = static_cast<const uint16_t*>(pool_) + layer_offset(layer) + size_t(slot) * slot_stride_ +
-                        (size_t(kv) * cfg_.kv_heads + size_t(head)) * n;
-  CV_CUDA(cudaDeviceSynchronize(), "cudaDeviceSynchronize (read_tile)");
-  CV_CUDA(cudaMemcpy(buf.data(), src, n * 2, cudaMemcpyDeviceToHost), "cudaMemcpy (read_tile)");
-  for (size_t i = 0; i < n; ++i)
-    dst[i] = cfg_.dtype == DType::Float16 ? f16_to_float(buf[i]) : bf16_to_float(buf[i]);
-}
-
 }  // namespace cuda
 
 std::unique_ptr<Backend> make_cuda_backend(const CacheConfig& cfg, int64_t slots) {
-  return std::make_unique<cuda::CudaBackend>(cfg, slots);
+  auto b = std::make_unique<cuda::CudaBackend>(cfg, slots);
+  if (cfg.eviction.host_tier()) b->open_host_tier();  // the copy engine (b cleans up if this throws)
+  return b;
 }
 
 }  // namespace chunkvale

@@ -1,7 +1,7 @@
 // CudaBackend: the device pool [layers][slots][2][kv_heads][C][head_dim] (one cudaMalloc),
 // the plan's device copy, and the append / attention / merge / copy kernels. Every kernel
-// runs on the caller's stream (cuda_api::thread_stream(), set by the bindings); nothing
-// synchronises the host inside a step.
+// runs on the call's stream (ExecContext::stream, from the caller); nothing synchronises
+// the host inside a step.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -17,43 +17,46 @@
 namespace chunkvale {
 namespace cuda {
 
-class CudaBackend final : public Backend {
+class CudaBackend final : public Backend, public Digests, public CopyEngine, public Inspect {
  public:
   CudaBackend(const CacheConfig& cfg, int64_t slots);
   ~CudaBackend() override;
   const char* name() const override { return "cuda"; }
 
-  void append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v) override;
-  void copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) override;
-  void attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
-                 const TensorView* lse) override;
-  void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const override;
+  void append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v,
+              const ExecContext& ctx) override;
+  void attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out, const TensorView* lse,
+                 const ExecContext& ctx) override;
+  void copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_tokens, const ExecContext& ctx) override;
+  Digests* digests() override { return digests_ ? this : nullptr; }
+  CopyEngine* copy_engine() override { return copy_stream_ ? this : nullptr; }
+  const Inspect& inspect() const override { return *this; }
 
   // Eviction (cuda_eviction.cu): digests live on the device and are scored and ranked there;
   // the k best indices per request come back to the host, where the core plans the layer
-  // (one stream synchronisation per scored layer and step). score_chunks (every score back
-  // to the host) is not needed: the core only asks for top_chunks.
-  void update_digests(int layer, const int32_t* chunks, const int32_t* slots, size_t n, DigestKind kind) override;
-  void top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count, DigestKind kind,
-                  int k) override;
-  void read_digest(int layer, int32_t slot, int head, float* dst) const override;
+  // (one stream synchronisation per scored layer and step).
+  void update_digests(int layer, const int32_t* chunks, const int32_t* slots, size_t n,
+                      const ExecContext& ctx) override;
+  void top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count, int k,
+                  const ExecContext& ctx) override;
   // Host tier: backups on a copy stream into pinned memory, one event per ticket; recalls on
-  // the caller's stream.
-  void open_host_tier() override;
+  // the call's stream. make_cuda_backend opens the copy stream when the config has a host tier.
+  void open_host_tier();
   HostMemory host_memory() const override;
-  uint64_t backup(int layer, int32_t slot, void* host_dst) override;
+  uint64_t backup(int layer, int32_t slot, void* host_dst, const ExecContext& ctx) override;
   uint64_t backups_done() const override;
   void wait_backup(uint64_t ticket) override;
-  void recall(int layer, int32_t slot, const void* host_src) override;
-  void copy_chunk_layer(int layer, int32_t src, int32_t dst, int32_t n_tokens) override;
+  void recall(int layer, int32_t slot, const void* host_src, const ExecContext& ctx) override;
+
+  void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const override;
+  void read_digest(int layer, int32_t slot, int head, float* dst) const override;
 
   // Counters for tests and notes: plan uploads and their bytes.
   int64_t plan_uploads() const { return uploads_; }
   int64_t plan_upload_bytes() const { return upload_bytes_; }
 
  private:
-  void use_device() const;
-  cudaStream_t stream() const;
+  static cudaStream_t stream(const ExecContext& ctx) { return static_cast<cudaStream_t>(ctx.stream); }
   void check_tensor(const TensorView& t, const char* arg) const;
   void ensure_plan(const StepPlan& plan, cudaStream_t s);  // refresh the device copy if stale
   void ensure_partials(int32_t p_tok, cudaStream_t s);
@@ -84,8 +87,7 @@ class CudaBackend final : public Backend {
   void* results_host_ = nullptr;  // pinned: top-k indices coming back
   size_t results_host_cap_ = 0;
   std::vector<int32_t> score_pack_;
-  size_t queue_scores(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
-                      DigestKind kind, cudaStream_t s);
+  size_t queue_scores(int layer, const TensorView& q, const ScoreRequest* requests, size_t count, cudaStream_t s);
   void* results_host(size_t bytes, cudaStream_t s);
 
   // Host tier: the copy stream, a ready event (the caller's stream reached the backup), one

@@ -27,11 +27,11 @@ void CudaBackend::refuse_capture(cudaStream_t s, const char* what) const {
 // ---- digests ----
 
 void CudaBackend::update_digests(int layer, const int32_t* chunks, const int32_t* slots, size_t n,
-                                 DigestKind kind) {
+                                 const ExecContext& ctx) {
   if (!digests_) throw ValueError("eviction: digests are off for this cache");
   if (n == 0) return;
   DeviceGuard g(device_);
-  cudaStream_t s = stream();
+  cudaStream_t s = stream(ctx);
   refuse_capture(s, "update_digests");
   order_after_previous(s);
   score_pack_.assign(chunks, chunks + n);
@@ -46,7 +46,7 @@ void CudaBackend::update_digests(int layer, const int32_t* chunks, const int32_t
   p.kv_heads = cfg_.kv_heads;
   p.C = cfg_.chunk_size;
   p.D = cfg_.head_dim;
-  p.kind = int(kind);
+  p.kind = int(cfg_.eviction.digest);
   const dim3 grid(unsigned(n), unsigned(cfg_.kv_heads));
   if (cfg_.dtype == DType::Float16)
     digest_kernel<__half><<<grid, kDigestThreads, 0, s>>>(p);
@@ -59,7 +59,7 @@ void CudaBackend::update_digests(int layer, const int32_t* chunks, const int32_t
 // Uploads the requests (rows, offsets, each candidate's request and chunk) and queues the
 // score kernels on s; the scores land in scores_dev_. Returns the candidates in all.
 size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
-                                 DigestKind kind, cudaStream_t s) {
+                                 cudaStream_t s) {
   size_t total = 0;
   for (size_t r = 0; r < count; ++r) total += requests[r].n;
   score_pack_.resize(2 * count + 1 + 2 * total);
@@ -90,7 +90,7 @@ size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequ
   pp.kv_heads = cfg_.kv_heads;
   pp.group = cfg_.group();
   pp.D = cfg_.head_dim;
-  pp.kind = int(kind);
+  pp.kind = int(cfg_.eviction.digest);
   if (cfg_.dtype == DType::Float16)
     score_prep_kernel<__half><<<dim3(unsigned(count), unsigned(cfg_.kv_heads)), kDigestThreads, 0, s>>>(pp);
   else
@@ -106,7 +106,7 @@ size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequ
     sp.n = int64_t(total);
     sp.kv_heads = cfg_.kv_heads;
     sp.D = cfg_.head_dim;
-    sp.kind = int(kind);
+    sp.kind = int(cfg_.eviction.digest);
     const unsigned blocks = unsigned((total + kScoreWarps - 1) / kScoreWarps);
     score_kernel<<<blocks, kScoreWarps * 32, 0, s>>>(sp);
     CV_CUDA(cudaGetLastError(), "score kernel launch");
@@ -128,16 +128,16 @@ void* CudaBackend::results_host(size_t bytes, cudaStream_t s) {
   return results_host_;
 }
 
-void CudaBackend::top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
-                             DigestKind kind, int k) {
+void CudaBackend::top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count, int k,
+                             const ExecContext& ctx) {
   if (!digests_) throw ValueError("eviction: digests are off for this cache");
   if (count == 0 || k <= 0) return;
   DeviceGuard g(device_);
   check_tensor(q, "q");
-  cudaStream_t s = stream();
+  cudaStream_t s = stream(ctx);
   refuse_capture(s, "top_chunks");
   order_after_previous(s);
-  queue_scores(layer, q, requests, count, kind, s);
+  queue_scores(layer, q, requests, count, s);
   const size_t n_top = count * size_t(k);
   grow_device(reinterpret_cast<void**>(&top_dev_), &top_dev_cap_, n_top * 4, s, "top-k");
   TopKParams tp;
@@ -154,15 +154,6 @@ void CudaBackend::top_chunks(int layer, const TensorView& q, const ScoreRequest*
   CV_CUDA(cudaStreamSynchronize(s), "cudaStreamSynchronize (top-k)");
   for (size_t r = 0; r < count; ++r)
     std::memcpy(requests[r].top, host + r * size_t(k), std::min<size_t>(size_t(k), requests[r].n) * 4);
-}
-
-void CudaBackend::read_digest(int layer, int32_t slot, int head, float* dst) const {
-  if (!digests_) throw ValueError("eviction: digests are off for this cache");
-  DeviceGuard g(device_);
-  const size_t D = size_t(cfg_.head_dim);
-  const float* src = digests_ + ((size_t(layer) * size_t(slots_) + size_t(slot)) * cfg_.kv_heads + size_t(head)) * 2 * D;
-  CV_CUDA(cudaDeviceSynchronize(), "cudaDeviceSynchronize (read_digest)");
-  CV_CUDA(cudaMemcpy(dst, src, 2 * D * 4, cudaMemcpyDeviceToHost), "cudaMemcpy (read_digest)");
 }
 
 // ---- host tier ----
@@ -195,9 +186,9 @@ HostMemory CudaBackend::host_memory() const {
           [](void* p) { (void)cudaFreeHost(p); }};
 }
 
-uint64_t CudaBackend::backup(int layer, int32_t slot, void* host_dst) {
+uint64_t CudaBackend::backup(int layer, int32_t slot, void* host_dst, const ExecContext& ctx) {
   DeviceGuard g(device_);
-  cudaStream_t s = stream();
+  cudaStream_t s = stream(ctx);
   refuse_capture(s, "backup");
   order_after_previous(s);
   // The copy starts once the caller's stream has written the slot.
@@ -249,37 +240,15 @@ void CudaBackend::wait_backup(uint64_t ticket) {
   }
 }
 
-void CudaBackend::recall(int layer, int32_t slot, const void* host_src) {
+void CudaBackend::recall(int layer, int32_t slot, const void* host_src, const ExecContext& ctx) {
   DeviceGuard g(device_);
-  cudaStream_t s = stream();
+  cudaStream_t s = stream(ctx);
   refuse_capture(s, "recall");
   order_after_previous(s);
   // Stream-ordered before the attention that reads it. A pinned source stays untouched
   // until then: the next backup into that host block waits for this stream first.
   CV_CUDA(cudaMemcpyAsync(slot_ptr(layer, slot), host_src, slot_stride_ * 2, cudaMemcpyHostToDevice, s),
           "cudaMemcpyAsync (recall)");
-  record_done(s);
-}
-
-void CudaBackend::copy_chunk_layer(int layer, int32_t src, int32_t dst, int32_t n_tokens) {
-  if (n_tokens <= 0 || src == dst) return;
-  DeviceGuard g(device_);
-  CopyParams cp;
-  cp.pool = slot_ptr(layer, 0);
-  cp.slot_stride = int64_t(slot_stride_);
-  cp.layer_stride = 0;
-  cp.tile = int64_t(cfg_.chunk_size) * cfg_.head_dim;
-  cp.src = src;
-  cp.dst = dst;
-  cp.n_tokens = std::min(n_tokens, cfg_.chunk_size);
-  cp.tiles_per_slot = 2 * cfg_.kv_heads;
-  cp.layers = 1;
-  cp.D = cfg_.head_dim;
-  const int64_t work = int64_t(cp.tiles_per_slot) * cp.n_tokens * (cp.D / 8);
-  cudaStream_t s = stream();
-  order_after_previous(s);
-  copy_chunk_kernel<<<grid_for(work, 256), 256, 0, s>>>(cp);
-  CV_CUDA(cudaGetLastError(), "copy_chunk kernel launch");
   record_done(s);
 }
 

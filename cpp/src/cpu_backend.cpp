@@ -33,6 +33,11 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
     digests_.assign(size_t(cfg.layers) * size_t(slots) * cfg.kv_heads * 2 * cfg.head_dim, 0.0f);
     score_q_.assign(size_t(threads_.size()), std::vector<float>(size_t(cfg.kv_heads) * (2 * cfg.head_dim + 1)));
   }
+  if (cfg.eviction.host_tier()) {
+    // Test-only: slows every backup so tests can catch a slot reused before its backup.
+    const char* d = std::getenv("CHUNKVALE_TEST_BACKUP_DELAY_US");
+    backups_ = std::make_unique<CpuBackupWorker>(d ? std::atoi(d) : 0);
+  }
 }
 
 CpuBackend::~CpuBackend() {
@@ -45,7 +50,8 @@ uint8_t* CpuBackend::tile(int layer, int32_t slot, int kv, int head) const {
          (size_t(kv) * cfg_.kv_heads + size_t(head)) * tile_bytes_;
 }
 
-void CpuBackend::append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v) {
+void CpuBackend::append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v,
+                        const ExecContext&) {
   const int C = cfg_.chunk_size, H = cfg_.kv_heads;
   const size_t row_bytes = size_t(cfg_.head_dim) * elem_;
   const uint8_t* ks = static_cast<const uint8_t*>(k.data);
@@ -67,16 +73,17 @@ void CpuBackend::append(int layer, const StepPlan& plan, const TensorView& k, co
     for (int64_t r = 0; r < plan.num_tokens; ++r) write_row(r, 0);
 }
 
-void CpuBackend::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
+void CpuBackend::copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_tokens, const ExecContext&) {
   const size_t bytes = size_t(n_tokens) * cfg_.head_dim * elem_;
-  for (int l = 0; l < cfg_.layers; ++l)
+  const int first = layer == kAllLayers ? 0 : layer, last = layer == kAllLayers ? cfg_.layers : layer + 1;
+  for (int l = first; l < last; ++l)
     for (int kv = 0; kv < 2; ++kv)
       for (int h = 0; h < cfg_.kv_heads; ++h)
         std::memcpy(tile(l, dst, kv, h), tile(l, src, kv, h), bytes);
 }
 
-void CpuBackend::attention(int layer, const StepPlan& plan, const TensorView& q,
-                           const TensorView& out, const TensorView* lse) {
+void CpuBackend::attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
+                           const TensorView* lse, const ExecContext&) {
   const int G = cfg_.group();
   const size_t prow = size_t(cfg_.kv_heads) * size_t(plan.partial_rows) * G;
   if (part_ml_.size() < prow * 2) part_ml_.resize(prow * 2);
@@ -114,13 +121,7 @@ void CpuBackend::read_tile(int layer, int32_t slot, int kv, int head, float* dst
 
 // ---- host tier: a (layer, slot) is one contiguous slot_bytes_ block ----
 
-void CpuBackend::open_host_tier() {
-  // Test-only: slows every backup so tests can catch a slot reused before its backup.
-  const char* d = std::getenv("CHUNKVALE_TEST_BACKUP_DELAY_US");
-  backups_ = std::make_unique<CpuBackupWorker>(d ? std::atoi(d) : 0);
-}
-
-uint64_t CpuBackend::backup(int layer, int32_t slot, void* host_dst) {
+uint64_t CpuBackend::backup(int layer, int32_t slot, void* host_dst, const ExecContext&) {
   return backups_->submit(tile(layer, slot, 0, 0), host_dst, slot_bytes_);
 }
 
@@ -128,14 +129,8 @@ uint64_t CpuBackend::backups_done() const { return backups_->done(); }
 
 void CpuBackend::wait_backup(uint64_t ticket) { backups_->wait(ticket); }
 
-void CpuBackend::recall(int layer, int32_t slot, const void* host_src) {
+void CpuBackend::recall(int layer, int32_t slot, const void* host_src, const ExecContext&) {
   std::memcpy(tile(layer, slot, 0, 0), host_src, slot_bytes_);
-}
-
-void CpuBackend::copy_chunk_layer(int layer, int32_t src, int32_t dst, int32_t n_tokens) {
-  const size_t bytes = size_t(n_tokens) * cfg_.head_dim * elem_;
-  for (int kv = 0; kv < 2; ++kv)
-    for (int h = 0; h < cfg_.kv_heads; ++h) std::memcpy(tile(layer, dst, kv, h), tile(layer, src, kv, h), bytes);
 }
 
 }  // namespace chunkvale

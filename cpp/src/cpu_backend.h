@@ -10,33 +10,40 @@
 
 namespace chunkvale {
 
-class CpuBackend final : public Backend {
+// Every ability: digests when eviction is on, the copy engine (a worker thread) with the
+// host tier. Runs synchronously: ExecContext is unused.
+class CpuBackend final : public Backend, public Digests, public CopyEngine, public Inspect {
  public:
   CpuBackend(const CacheConfig& cfg, int64_t slots);
   ~CpuBackend() override;
   const char* name() const override { return "cpu"; }
 
-  void append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v) override;
-  void copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) override;
-  void attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
-                 const TensorView* lse) override;
-  void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const override;
-  void update_digests(int layer, const int32_t* chunks, const int32_t* slots, size_t n,
-                      DigestKind kind) override;
-  void score_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
-                    DigestKind kind) override;
-  void read_digest(int layer, int32_t slot, int head, float* dst) const override;
+  void append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v, const ExecContext&) override;
+  void attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out, const TensorView* lse,
+                 const ExecContext&) override;
+  void copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_tokens, const ExecContext&) override;
+  Digests* digests() override { return digests_.empty() ? nullptr : this; }
+  CopyEngine* copy_engine() override { return backups_ ? this : nullptr; }
+  const Inspect& inspect() const override { return *this; }
 
-  void open_host_tier() override;
-  uint64_t backup(int layer, int32_t slot, void* host_dst) override;
+  // Digests (cpu_digests.cpp): scored by a kernel, ranked on the host (top_k.h).
+  void update_digests(int layer, const int32_t* chunks, const int32_t* slots, size_t n, const ExecContext&) override;
+  void top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count, int k,
+                  const ExecContext&) override;
+
+  uint64_t backup(int layer, int32_t slot, void* host_dst, const ExecContext&) override;
   uint64_t backups_done() const override;
   void wait_backup(uint64_t ticket) override;
-  void recall(int layer, int32_t slot, const void* host_src) override;
-  void copy_chunk_layer(int layer, int32_t src, int32_t dst, int32_t n_tokens) override;
+  void recall(int layer, int32_t slot, const void* host_src, const ExecContext&) override;
+
+  void read_tile(int layer, int32_t slot, int kv, int head, float* dst) const override;
+  void read_digest(int layer, int32_t slot, int head, float* dst) const override;
 
  private:
   uint8_t* tile(int layer, int32_t slot, int kv, int head) const;
   float* digest(int layer, int32_t slot, int head) const;
+  // Every candidate's score of each request (into scores, request after request).
+  void score_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count, float* scores);
 
   CacheConfig cfg_;
   int64_t slots_;
@@ -51,6 +58,8 @@ class CpuBackend final : public Backend {
   mutable std::vector<float> digests_;  // [layers][slots][kv_heads][2][D], with eviction only
   std::vector<std::vector<float>> score_q_;  // per thread: pooled query, for scoring
   std::vector<std::pair<size_t, size_t>> score_items_;  // (request, first chunk) pieces
+  std::vector<float> scores_;
+  std::vector<uint64_t> heap_;
 };
 
 }  // namespace chunkvale

@@ -7,6 +7,7 @@
 
 #include "chunkvale/errors.h"
 #include "cpu_backend.h"
+#include "top_k.h"
 
 namespace chunkvale {
 
@@ -16,7 +17,8 @@ float* CpuBackend::digest(int layer, int32_t slot, int head) const {
 }
 
 void CpuBackend::update_digests(int layer, const int32_t* chunks, const int32_t* slots, size_t n,
-                                DigestKind kind) {
+                                const ExecContext&) {
+  const DigestKind kind = cfg_.eviction.digest;
   if (digests_.empty()) throw ValueError("eviction: digests are off for this cache");
   const int C = cfg_.chunk_size, D = cfg_.head_dim;
   std::vector<float> keys(size_t(C) * D);
@@ -60,8 +62,21 @@ void CpuBackend::update_digests(int layer, const int32_t* chunks, const int32_t*
   }
 }
 
-void CpuBackend::score_chunks(int layer, const TensorView& q, const ScoreRequest* requests,
-                              size_t count, DigestKind kind) {
+void CpuBackend::top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count, int k,
+                            const ExecContext&) {
+  size_t total = 0;
+  for (size_t r = 0; r < count; ++r) total += requests[r].n;
+  scores_.resize(total);
+  score_chunks(layer, q, requests, count, scores_.data());
+  for (size_t r = 0, off = 0; r < count; off += requests[r].n, ++r)
+    top_k(scores_.data() + off, requests[r].n, size_t(std::max(k, 0)), requests[r].top, heap_);
+}
+
+void CpuBackend::score_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
+                              float* scores) {
+  const DigestKind kind = cfg_.eviction.digest;
+  std::vector<size_t> first(count + 1, 0);  // each request's first score
+  for (size_t r = 0; r < count; ++r) first[r + 1] = first[r] + requests[r].n;
   if (digests_.empty()) throw ValueError("eviction: digests are off for this cache");
   // Pieces of at most kPiece chunks, so one long sequence still spreads over the threads;
   // reading digests is memory-bound.
@@ -83,7 +98,7 @@ void CpuBackend::score_chunks(int layer, const TensorView& q, const ScoreRequest
     a.slots = req.slots + c0;
     a.n = std::min(kPiece, req.n - c0);
     a.kind = kind;
-    a.scores = req.scores + c0;
+    a.scores = scores + first[score_items_[size_t(i)].first] + c0;
     a.qf = score_q_[size_t(t)].data();
     kernels_->score_chunks(a);
   });

@@ -1,0 +1,110 @@
+#include "chunk_selection.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "plan_builder.h"
+
+namespace chunkvale {
+
+namespace {
+int64_t ns_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+ChunkSelector::ChunkSelector(const CacheConfig& cfg, Digests* digests, const PlanParams& params)
+    : cfg_(cfg), digests_(digests), params_(params), rule_(cfg.eviction, cfg.chunk_size) {}
+
+// The top-k candidates of every request of score_reqs_, by digest score (the backend
+// scores and ranks: top_k.h's rule), into top_ (k per request, best first).
+void ChunkSelector::top_requests(int layer, const TensorView& q, const ExecContext& ctx) {
+  const size_t k = size_t(std::max(rule_.topk, 0));
+  top_.resize(score_reqs_.size() * k);
+  for (size_t i = 0; i < score_reqs_.size(); ++i) score_reqs_[i].top = top_.data() + i * k;
+  auto t0 = std::chrono::steady_clock::now();
+  digests_->top_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), rule_.topk, ctx);
+  counts_.evict_score_ns += ns_since(t0);
+}
+
+const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(int layer, const Step& step, const TensorView& q,
+                                                                      const ExecContext& ctx) {
+  const StepPlan& plan = step.plan;
+  unselected_.clear();
+  score_reqs_.clear();
+  for (size_t i = 0; i < plan.seqs.size(); ++i) {
+    const StepSeq& s = plan.seqs[i];
+    // Prefill / extend rows whose sequence selects from its next decode step on.
+    const SelectionRule::Range r = rule_.of(true, s.total(), s.chunk_end - s.chunk_begin);
+    if (step.decodes(i) || !r.selects) continue;
+    Digests::ScoreRequest req;
+    req.row = s.row_begin + s.n_new - 1;
+    req.slots = plan.seq_chunks.data() + s.chunk_begin + r.lo;  // full chunks: their digests exist
+    req.n = size_t(r.hi - r.lo);
+    score_reqs_.push_back(req);
+  }
+  if (score_reqs_.empty()) return unselected_;
+  top_requests(layer, q, ctx);
+  for (const Digests::ScoreRequest& r : score_reqs_) {
+    taken_.assign(r.n, 0);
+    for (int j = 0; j < rule_.topk; ++j) taken_[size_t(r.top[j])] = 1;
+    for (size_t c = 0; c < r.n; ++c)
+      if (!taken_[c]) unselected_.push_back(r.slots[c]);
+  }
+  return unselected_;
+}
+
+const StepPlan* ChunkSelector::select(int layer, const Step& step, const TensorView& q, const ExecContext& ctx) {
+  const StepPlan& plan = step.plan;
+  auto t0 = std::chrono::steady_clock::now();
+  const size_t B = plan.seqs.size();
+  keep_.resize(B);
+  score_reqs_.clear();
+  cand_lo_.assign(B, -1);
+  for (size_t i = 0; i < B; ++i) {
+    const StepSeq& s = plan.seqs[i];
+    const int32_t nch = s.chunk_end - s.chunk_begin;
+    keep_[i].assign(size_t(nch), 1);
+    const SelectionRule::Range r = rule_.of(step.decodes(i), s.total(), nch);
+    if (!r.selects) continue;  // prefill, extend and sequences within budget attend to everything
+    cand_lo_[i] = int32_t(r.lo);
+    Digests::ScoreRequest req;
+    req.row = s.row_begin;
+    req.slots = plan.seq_chunks.data() + s.chunk_begin + r.lo;
+    req.n = size_t(r.hi - r.lo);
+    score_reqs_.push_back(req);
+  }
+  const bool any = !score_reqs_.empty();
+  if (any) {
+    top_requests(layer, q, ctx);
+    for (size_t i = 0, k = 0; i < B; ++i) {
+      if (cand_lo_[i] < 0) continue;
+      const Digests::ScoreRequest& r = score_reqs_[k++];
+      auto& keep = keep_[i];
+      const int32_t lo = cand_lo_[i];
+      for (size_t c = 0; c < r.n; ++c) keep[size_t(lo) + c] = 0;
+      for (int32_t j = 0; j < rule_.topk; ++j) keep[size_t(lo + r.top[j])] = 1;
+      counts_.evict_scored_chunks += int64_t(r.n);
+      counts_.evict_dropped_chunks += int64_t(r.n) - rule_.topk;
+    }
+    inputs_.resize(B);
+    for (size_t i = 0; i < B; ++i) {
+      const StepSeq& s = plan.seqs[i];
+      PlanSeqInput& in = inputs_[i];
+      in.id = s.seq_id;
+      in.n_new = s.n_new;
+      in.ctx_before = s.ctx_before;
+      in.slots = plan.seq_chunks.data() + s.chunk_begin;
+      in.n_chunks = s.chunk_end - s.chunk_begin;
+      in.n_shared = s.n_shared;
+      in.keep = keep_[i].data();
+    }
+    plan_step(layer_plan_, inputs_, params_);
+    layer_plan_.id = plan.id;
+    new_revision(layer_plan_);
+  }
+  counts_.evict_select_ns += ns_since(t0);
+  return any ? &layer_plan_ : nullptr;
+}
+
+}  // namespace chunkvale

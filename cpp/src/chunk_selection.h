@@ -1,0 +1,49 @@
+// Chunk selection for budgeted attention: per layer, each decoding sequence over budget
+// keeps its sinks, its recent window and the top-k chunks by digest score for its query
+// (SelectionRule decides who selects); the layer's plan is rebuilt over the kept chunks.
+// After a prefill, the chunks an over-budget sequence would not select are named, so the
+// host tier can make them its first eviction victims.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "chunkvale/backend.h"
+#include "chunkvale/cache_stats.h"
+#include "selection_rule.h"
+#include "step.h"
+
+namespace chunkvale {
+
+class ChunkSelector {
+ public:
+  // `digests`: the backend's (null without eviction: then nothing is asked of it).
+  ChunkSelector(const CacheConfig& cfg, Digests* digests, const PlanParams& params);
+
+  // This layer's plan over the kept chunks, or null when nothing is dropped (the step's
+  // plan stands). Valid until the next call.
+  const StepPlan* select(int layer, const Step& step, const TensorView& q, const ExecContext& ctx);
+  // The chunks (ids) of prefill / extend rows, over budget from their next decode step on,
+  // that their last prompt token would not select.
+  const std::vector<int32_t>& unselected_after_prefill(int layer, const Step& step, const TensorView& q,
+                                                      const ExecContext& ctx);
+
+  const CacheStats& counts() const { return counts_; }  // part_counts.h
+
+ private:
+  void top_requests(int layer, const TensorView& q, const ExecContext& ctx);  // score_reqs_ -> top_
+
+  const CacheConfig& cfg_;
+  Digests* digests_;
+  const PlanParams& params_;
+  SelectionRule rule_;
+  StepPlan layer_plan_;
+  std::vector<std::vector<uint8_t>> keep_;
+  std::vector<PlanSeqInput> inputs_;
+  std::vector<int32_t> top_;  // k per request
+  std::vector<uint8_t> taken_;
+  std::vector<Digests::ScoreRequest> score_reqs_;
+  std::vector<int32_t> cand_lo_, unselected_;
+  CacheStats counts_;  // chunks scored and dropped, time selecting and scoring
+};
+
+}  // namespace chunkvale
