@@ -37,18 +37,6 @@ bool head_dim_supported(int D) {
 #endif
 }
 
-float bf16_to_float(uint16_t b) {
-  uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-float f16_to_float(uint16_t h) {
-  __half_raw r;
-  r.x = h;
-  return __half2float(__half(r));
-}
-
 }  // namespace
 
 CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slots_(slots) {
@@ -72,14 +60,11 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
                      "fp16/bf16), got " + std::to_string(prop.major) + "." + std::to_string(prop.minor) +
                      " (" + prop.name + ")");
   sm_count_ = prop.multiProcessorCount;
-  slot_stride_ = size_t(2) * cfg.kv_heads * cfg.chunk_size * cfg.head_dim;
-  size_t elems = 0;
-  for (int l = 0; l < cfg.layers; ++l) {
-    layer_offset_.push_back(elems);
-    // `slots` is the logical capacity; layers that evict hold only their device slots.
-    elems += size_t(cfg.evicts_to_host(l) ? cfg.layer_slots(l) : slots) * slot_stride_;
-  }
-  const size_t bytes = elems * 2;
+  slot_stride_ = size_t(PoolView::chunkvale_layout(cfg.kv_heads, cfg.chunk_size, cfg.head_dim).slot_elems());
+  // `slots` is the logical capacity; layers that evict hold only their device slots.
+  layer_offsets(cfg.layers, int64_t(slot_stride_), [&](int l) { return cfg.evicts_to_host(l) ? cfg.layer_slots(l) : slots; },
+                layer_offset_);
+  const size_t bytes = layer_offset_.back() * 2;
   cudaError_t e = cudaMalloc(&pool_, bytes);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
@@ -91,7 +76,7 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
   try {
     CV_CUDA(cudaMemset(pool_, 0, bytes), "cudaMemset(pool)");
     if (cfg.eviction.enabled) {
-      const size_t dbytes = size_t(cfg.layers) * size_t(slots) * cfg.kv_heads * 2 * cfg.head_dim * 4;
+      const size_t dbytes = size_t(DigestView{slots, cfg.kv_heads, cfg.head_dim}.layer(cfg.layers)) * 4;
       cudaError_t de = cudaMalloc(reinterpret_cast<void**>(&digests_), dbytes);
       if (de != cudaSuccess) {
         (void)cudaGetLastError();
@@ -200,11 +185,7 @@ void CudaBackend::grow_device(void** ptr, size_t* cap, size_t need, cudaStream_t
 void CudaBackend::ensure_plan(const StepPlan& plan, cudaStream_t s) {
   if (plan_valid_ && plan.revision == plan_rev_) return;
   plan_valid_ = false;
-  PlanBuildParams bp;
-  bp.chunk_size = cfg_.chunk_size;
-  bp.group = cfg_.group();
-  bp.kv_heads = cfg_.kv_heads;
-  bp.sm_count = sm_count_;
+  PlanBuildParams bp = PlanBuildParams::for_cache(cfg_, sm_count_);
   bp.items_per_sm = items_per_sm_;
   bp.min_piece = min_piece_;
   try {
@@ -292,7 +273,7 @@ void CudaBackend::append(int layer, const StepPlan& plan, const TensorView& k, c
   ap.v = v.data;
   ap.row_slot = dplan_ + dev_layout_.row_slot;
   ap.positions = dplan_ + dev_layout_.positions;
-  ap.slot_stride = int64_t(slot_stride_);
+  ap.pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
   ap.num_tokens = plan.num_tokens;
   ap.kv_heads = cfg_.kv_heads;
   ap.C = cfg_.chunk_size;
@@ -312,16 +293,14 @@ void CudaBackend::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
   DeviceGuard g(device_);
   CopyParams cp;
   cp.pool = static_cast<uint16_t*>(pool_);
-  cp.slot_stride = int64_t(slot_stride_);
+  cp.view = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
   cp.layer_stride = int64_t(slots_) * int64_t(slot_stride_);
-  cp.tile = int64_t(cfg_.chunk_size) * cfg_.head_dim;
   cp.src = src;
   cp.dst = dst;
   cp.n_tokens = std::min(n_tokens, cfg_.chunk_size);
-  cp.tiles_per_slot = 2 * cfg_.kv_heads;
   cp.layers = cfg_.layers;
-  cp.D = cfg_.head_dim;
-  const int64_t work = int64_t(cp.layers) * cp.tiles_per_slot * cp.n_tokens * (cp.D / 8);
+  cp.kv_heads = cfg_.kv_heads;
+  const int64_t work = int64_t(cp.layers) * 2 * cp.kv_heads * cp.n_tokens * (cfg_.head_dim / 8);
   cudaStream_t s = stream();
   order_after_previous(s);
   copy_chunk_kernel<<<grid_for(work, 256), 256, 0, s>>>(cp);
@@ -355,7 +334,7 @@ void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q
   ap.positions = dplan_ + L.positions;
   ap.part_ml = part_ml_;
   ap.part_o = part_o_;
-  ap.slot_stride = int64_t(slot_stride_);
+  ap.pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
   ap.C = cfg_.chunk_size;
   ap.kv_heads = cfg_.kv_heads;
   ap.q_heads = cfg_.q_heads;
@@ -402,12 +381,12 @@ void CudaBackend::read_tile(int layer, int32_t slot, int kv, int head, float* ds
   DeviceGuard g(device_);
   const size_t n = size_t(cfg_.chunk_size) * cfg_.head_dim;
   std::vector<uint16_t> buf(n);
-  const uint16_t* src = static_cast<const uint16_t*>(pool_) + layer_offset(layer) + size_t(slot) * slot_stride_ +
-                        (size_t(kv) * cfg_.kv_heads + size_t(head)) * n;
+  const uint16_t* src = static_cast<const uint16_t*>(pool_) + layer_offset(layer) +
+                        PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim).tile(slot, kv, head);
   CV_CUDA(cudaDeviceSynchronize(), "cudaDeviceSynchronize (read_tile)");
   CV_CUDA(cudaMemcpy(buf.data(), src, n * 2, cudaMemcpyDeviceToHost), "cudaMemcpy (read_tile)");
   for (size_t i = 0; i < n; ++i)
-    dst[i] = cfg_.dtype == DType::Float16 ? f16_to_float(buf[i]) : bf16_to_float(buf[i]);
+    dst[i] = cfg_.dtype == DType::Float16 ? bits_to_float_as<__half>(buf[i]) : bf16_to_float(buf[i]);
 }
 
 }  // namespace cuda

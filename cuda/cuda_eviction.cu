@@ -39,10 +39,10 @@ void CudaBackend::update_digests(int layer, const int32_t* chunks, const int32_t
   const int32_t* dev = static_cast<const int32_t*>(uploads_ring_.put(score_pack_.data(), score_pack_.size() * 4, s));
   DigestParams p;
   p.pool_layer = slot_ptr(layer, 0);
-  p.digests_layer = digests_ + size_t(layer) * size_t(slots_) * cfg_.kv_heads * 2 * cfg_.head_dim;
+  p.digests_layer = digests_ + DigestView{slots_, cfg_.kv_heads, cfg_.head_dim}.layer(layer);
   p.chunks = dev;
   p.slots = dev + n;
-  p.slot_stride = int64_t(slot_stride_);
+  p.pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
   p.kv_heads = cfg_.kv_heads;
   p.C = cfg_.chunk_size;
   p.D = cfg_.head_dim;
@@ -98,7 +98,7 @@ size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequ
   CV_CUDA(cudaGetLastError(), "score prep kernel launch");
   if (total > 0) {
     ScoreParams sp;
-    sp.digests_layer = digests_ + size_t(layer) * size_t(slots_) * cfg_.kv_heads * 2 * cfg_.head_dim;
+    sp.digests_layer = digests_ + DigestView{slots_, cfg_.kv_heads, cfg_.head_dim}.layer(layer);
     sp.qsum = qsum_;
     sp.cand_req = creq - score_pack_.data() + dev;
     sp.cand_chunk = cchunk - score_pack_.data() + dev;
@@ -160,7 +160,8 @@ void CudaBackend::read_digest(int layer, int32_t slot, int head, float* dst) con
   if (!digests_) throw ValueError("eviction: digests are off for this cache");
   DeviceGuard g(device_);
   const size_t D = size_t(cfg_.head_dim);
-  const float* src = digests_ + ((size_t(layer) * size_t(slots_) + size_t(slot)) * cfg_.kv_heads + size_t(head)) * 2 * D;
+  const DigestView dv{slots_, cfg_.kv_heads, cfg_.head_dim};
+  const float* src = digests_ + dv.layer(layer) + dv.at(slot, head);
   CV_CUDA(cudaDeviceSynchronize(), "cudaDeviceSynchronize (read_digest)");
   CV_CUDA(cudaMemcpy(dst, src, 2 * D * 4, cudaMemcpyDeviceToHost), "cudaMemcpy (read_digest)");
 }
@@ -266,16 +267,14 @@ void CudaBackend::copy_chunk_layer(int layer, int32_t src, int32_t dst, int32_t 
   DeviceGuard g(device_);
   CopyParams cp;
   cp.pool = slot_ptr(layer, 0);
-  cp.slot_stride = int64_t(slot_stride_);
+  cp.view = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
   cp.layer_stride = 0;
-  cp.tile = int64_t(cfg_.chunk_size) * cfg_.head_dim;
   cp.src = src;
   cp.dst = dst;
   cp.n_tokens = std::min(n_tokens, cfg_.chunk_size);
-  cp.tiles_per_slot = 2 * cfg_.kv_heads;
   cp.layers = 1;
-  cp.D = cfg_.head_dim;
-  const int64_t work = int64_t(cp.tiles_per_slot) * cp.n_tokens * (cp.D / 8);
+  cp.kv_heads = cfg_.kv_heads;
+  const int64_t work = int64_t(2) * cp.kv_heads * cp.n_tokens * (cfg_.head_dim / 8);
   cudaStream_t s = stream();
   order_after_previous(s);
   copy_chunk_kernel<<<grid_for(work, 256), 256, 0, s>>>(cp);

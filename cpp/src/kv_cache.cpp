@@ -72,9 +72,6 @@ KVCache::KVCache(const CacheConfig& config)
       tree_(cfg_.chunk_size) {
   backend_ = make_backend(cfg_, cfg_.resolved_capacity());
   plan_params_.chunk_size = cfg_.chunk_size;
-  plan_params_.kv_heads = cfg_.kv_heads;
-  plan_params_.group = cfg_.group();
-  plan_params_.threads = cfg_.threads > 0 ? cfg_.threads : int(std::max(1u, std::thread::hardware_concurrency()));
   plan_params_.share_threshold = cfg_.share_threshold;
   device_ = cfg_.device == "cuda" ? TensorView::Device::CUDA : TensorView::Device::CPU;
   if (cfg_.eviction.host_tier()) {
