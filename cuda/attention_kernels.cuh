@@ -20,17 +20,8 @@
 // Merge kernel (merge_kernel.cuh): the row's partials by log-sum-exp. A fault finder
 // with the same items and partials: attention_reference.cuh.
 #pragma once
-#include <cstdint>
-
-#ifdef CHUNKVALE_EMULATE
-#include "emulate.h"  // host emulation of the warp-level primitives (test_kernel_emulation.cpp)
-#else
-#include "attention_ptx.cuh"
-#endif
-
-#include "chunkvale/detail/dtype_convert.h"
-#include "chunkvale/detail/softmax_state.h"
 #include "device_plan.h"
+#include "kernel_env.cuh"
 
 namespace chunkvale {
 namespace cuda {

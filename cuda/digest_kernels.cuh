@@ -7,18 +7,7 @@
 // one warp per candidate chunk takes a dot product with the chunk's digest. The bound of a
 // chunk is thereby read once per candidate, whatever the group size.
 #pragma once
-#include <cstdint>
-
-#ifdef CHUNKVALE_EMULATE
-#include "emulate.h"
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#endif
-
-#include "chunkvale/detail/dtype_convert.h"
-#include "chunkvale/detail/pool_view.h"
+#include "kernel_env.cuh"
 
 namespace chunkvale {
 namespace cuda {

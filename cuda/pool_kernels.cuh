@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "device_plan.h"
+#include "kernel_env.cuh"
 
 namespace chunkvale {
 namespace cuda {

@@ -53,18 +53,25 @@ inline float f16_to_float(uint16_t bits) { return float(bit_cast<half_t>(bits));
 #if defined(CHUNKVALE_CUDA_TYPES)
 // The CUDA element types (__half, __nv_bfloat16) and their uint16_t storage bits.
 template <typename T>
-CHUNKVALE_HD float to_float(T x);
+struct CudaElem;
 template <>
-CHUNKVALE_HD float to_float<__half>(__half x) { return __half2float(x); }
+struct CudaElem<__half> {
+  CHUNKVALE_HD static float to(__half x) { return __half2float(x); }
+  CHUNKVALE_HD static __half from(float x) { return __float2half_rn(x); }
+};
 template <>
-CHUNKVALE_HD float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
+struct CudaElem<__nv_bfloat16> {
+  CHUNKVALE_HD static float to(__nv_bfloat16 x) { return __bfloat162float(x); }
+  CHUNKVALE_HD static __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+};
 template <typename T>
-CHUNKVALE_HD T from_float(float x);
-template <>
-CHUNKVALE_HD __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-CHUNKVALE_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+CHUNKVALE_HD float to_float(T x) {
+  return CudaElem<T>::to(x);
+}
+template <typename T>
+CHUNKVALE_HD T from_float(float x) {
+  return CudaElem<T>::from(x);
+}
 
 // The element of type T stored in `bits`, as fp32 (and back: the bits of x rounded to T).
 template <typename T>
