@@ -1,9 +1,3 @@
 #include "attention_launch.cuh"
 
-namespace chunkvale {
-namespace cuda {
-cudaError_t launch_attention_f16(const AttnParams& p, int D, int n_items, cudaStream_t stream) {
-  return launch_attention_t<__half>(p, D, n_items, stream);
-}
-}  // namespace cuda
-}  // namespace chunkvale
+CHUNKVALE_DEFINE_ATTENTION_LAUNCH(launch_attention_f16, __half)

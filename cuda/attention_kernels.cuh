@@ -4,7 +4,7 @@
 // Attention kernel, one CTA (4 warps) per (item, KV head):
 //   * Q tile: the item's stacked rows (token row x query head of the GQA group, row-major
 //     as t * group + g), up to 64, staged in shared memory as the cache dtype.
-//   * Keys stream through shared memory in 16-key blocks (a 16 x D slab of one chunk's
+//   * K/V are addressed through the pool view (PoolView, pool_view.h); keys stream through shared memory in 16-key blocks (a 16 x D slab of one chunk's
 //     K and V tile; a chunk of C tokens is C / 16 blocks), SB blocks per stage, two stages
 //     (cp.async, zero-filled past a chunk's valid keys).
 //   * Warps are laid out warps_m x warps_n (warps_n = 1, 2 or 4, chosen per item): warp
@@ -17,20 +17,11 @@
 //     P (rounded to the cache dtype) V with mma.sync into fp32 accumulators.
 //   * End: the warps of a row group combine through shared memory and write the item's
 //     partials (max in log2 units, sum, unnormalised output) in fp32.
-// Merge kernel, one warp per (packed row, query head): the row's partials by log-sum-exp,
-// normalised output in the cache dtype and the natural-log LSE.
+// Merge kernel (merge_kernel.cuh): the row's partials by log-sum-exp. A fault finder
+// with the same items and partials: attention_reference.cuh.
 #pragma once
-#include <cstdint>
-
-#ifdef CHUNKVALE_EMULATE
-#include "emulate.h"  // host emulation of the warp-level primitives (test_kernel_emulation.cpp)
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#endif
-
 #include "device_plan.h"
+#include "kernel_env.cuh"
 
 namespace chunkvale {
 namespace cuda {
@@ -57,68 +48,17 @@ struct AttnShape {
   static constexpr size_t smem_bytes = q_bytes + body_bytes;
 };
 
-#ifndef CHUNKVALE_EMULATE
-// ---- small PTX helpers ----
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool full) {
-  const int n = full ? 16 : 0;  // 0: zero-fill, nothing read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-
-template <typename T>
-struct Mma;
-template <>
-struct Mma<__half> {
-  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
+// The online softmax of the GPU kernels runs in log2 units (scores pre-scaled by log2 e):
+// exponentials are ex2, and an LSE turns natural at the end (softmax_state.h).
+struct Log2Units {
+  __device__ __forceinline__ float operator()(float x) const { return fast_exp2(x); }
+  __device__ __forceinline__ static float exp(float x) { return fast_exp2(x); }
+  __device__ __forceinline__ static float log(float x) { return __log2f(x); }
+  static constexpr float kToNatural = 0.69314718055994531f;
 };
-template <>
-struct Mma<__nv_bfloat16> {
-  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
+struct FMax {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
-
-__device__ __forceinline__ float fast_exp2(float x) {  // exp2(-inf) = +0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-#endif  // CHUNKVALE_EMULATE
 
 // An item's chunk table (slot, valid keys, first position). Its first kMetaChunks entries are
 // staged in shared memory once, so that walking the key stream costs a shared-memory read per
@@ -180,7 +120,6 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   const bool causal = (it.flags & kItemCausal) != 0;
   const int real_rows = it.n_tok * G;
   const int tile_rows = 16 * (4 / warps_n);
-  const int64_t tileCD = int64_t(p.C) * D;
 
   // ---- the item's chunk table, then the K/V stream ----
   __shared__ int32_t meta_s[3][kMetaChunks];
@@ -193,6 +132,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   __syncthreads();
   const ItemChunks ch{meta_s[0], meta_s[1], meta_s[2], p.chunk_slot, p.chunk_valid, p.chunk_start, it.chunk_begin};
   const T* layer = static_cast<const T*>(p.pool_layer);
+  const PoolView& pool = p.pool;
   KeyCursor lc{it.chunk_begin, 0};
   cursor_skip_empty(lc, c_end, ch);
   KeyCursor cc = lc;
@@ -200,9 +140,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   auto load_stage = [&](int buf) {
     for (int b = 0; b < SB && lc.c < c_end; ++b) {
       const int nvalid = min(16, ch.valid(lc.c) - lc.kb);
-      const T* kg = layer + int64_t(ch.slot(lc.c)) * p.slot_stride + int64_t(kvh) * tileCD +
-                    int64_t(lc.kb) * D;
-      const T* vg = kg + int64_t(p.kv_heads) * tileCD;
+      const T* kg = pool.k_tile(layer, ch.slot(lc.c), kvh) + int64_t(lc.kb) * D;
+      const T* vg = pool.v_tile(layer, ch.slot(lc.c), kvh) + int64_t(lc.kb) * D;
       T* ks = KV + ((buf * 2 + 0) * SB * 16 + b * 16) * LDS;
       T* vs = KV + ((buf * 2 + 1) * SB * 16 + b * 16) * LDS;
       constexpr int VPR = D / 8;
@@ -220,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   float o[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // rows lane/4 and lane/4 + 8
+  SoftmaxState<float> st0{-INFINITY, 0.0f}, st1{-INFINITY, 0.0f};  // rows lane/4 and lane/4 + 8
   const bool warp_active = wm * 16 < real_rows;
 
   // The first stages go out before the Q tile is read: their latency overlaps it.
@@ -291,11 +230,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float b0 = mn0 == -INFINITY ? 0.0f : mn0, b1 = mn1 == -INFINITY ? 0.0f : mn1;
-        const float al0 = fast_exp2(m0 - b0), al1 = fast_exp2(m1 - b1);
-        m0 = mn0;
-        m1 = mn1;
+        const float al0 = st0.move_max(mx0, Log2Units{}, FMax{}), al1 = st1.move_max(mx1, Log2Units{}, FMax{});
+        const float b0 = st0.base(), b1 = st1.base();
         float s0 = 0.0f, s1 = 0.0f;
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
@@ -306,8 +242,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
           s0 += sc[n][0] + sc[n][1];
           s1 += sc[n][2] + sc[n][3];
         }
-        l0 = l0 * al0 + s0;
-        l1 = l1 * al1 + s1;
+        st0.add(al0, s0);
+        st1.add(al1, s1);
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
           o[n][0] *= al0;
@@ -338,6 +274,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   __syncthreads();
 
   // ---- combine the warps of each row group, write the partials ----
+  float l0 = st0.l, l1 = st1.l;
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
@@ -352,9 +289,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
     }
     if ((lane & 3) == 0) {
       float* ml = MLs + warp * 16 * 2;
-      ml[r0 * 2] = m0;
+      ml[r0 * 2] = st0.m;
       ml[r0 * 2 + 1] = l0;
-      ml[(r0 + 8) * 2] = m1;
+      ml[(r0 + 8) * 2] = st1.m;
       ml[(r0 + 8) * 2 + 1] = l1;
     }
   }
@@ -363,166 +300,17 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnParams p)
   for (int idx = tid; idx < real_rows * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;
     const int g0 = (r >> 4) * warps_n, lr = r & 15;
-    float M = -INFINITY;
-    for (int w = 0; w < warps_n; ++w) M = fmaxf(M, MLs[(g0 + w) * 32 + lr * 2]);
-    const float base = M == -INFINITY ? 0.0f : M;
-    float acc = 0.0f, L = 0.0f;
-    for (int w = 0; w < warps_n; ++w) {
-      const float wt = fast_exp2(MLs[(g0 + w) * 32 + lr * 2] - base);
-      acc += wt * Os[((g0 + w) * 16 + lr) * LDO + d];
-      L += wt * MLs[(g0 + w) * 32 + lr * 2 + 1];
-    }
+    PartialMerge<Log2Units> mg;  // the warps' partials of row r
+    for (int w = 0; w < warps_n; ++w) mg.see_max(MLs[(g0 + w) * 32 + lr * 2]);
+    float acc = 0.0f;
+    for (int w = 0; w < warps_n; ++w)
+      acc += mg.add(MLs[(g0 + w) * 32 + lr * 2], MLs[(g0 + w) * 32 + lr * 2 + 1]) * Os[((g0 + w) * 16 + lr) * LDO + d];
     p.part_o[(pbase + r) * D + d] = acc;
     if (d == 0) {
-      p.part_ml[(pbase + r) * 2] = M;
-      p.part_ml[(pbase + r) * 2 + 1] = L;
+      p.part_ml[(pbase + r) * 2] = mg.M;
+      p.part_ml[(pbase + r) * 2 + 1] = mg.L;
     }
   }
-}
-
-// ---- reference kernel: same items and partials, plain fp32 arithmetic, one warp per
-// stacked row walking its keys one by one. Slow; for localising a fault on a GPU
-// (CHUNKVALE_CUDA_KERNEL=reference): if it passes where attention_kernel fails, the fault is
-// in the tensor-core kernel, not in the plan, the append or the merge. ----
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) reference_attention_kernel(const AttnParams p, int D) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const DevItem it = p.items[blockIdx.x];
-  const int kvh = blockIdx.y, G = p.group;
-  const bool causal = (it.flags & kItemCausal) != 0;
-  const int real_rows = it.n_tok * G;
-  const int64_t tileCD = int64_t(p.C) * D;
-  const T* layer = static_cast<const T*>(p.pool_layer);
-  const T* qb = static_cast<const T*>(p.q);
-  for (int r = warp; r < real_rows; r += kThreads / 32) {
-    const int t = r / G, g = r % G;
-    const int row = p.unit_rows[it.row_begin + t];
-    const int pos = p.positions[row];
-    const T* q = qb + (int64_t(row) * p.q_heads + int64_t(kvh) * G + g) * D;
-    float qv[8], o[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      qv[k] = lane + 32 * k < D ? to_float(q[lane + 32 * k]) : 0.0f;
-      o[k] = 0.0f;
-    }
-    float m = -INFINITY, l = 0.0f;
-    for (int c = it.chunk_begin; c < it.chunk_end; ++c) {
-      const T* K = layer + int64_t(p.chunk_slot[c]) * p.slot_stride + int64_t(kvh) * tileCD;
-      const T* V = K + int64_t(p.kv_heads) * tileCD;
-      for (int j = 0; j < p.chunk_valid[c]; ++j) {
-        if (causal && p.chunk_start[c] + j > pos) break;
-        float dot = 0.0f;
-#pragma unroll
-        for (int k = 0; k < 8; ++k)
-          if (lane + 32 * k < D) dot += qv[k] * to_float(K[int64_t(j) * D + lane + 32 * k]);
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        const float x = dot * p.scale_log2;
-        const float mn = fmaxf(m, x);
-        const float alpha = exp2f(m - mn), pw = exp2f(x - mn);
-        l = l * alpha + pw;
-#pragma unroll
-        for (int k = 0; k < 8; ++k)
-          if (lane + 32 * k < D) o[k] = o[k] * alpha + pw * to_float(V[int64_t(j) * D + lane + 32 * k]);
-        m = mn;
-      }
-    }
-    const int64_t pi = (int64_t(kvh) * p.p_tok + it.pbase) * G + r;
-#pragma unroll
-    for (int k = 0; k < 8; ++k)
-      if (lane + 32 * k < D) p.part_o[pi * D + lane + 32 * k] = o[k];
-    if (lane == 0) {
-      p.part_ml[pi * 2] = m;
-      p.part_ml[pi * 2 + 1] = l;
-    }
-  }
-}
-
-// ---- merge: one warp per (packed row, query head) ----
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-// One CTA per (packed row, query head). The row's partials are dealt to the 4 warps; a warp's
-// lanes read 32 partials' (max, sum) in one round trip, then stream their outputs as float4
-// columns, unrolled so that several partials' loads are in flight. The warps then combine
-// through shared memory. Rows merge tens of partials when a long shared prefix was split for
-// parallelism, so the latency of that walk, not its bytes, is what this layout attacks.
-template <typename T>
-__global__ void __launch_bounds__(128) merge_kernel(const MergeParams p) {
-  __shared__ float4 acc_s[4][64];  // D / 4 <= 64
-  __shared__ float red_s[4][2];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t idx = blockIdx.x;
-  const int row = int(idx / p.q_heads), h = int(idx % p.q_heads);
-  const int G = p.group, kvh = h / G, g = h % G, D = p.D, D4 = p.D / 4;
-  const int b = p.row_off[row], e = p.row_off[row + 1];
-  const int64_t hb = int64_t(kvh) * p.p_tok;
-  float M = -INFINITY;
-  for (int i = b + int(threadIdx.x); i < e; i += 128) M = fmaxf(M, p.part_ml[((hb + p.row_parts[i]) * G + g) * 2]);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
-  if (lane == 0) red_s[warp][0] = M;
-  __syncthreads();
-  M = fmaxf(fmaxf(red_s[0][0], red_s[1][0]), fmaxf(red_s[2][0], red_s[3][0]));
-  const float base = M == -INFINITY ? 0.0f : M;
-  float4 acc[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
-  float L = 0.0f;
-  for (int i0 = b + warp * 32; i0 < e; i0 += 128) {
-    int pi = 0;  // this lane's partial (i0 + lane) and its weight; 0 past the end
-    float w = 0.0f;
-    if (i0 + lane < e) {
-      pi = int((hb + p.row_parts[i0 + lane]) * G + g);
-      const float mi = p.part_ml[int64_t(pi) * 2];
-      w = mi == -INFINITY ? 0.0f : fast_exp2(mi - base);
-      L += w * p.part_ml[int64_t(pi) * 2 + 1];
-    }
-    const int n = min(32, e - i0);
-#pragma unroll 4
-    for (int j = 0; j < n; ++j) {
-      const float wj = __shfl_sync(0xffffffffu, w, j);
-      const int pj = __shfl_sync(0xffffffffu, pi, j);
-      const float4* po = reinterpret_cast<const float4*>(p.part_o + int64_t(pj) * D);
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        if (lane + 32 * k < D4) {
-          const float4 x = po[lane + 32 * k];
-          acc[k].x += wj * x.x;
-          acc[k].y += wj * x.y;
-          acc[k].z += wj * x.z;
-          acc[k].w += wj * x.w;
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
-#pragma unroll
-  for (int k = 0; k < 2; ++k)
-    if (lane + 32 * k < D4) acc_s[warp][lane + 32 * k] = acc[k];
-  if (lane == 0) red_s[warp][1] = L;
-  __syncthreads();
-  L = red_s[0][1] + red_s[1][1] + red_s[2][1] + red_s[3][1];
-  const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-  T* out = static_cast<T*>(p.out) + idx * D;
-  for (int c = int(threadIdx.x); c < D4; c += 128) {
-    const float4 a = acc_s[0][c], b1 = acc_s[1][c], c2 = acc_s[2][c], d3 = acc_s[3][c];
-    out[4 * c + 0] = from_float<T>((a.x + b1.x + c2.x + d3.x) * inv);
-    out[4 * c + 1] = from_float<T>((a.y + b1.y + c2.y + d3.y) * inv);
-    out[4 * c + 2] = from_float<T>((a.z + b1.z + c2.z + d3.z) * inv);
-    out[4 * c + 3] = from_float<T>((a.w + b1.w + c2.w + d3.w) * inv);
-  }
-  if (p.lse && threadIdx.x == 0) p.lse[idx] = L > 0.0f ? (M + __log2f(L)) * 0.69314718055994531f : -INFINITY;
 }
 
 #ifndef CHUNKVALE_EMULATE
@@ -533,3 +321,7 @@ cudaError_t launch_attention_bf16(const AttnParams& p, int D, int n_items, cudaS
 
 }  // namespace cuda
 }  // namespace chunkvale
+
+// The other kernels of a step, over the same items and partials.
+#include "attention_reference.cuh"
+#include "merge_kernel.cuh"

@@ -42,3 +42,9 @@ cudaError_t launch_attention_t(const AttnParams& p, int D, int n_items, cudaStre
 
 }  // namespace cuda
 }  // namespace chunkvale
+
+// Defines the launcher `name` (declared in attention_kernels.cuh) for element type T.
+#define CHUNKVALE_DEFINE_ATTENTION_LAUNCH(name, T)                                              \
+  cudaError_t chunkvale::cuda::name(const AttnParams& p, int D, int n_items, cudaStream_t stream) { \
+    return launch_attention_t<T>(p, D, n_items, stream);                                        \
+  }

@@ -70,19 +70,16 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
                      "fp16/bf16), got " + std::to_string(prop.major) + "." + std::to_string(prop.minor) +
                      " (" + prop.name + ")");
   sm_count_ = prop.multiProcessorCount;
-  slot_stride_ = size_t(2) * cfg.kv_heads * cfg.chunk_size * cfg.head_dim;
-  size_t elems = 0;
-  for (int l = 0; l < cfg.layers; ++l) {
-    layer_offset_.push_back(elems);
-    // `slots` is the logical capacity; layers that evict hold only their device slots.
-    elems += size_t(cfg.evicts_to_host(l) ? cfg.layer_slots(l) : slots) * slot_stride_;
-  }
-  const size_t bytes = elems * 2;
+  slot_stride_ = size_t(PoolView::chunkvale_layout(cfg.kv_heads, cfg.chunk_size, cfg.head_dim).slot_elems());
+  // `slots` is the logical capacity; layers that evict hold only their device slots.
+  layer_offsets(cfg.layers, int64_t(slot_stride_), [&](int l) { return cfg.evicts_to_host(l) ? cfg.layer_slots(l) : slots; },
+                layer_offset_);
+  const size_t bytes = layer_offset_.back() * 2;
   pool_ = alloc_for_pool(bytes, slots, "the KV pool");
   try {
     CV_CUDA(cudaMemset(pool_, 0, bytes), "cudaMemset(pool)");
     if (cfg.eviction.enabled) {
-      const size_t dbytes = size_t(cfg.layers) * size_t(slots) * cfg.kv_heads * 2 * cfg.head_dim * 4;
+      const size_t dbytes = size_t(DigestView{slots, cfg.kv_heads, cfg.head_dim}.layer(cfg.layers)) * 4;
       digests_ = static_cast<float*>(alloc_for_pool(dbytes, slots, "chunk digests"));
       CV_CUDA(cudaMemset(digests_, 0, dbytes), "cudaMemset(digests)");
     }
@@ -183,11 +180,7 @@ void CudaBackend::grow_device(void** ptr, size_t* cap, size_t need, cudaStream_t
 void CudaBackend::ensure_plan(const StepPlan& plan, cudaStream_t s) {
   if (plan_valid_ && plan.revision == plan_rev_) return;
   plan_valid_ = false;
-  PlanBuildParams bp;
-  bp.chunk_size = cfg_.chunk_size;
-  bp.group = cfg_.group();
-  bp.kv_heads = cfg_.kv_heads;
-  bp.sm_count = sm_count_;
+  PlanBuildParams bp = PlanBuildParams::for_cache(cfg_, sm_count_);
   bp.items_per_sm = items_per_sm_;
   bp.min_piece = min_piece_;
   try {
@@ -276,7 +269,7 @@ void CudaBackend::append(int layer, const StepPlan& plan, const TensorView& k, c
   ap.v = v.data;
   ap.row_slot = dplan_ + dev_layout_.row_slot;
   ap.positions = dplan_ + dev_layout_.positions;
-  ap.slot_stride = int64_t(slot_stride_);
+  ap.pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
   ap.num_tokens = plan.num_tokens;
   ap.kv_heads = cfg_.kv_heads;
   ap.C = cfg_.chunk_size;
@@ -297,16 +290,14 @@ void CudaBackend::copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_toke
   DeviceGuard g(device_);
   CopyParams cp;
   cp.pool = all ? static_cast<uint16_t*>(pool_) : slot_ptr(layer, 0);
-  cp.slot_stride = int64_t(slot_stride_);
+  cp.view = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
   cp.layer_stride = all ? int64_t(slots_) * int64_t(slot_stride_) : 0;
-  cp.tile = int64_t(cfg_.chunk_size) * cfg_.head_dim;
   cp.src = src;
   cp.dst = dst;
   cp.n_tokens = std::min(n_tokens, cfg_.chunk_size);
-  cp.tiles_per_slot = 2 * cfg_.kv_heads;
   cp.layers = all ? cfg_.layers : 1;
-  cp.D = cfg_.head_dim;
-  const int64_t work = int64_t(cp.layers) * cp.tiles_per_slot * cp.n_tokens * (cp.D / 8);
+  cp.kv_heads = cfg_.kv_heads;
+  const int64_t work = int64_t(cp.layers) * 2 * cp.kv_heads * cp.n_tokens * (cfg_.head_dim / 8);
   cudaStream_t s = stream(ctx);
   order_after_previous(s);
   copy_chunk_kernel<<<grid_for(work, 256), 256, 0, s>>>(cp);
@@ -340,7 +331,7 @@ void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q
   ap.positions = dplan_ + L.positions;
   ap.part_ml = part_ml_;
   ap.part_o = part_o_;
-  ap.slot_stride = int64_t(slot_stride_);
+  ap.pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
   ap.C = cfg_.chunk_size;
   ap.kv_heads = cfg_.kv_heads;
   ap.q_heads = cfg_.q_heads;

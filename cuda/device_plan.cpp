@@ -18,6 +18,15 @@ bool PlanLayout::operator==(const PlanLayout& o) const {
          p_tok == o.p_tok;
 }
 
+PlanBuildParams PlanBuildParams::for_cache(const CacheConfig& cfg, int sm_count) {
+  PlanBuildParams bp;
+  bp.chunk_size = cfg.chunk_size;
+  bp.group = cfg.group();
+  bp.kv_heads = cfg.kv_heads;
+  bp.sm_count = sm_count;
+  return bp;
+}
+
 namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -1,7 +1,7 @@
 // The device copy of a step plan, and the kernel argument blocks.
 //
-// The core's StepPlan is host-side and thread-oriented (its unit splits follow the CPU
-// thread count). The CUDA backend re-cuts it into *items* for the GPU: an item is one
+// The core's StepPlan is device-neutral (whole shared chunk runs, whole sequence row
+// blocks). The CUDA backend cuts it into *items* for the GPU: an item is one
 // work unit's row tile (token rows x the GQA group's query heads, stacked, at most 64)
 // against a contiguous range of that unit's chunks. Each item writes one softmax partial
 // (max, sum, unnormalised output) per stacked row; the backend numbers those partials
@@ -16,6 +16,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "chunkvale/config.h"
+#include "chunkvale/detail/host_device.h"
+#include "chunkvale/detail/pool_view.h"
 #include "chunkvale/step_plan.h"
 
 namespace chunkvale {
@@ -34,12 +37,7 @@ struct DevItem {
 static_assert(sizeof(DevItem) == 32, "DevItem is 8 int32");
 
 constexpr int kItemCausal = 1;
-#ifdef __CUDACC__
-#define CHUNKVALE_HD __host__ __device__
-#else
-#define CHUNKVALE_HD
-#endif
-CHUNKVALE_HD inline int item_warps_n(int flags) { return (flags >> 1) & 7; }
+CHUNKVALE_HD int item_warps_n(int flags) { return (flags >> 1) & 7; }
 
 // Word offsets of the sections in the packed buffer (each 4-word aligned).
 struct PlanLayout {
@@ -57,6 +55,8 @@ struct PlanBuildParams {
   int sm_count = 1;  // multiprocessors of the device (sizes the chunk splits)
   int items_per_sm = 8;  // aim for about sm_count * items_per_sm CTAs per layer
   int min_piece = 4;     // chunks per item at least (when a unit's chunks are split)
+  // A cache of `cfg` on a device of sm_count multiprocessors (default split knobs).
+  static PlanBuildParams for_cache(const CacheConfig& cfg, int sm_count);
 };
 
 // Packs `plan` into `words` (resized) and fills `layout`. Pure host code.
@@ -65,7 +65,7 @@ void build_device_plan(const StepPlan& plan, const PlanBuildParams& p, std::vect
 
 // Attention kernel arguments (by value).
 struct AttnParams {
-  const void* pool_layer;   // this layer's pool: [slots][2][kv_heads][C][D]
+  const void* pool_layer;   // this layer's pool, read through `pool`
   const void* q;            // [num_tokens][q_heads][D]
   const DevItem* items;
   const int32_t* chunk_slot;
@@ -75,7 +75,7 @@ struct AttnParams {
   const int32_t* positions;
   float* part_ml;           // [kv_heads][p_tok * group][2]: (max in log2 units, sum)
   float* part_o;            // [kv_heads][p_tok * group][D]: unnormalised output
-  int64_t slot_stride;      // elements per slot: 2 * kv_heads * C * D
+  PoolView pool;            // tile strides (elements)
   int32_t C, kv_heads, q_heads, group, p_tok;
   float scale_log2;         // sm_scale * log2(e)
 };
@@ -96,7 +96,7 @@ struct AppendParams {
   const void* v;
   const int32_t* row_slot;
   const int32_t* positions;
-  int64_t slot_stride;
+  PoolView pool;
   int32_t num_tokens, kv_heads, C, D;
 };
 

@@ -7,15 +7,7 @@
 // one warp per candidate chunk takes a dot product with the chunk's digest. The bound of a
 // chunk is thereby read once per candidate, whatever the group size.
 #pragma once
-#include <cstdint>
-
-#ifdef CHUNKVALE_EMULATE
-#include "emulate.h"
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#endif
+#include "kernel_env.cuh"
 
 namespace chunkvale {
 namespace cuda {
@@ -29,18 +21,8 @@ constexpr int kCuboidMax = 0, kCuboidMean = 1, kSphere = 2;
 
 template <typename T>
 __device__ __forceinline__ float elem_at(const uint16_t* p) {
-#ifdef CHUNKVALE_EMULATE
-  return elem_to_float<T>(*p);
-#else
-  return __half2float(*reinterpret_cast<const __half*>(p));
-#endif
+  return bits_to_float_as<T>(*p);
 }
-#ifndef CHUNKVALE_EMULATE
-template <>
-__device__ __forceinline__ float elem_at<__nv_bfloat16>(const uint16_t* p) {
-  return __bfloat162float(*reinterpret_cast<const __nv_bfloat16*>(p));
-}
-#endif
 
 __device__ __forceinline__ float warp_sum(float x) {
   for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
@@ -53,7 +35,7 @@ struct DigestParams {
   float* digests_layer;        // [chunks][kv_heads][2][D] of the layer
   const int32_t* chunks;       // digest index (logical chunk) of each entry
   const int32_t* slots;        // device slot holding its keys
-  int64_t slot_stride;         // elements
+  PoolView pool;               // tile strides (elements)
   int32_t kv_heads, C, D, kind;
 };
 
@@ -65,8 +47,8 @@ __global__ void __launch_bounds__(kDigestThreads) digest_kernel(const DigestPara
   __shared__ float radius2[kDigestThreads / 32];
   const int i = int(blockIdx.x), h = int(blockIdx.y), t = int(threadIdx.x);
   const int C = p.C, D = p.D;
-  const uint16_t* keys = p.pool_layer + int64_t(p.slots[i]) * p.slot_stride + int64_t(h) * C * D;
-  float* d0 = p.digests_layer + (int64_t(p.chunks[i]) * p.kv_heads + h) * 2 * D;
+  const uint16_t* keys = p.pool.k_tile(p.pool_layer, p.slots[i], h);
+  float* d0 = p.digests_layer + DigestView{0, p.kv_heads, D}.at(p.chunks[i], h);
   float* d1 = d0 + D;
   // Each thread owns dims t and t + 128 (D <= 256): consecutive threads read consecutive keys' dims.
   float lo[2], hi[2];
@@ -222,12 +204,13 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(const ScorePara
   const int64_t c = int64_t(blockIdx.x) * kScoreWarps + int64_t(threadIdx.x) / 32;
   if (c >= p.n) return;
   const int D = p.D, KV = p.kv_heads, QS = qsum_stride(D);
-  const float* dg = p.digests_layer + int64_t(p.cand_chunk[c]) * KV * 2 * D;
+  const DigestView dv{0, KV, D};
+  const float* dg = p.digests_layer + dv.at(p.cand_chunk[c], 0);
   const float* qs = p.qsum + int64_t(p.cand_req[c]) * KV * QS;
   float acc = 0.0f;
 #pragma unroll 4
   for (int g = 0; g < KV; ++g) {
-    const float* a = dg + g * 2 * D;  // d0
+    const float* a = dg + g * dv.head_elems();  // d0
     const float* b = a + D;           // d1
     const float* x0 = qs + g * QS;
     const float* x1 = x0 + D;

@@ -20,6 +20,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "chunkvale/detail/dtype_convert.h"
+
 #undef __shared__
 #define __shared__ static  // one CTA runs at a time: a static is shared by its fibers
 #ifndef __launch_bounds__
@@ -231,30 +233,6 @@ inline unsigned __float_as_uint(float f) {
   return u;
 }
 
-template <typename T>
-inline float elem_to_float(uint16_t bits) {
-  T v;
-  std::memcpy(&v, &bits, 2);
-  if constexpr (std::is_same<T, __half>::value)
-    return __half2float(v);
-  else
-    return __bfloat162float(v);
-}
-
-// The storage bits of x rounded to T (the inverse of elem_to_float), for tests' inputs.
-template <typename T>
-inline uint16_t bits_of(float x) {
-  uint16_t b;
-  if constexpr (std::is_same<T, __half>::value) {
-    __half h = __float2half_rn(x);
-    std::memcpy(&b, &h, 2);
-  } else {
-    __nv_bfloat16 h = __float2bfloat16_rn(x);
-    std::memcpy(&b, &h, 2);
-  }
-  return b;
-}
-
 // mma.sync.m16n8k16.row.col.f32.{f16,bf16}: groupID g = lane/4, t = lane%4.
 // A: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..).
 // B: b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8.., n = g).  C/D: c0,c1 (g, 2t..), c2,c3 (g+8, 2t..).
@@ -272,17 +250,17 @@ struct Mma {
       std::memcpy(&fr, emu::slot(L), sizeof(fr));
       const int g = L / 4, t = L % 4;
       auto put_a = [&](uint32_t w, int r, int k) {
-        A[r][k] = elem_to_float<T>(uint16_t(w & 0xffff));
-        A[r][k + 1] = elem_to_float<T>(uint16_t(w >> 16));
+        A[r][k] = bits_to_float_as<T>(uint16_t(w & 0xffff));
+        A[r][k + 1] = bits_to_float_as<T>(uint16_t(w >> 16));
       };
       put_a(fr.a[0], g, 2 * t);
       put_a(fr.a[1], g + 8, 2 * t);
       put_a(fr.a[2], g, 2 * t + 8);
       put_a(fr.a[3], g + 8, 2 * t + 8);
-      B[2 * t][g] = elem_to_float<T>(uint16_t(fr.b[0] & 0xffff));
-      B[2 * t + 1][g] = elem_to_float<T>(uint16_t(fr.b[0] >> 16));
-      B[2 * t + 8][g] = elem_to_float<T>(uint16_t(fr.b[1] & 0xffff));
-      B[2 * t + 9][g] = elem_to_float<T>(uint16_t(fr.b[1] >> 16));
+      B[2 * t][g] = bits_to_float_as<T>(uint16_t(fr.b[0] & 0xffff));
+      B[2 * t + 1][g] = bits_to_float_as<T>(uint16_t(fr.b[0] >> 16));
+      B[2 * t + 8][g] = bits_to_float_as<T>(uint16_t(fr.b[1] & 0xffff));
+      B[2 * t + 9][g] = bits_to_float_as<T>(uint16_t(fr.b[1] >> 16));
     }
     emu::syncwarp();
     const int g = emu::lane() / 4, t = emu::lane() % 4;
@@ -294,17 +272,7 @@ struct Mma {
     }
   }
   static uint32_t pack(float lo, float hi) {
-    uint16_t l, h;
-    if constexpr (std::is_same<T, __half>::value) {
-      __half a = __float2half_rn(lo), b = __float2half_rn(hi);
-      std::memcpy(&l, &a, 2);
-      std::memcpy(&h, &b, 2);
-    } else {
-      __nv_bfloat16 a = __float2bfloat16_rn(lo), b = __float2bfloat16_rn(hi);
-      std::memcpy(&l, &a, 2);
-      std::memcpy(&h, &b, 2);
-    }
-    return uint32_t(l) | (uint32_t(h) << 16);
+    return uint32_t(float_to_bits_as<T>(lo)) | (uint32_t(float_to_bits_as<T>(hi)) << 16);
   }
 };
 

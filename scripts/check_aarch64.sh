@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 cmake -S . -B build/aarch64 -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 \
   -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ -DCHUNKVALE_CUDA=OFF -DCMAKE_BUILD_TYPE=Release > /dev/null
 cmake --build build/aarch64 -j "$(nproc 2>/dev/null || echo 2)"
-for t in test_chunk_pool test_prefix_tree test_kv_cache_attention test_host_tier; do
+for t in test_chunk_pool test_prefix_tree test_kv_cache_attention test_host_tier test_kernel_shared test_thread_cuts; do
   qemu-aarch64 -L /usr/aarch64-linux-gnu "build/aarch64/$t"
 done

@@ -5,7 +5,7 @@ Oracles: the float64 reference over the chunks the documented policy selects (di
 recomputed from the stored keys, tests/reference.py), a CUDA cache without eviction (a budget
 covering the context changes no bit), a CUDA cache with the same budget that keeps every chunk
 resident (the host tier changes no bit), and the CPU backend on the same inputs. Every test
-skips without a usable GPU; cuda/test_digest_emulation.cpp checks the kernels without one.
+skips without a usable GPU; tests/cpp/cuda/test_digest_emulation.cpp checks the kernels without one.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 #include "chunkvale/backend.h"
-#include "half_type.h"
 
 #include <cstdlib>
 #include <cstring>
 
+#include "chunkvale/detail/dtype_convert.h"
 #include "chunkvale/errors.h"
 
 namespace chunkvale {
@@ -14,23 +14,14 @@ HostMemory plain_host_memory() {
 
 void tile_to_float(const void* src, DType dtype, size_t n, float* dst) {
   const uint8_t* p = static_cast<const uint8_t*>(src);
+  if (dtype == DType::Float32) {
+    std::memcpy(dst, p, n * 4);
+    return;
+  }
   for (size_t i = 0; i < n; ++i) {
-    switch (dtype) {
-      case DType::Float32: std::memcpy(&dst[i], p + 4 * i, 4); break;
-      case DType::Float16: {
-        half_t h;
-        std::memcpy(&h, p + 2 * i, 2);
-        dst[i] = float(h);
-        break;
-      }
-      case DType::BFloat16: {
-        uint16_t b;
-        std::memcpy(&b, p + 2 * i, 2);
-        uint32_t u = uint32_t(b) << 16;
-        std::memcpy(&dst[i], &u, 4);
-        break;
-      }
-    }
+    uint16_t b;
+    std::memcpy(&b, p + 2 * i, 2);
+    dst[i] = dtype == DType::Float16 ? f16_to_float(b) : bf16_to_float(b);
   }
 }
 

@@ -17,12 +17,10 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
       kernels_(kernels_for(cfg.dtype, cfg.head_dim, cfg.kernel_isa)),
       threads_(cfg.threads) {
   if (!kernels_) throw ValueError("head_dim: no kernel for head_dim " + std::to_string(cfg.head_dim));
-  size_t total = 0;
-  for (int l = 0; l < cfg.layers; ++l) {
-    layer_offset_.push_back(total);
-    // `slots` is the logical capacity; layers that evict hold only their device slots.
-    total += size_t(cfg.evicts_to_host(l) ? cfg.layer_slots(l) : slots) * slot_bytes_;
-  }
+  // `slots` is the logical capacity; layers that evict hold only their device slots.
+  layer_offsets(cfg.layers, int64_t(slot_bytes_), [&](int l) { return cfg.evicts_to_host(l) ? cfg.layer_slots(l) : slots; },
+                layer_offset_);
+  const size_t total = layer_offset_.back();
   // 64-byte aligned; pages are only touched when written, so a large capacity is cheap.
   pool_ = static_cast<uint8_t*>(std::aligned_alloc(64, (total + 63) / 64 * 64));
   if (!pool_)
@@ -30,7 +28,7 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
                         " bytes of KV pool memory");
   scratch_.resize(size_t(threads_.size()));
   if (cfg.eviction.enabled) {
-    digests_.assign(size_t(cfg.layers) * size_t(slots) * cfg.kv_heads * 2 * cfg.head_dim, 0.0f);
+    digests_.assign(size_t(DigestView{slots, cfg.kv_heads, cfg.head_dim}.layer(cfg.layers)), 0.0f);
     score_q_.assign(size_t(threads_.size()), std::vector<float>(size_t(cfg.kv_heads) * (2 * cfg.head_dim + 1)));
   }
   if (cfg.eviction.host_tier()) {
@@ -46,8 +44,8 @@ CpuBackend::~CpuBackend() {
 }
 
 uint8_t* CpuBackend::tile(int layer, int32_t slot, int kv, int head) const {
-  return pool_ + layer_offset_[size_t(layer)] + size_t(slot) * slot_bytes_ +
-         (size_t(kv) * cfg_.kv_heads + size_t(head)) * tile_bytes_;
+  const PoolView pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
+  return pool_ + layer_offset_[size_t(layer)] + size_t(pool.tile(slot, kv, head)) * elem_;
 }
 
 void CpuBackend::append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v,
@@ -85,13 +83,18 @@ void CpuBackend::copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_token
 void CpuBackend::attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
                            const TensorView* lse, const ExecContext&) {
   const int G = cfg_.group();
-  const size_t prow = size_t(cfg_.kv_heads) * size_t(plan.partial_rows) * G;
+  // The plan's units cut for this backend's threads, once per plan (every layer shares it).
+  if (cuts_.plan_revision != plan.revision || plan.revision == 0)
+    cut_for_threads(plan, threads_.size(), cfg_.kv_heads, cuts_);
+  const size_t prow = size_t(cfg_.kv_heads) * size_t(cuts_.partial_rows) * G;
   if (part_ml_.size() < prow * 2) part_ml_.resize(prow * 2);
   if (part_o_.size() < prow * cfg_.head_dim) part_o_.resize(prow * cfg_.head_dim);
 
   LayerArgs a;
   a.plan = &plan;
+  a.cuts = &cuts_;
   a.layer_base = pool_ + layer_offset_[size_t(layer)];
+  a.pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
   a.C = cfg_.chunk_size;
   a.D = cfg_.head_dim;
   a.kv_heads = cfg_.kv_heads;
@@ -104,12 +107,12 @@ void CpuBackend::attention(int layer, const StepPlan& plan, const TensorView& q,
   a.part_ml = part_ml_.data();
   a.part_o = part_o_.data();
 
-  // Phase 1: every (unit, KV head); chunk-first units come first in the plan, so the
-  // biggest items start early and the dynamic schedule balances the tail.
-  const int64_t items = int64_t(plan.units.size()) * cfg_.kv_heads;
+  // Phase 1: every (piece, KV head); chunk-first pieces come first, so the biggest items
+  // start early and the dynamic schedule balances the tail.
+  const int64_t items = int64_t(cuts_.pieces.size()) * cfg_.kv_heads;
   const int H = cfg_.kv_heads;
   threads_.parallel_for(items, [&](int64_t i, int t) {
-    kernels_->run_unit(a, int32_t(i / H), int(i % H), scratch_[size_t(t)]);
+    kernels_->run_piece(a, int32_t(i / H), int(i % H), scratch_[size_t(t)]);
   });
   // Phase 2: merge each row's partials (exact log-sum-exp combination).
   threads_.parallel_for(plan.num_tokens, [&](int64_t r, int) { kernels_->merge_row(a, int32_t(r)); });

@@ -48,12 +48,13 @@ class CpuBackend final : public Backend, public Digests, public CopyEngine, publ
   CacheConfig cfg_;
   int64_t slots_;
   size_t elem_, tile_bytes_, slot_bytes_;
-  std::vector<size_t> layer_offset_;    // bytes; layers that evict hold fewer slots
+  std::vector<size_t> layer_offset_;    // bytes, layers + 1; layers that evict hold fewer slots
   uint8_t* pool_ = nullptr;
   std::unique_ptr<CpuBackupWorker> backups_;  // host tier only
   const KernelTable* kernels_;
   ThreadPool threads_;
   std::vector<KernelScratch> scratch_;  // one per thread
+  ThreadCuts cuts_;  // the latest plan cut for threads_ (thread_cuts.h)
   std::vector<float> part_ml_, part_o_;
   mutable std::vector<float> digests_;  // [layers][slots][kv_heads][2][D], with eviction only
   std::vector<std::vector<float>> score_q_;  // per thread: pooled query, for scoring

@@ -12,8 +12,8 @@
 namespace chunkvale {
 
 float* CpuBackend::digest(int layer, int32_t slot, int head) const {
-  const size_t D = size_t(cfg_.head_dim);
-  return digests_.data() + ((size_t(layer) * size_t(slots_) + size_t(slot)) * cfg_.kv_heads + size_t(head)) * 2 * D;
+  const DigestView dv{slots_, cfg_.kv_heads, cfg_.head_dim};
+  return digests_.data() + dv.layer(layer) + dv.at(slot, head);
 }
 
 void CpuBackend::update_digests(int layer, const int32_t* chunks, const int32_t* slots, size_t n,
@@ -91,6 +91,7 @@ void CpuBackend::score_chunks(int layer, const TensorView& q, const ScoreRequest
     const size_t c0 = score_items_[size_t(i)].second;
     ScoreArgs a;
     a.digests = base;
+    a.digest = DigestView{slots_, cfg_.kv_heads, cfg_.head_dim};
     a.D = cfg_.head_dim;
     a.kv_heads = cfg_.kv_heads;
     a.group = cfg_.group();

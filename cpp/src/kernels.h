@@ -7,7 +7,9 @@
 #include <vector>
 
 #include "chunkvale/config.h"
+#include "chunkvale/detail/pool_view.h"
 #include "chunkvale/step_plan.h"
+#include "thread_cuts.h"
 
 namespace chunkvale {
 
@@ -25,19 +27,22 @@ struct KernelScratch {
 // One layer's attention inputs as the kernels see them.
 struct LayerArgs {
   const StepPlan* plan = nullptr;
-  const uint8_t* layer_base = nullptr;  // this layer's pool: [slots][2][kv_heads][C][D]
+  const ThreadCuts* cuts = nullptr;     // the plan's pieces, partials and merge lists
+  const uint8_t* layer_base = nullptr;  // this layer's pool, read through `pool`
+  PoolView pool;                        // (elements of the cache dtype)
   int C = 0, D = 0, kv_heads = 0, group = 0, q_heads = 0;
   float scale = 1.0f;
   const void* q = nullptr;    // [rows][q_heads][D], cache dtype
   void* out = nullptr;        // same shape and dtype
   float* lse = nullptr;       // [rows][q_heads] or null
-  float* part_ml = nullptr;   // [kv_heads][partial_rows * group][2] (max, sum)
-  float* part_o = nullptr;    // [kv_heads][partial_rows * group][D]
+  float* part_ml = nullptr;   // [kv_heads][cuts->partial_rows * group][2] (max, sum)
+  float* part_o = nullptr;    // [kv_heads][cuts->partial_rows * group][D]
 };
 
 // Scoring one query row's chunks against their digests (budgeted attention).
 struct ScoreArgs {
-  const float* digests = nullptr;  // this layer: [slots][kv_heads][2][D]
+  const float* digests = nullptr;  // this layer's digests, read through `digest`
+  DigestView digest;
   int D = 0, kv_heads = 0, group = 0;
   const void* q = nullptr;         // the row: [q_heads][D], cache dtype
   const int32_t* slots = nullptr;
@@ -49,8 +54,8 @@ struct ScoreArgs {
 
 struct KernelTable {
   const char* isa;
-  // Phase 1: one work unit for one KV head -> softmax partials.
-  void (*run_unit)(const LayerArgs&, int32_t unit, int kv_head, KernelScratch&);
+  // Phase 1: one piece (ThreadCuts) for one KV head -> softmax partials.
+  void (*run_piece)(const LayerArgs&, int32_t piece, int kv_head, KernelScratch&);
   // Phase 2: merge a packed row's partials for every query head -> out (and lse).
   void (*merge_row)(const LayerArgs&, int32_t row);
   void (*score_chunks)(const ScoreArgs&);

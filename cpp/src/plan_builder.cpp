@@ -6,14 +6,9 @@
 namespace chunkvale {
 namespace {
 
-constexpr int kRowBlock = 32;  // token rows per sequence-first unit (causal prefill)
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Adds one work unit over chunks [chunks) and rows [rows) with fresh partial rows.
+// Adds one work unit over chunks [c0, c1) and the given rows.
 void add_unit(StepPlan& plan, const std::vector<UnitChunk>& chunks, size_t c0, size_t c1,
-              const std::vector<int32_t>& rows, bool causal, bool chunk_first, int32_t seq,
-              std::vector<std::pair<int32_t, int32_t>>& merges) {
+              const std::vector<int32_t>& rows, bool causal, bool chunk_first, int32_t seq) {
   WorkUnit u;
   u.chunk_begin = int32_t(plan.unit_chunks.size());
   plan.unit_chunks.insert(plan.unit_chunks.end(), chunks.begin() + long(c0), chunks.begin() + long(c1));
@@ -21,23 +16,10 @@ void add_unit(StepPlan& plan, const std::vector<UnitChunk>& chunks, size_t c0, s
   u.row_begin = int32_t(plan.unit_rows.size());
   plan.unit_rows.insert(plan.unit_rows.end(), rows.begin(), rows.end());
   u.row_end = int32_t(plan.unit_rows.size());
-  u.partial_begin = plan.partial_rows;
-  for (size_t i = 0; i < rows.size(); ++i) merges.emplace_back(rows[i], plan.partial_rows + int32_t(i));
-  plan.partial_rows += int32_t(rows.size());
   u.causal = causal;
   u.chunk_first = chunk_first;
   u.seq = seq;
   plan.units.push_back(u);
-}
-
-// Splits a chunk list into at most `pieces` contiguous segments of at least min_len.
-std::vector<size_t> segment_bounds(size_t n, int64_t pieces, size_t min_len) {
-  std::vector<size_t> b{0};
-  if (n == 0) return b;
-  size_t len = std::max<size_t>(min_len, size_t(ceil_div(int64_t(n), std::max<int64_t>(1, pieces))));
-  for (size_t s = len; s < n; s += len) b.push_back(s);
-  b.push_back(n);
-  return b;
 }
 
 }  // namespace
@@ -51,7 +33,6 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
   plan.units.clear();
   plan.unit_chunks.clear();
   plan.unit_rows.clear();
-  plan.partial_rows = 0;
   plan.chunk_first_units = 0;
   plan.chunk_first_chunks = 0;
 
@@ -110,7 +91,6 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
     return rows >= p.share_threshold;
   };
 
-  std::vector<std::pair<int32_t, int32_t>> merges;  // (packed row, partial row)
   std::vector<std::vector<uint8_t>> covered(batch.size());
   for (size_t i = 0; i < batch.size(); ++i) covered[i].assign(size_t(batch[i].n_chunks), 0);
 
@@ -135,8 +115,6 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
       runs.emplace_back(i, run);
     }
   }
-  int64_t run_chunks = 0;
-  for (const auto& r : runs) run_chunks += int64_t(r.second.size());
   for (const auto& r : runs) {
     const int32_t* sl = batch[r.first].slots;
     const auto& us = users_of(sl[r.second.front()]);
@@ -147,23 +125,13 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
     }
     chunks.clear();
     for (int32_t k : r.second) chunks.push_back({sl[k], C, int64_t(k) * C});
-    // Enough pieces that every thread has work, in proportion to the run's share.
-    int64_t pieces = ceil_div(int64_t(2) * p.threads * int64_t(chunks.size()),
-                              std::max<int64_t>(1, run_chunks) * p.kv_heads);
-    auto b = segment_bounds(chunks.size(), pieces, 4);
-    for (size_t j = 0; j + 1 < b.size(); ++j) {
-      add_unit(plan, chunks, b[j], b[j + 1], rows, false, true, -1, merges);
-      ++plan.chunk_first_units;
-    }
+    add_unit(plan, chunks, 0, chunks.size(), rows, false, true, -1);
+    ++plan.chunk_first_units;
     plan.chunk_first_chunks += int32_t(chunks.size());
   }
 
-  // Sequence-first: each sequence's remaining attended chunks, causal, in row blocks;
-  // long lists are split (flash-decoding style) when there are too few items for the threads.
-  int64_t seq_items = 0;
-  for (const auto& in : batch) seq_items += ceil_div(in.n_new, kRowBlock);
-  int64_t want = int64_t(4) * p.threads;
-  int64_t pieces = seq_items * p.kv_heads >= want ? 1 : ceil_div(want, seq_items * p.kv_heads);
+  // Sequence-first: each sequence's remaining attended chunks, causal, in row blocks (a
+  // block sees the chunks up to its last row's position).
   for (size_t i = 0; i < batch.size(); ++i) {
     const StepSeq& s = plan.seqs[i];
     chunks.clear();
@@ -173,25 +141,16 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
       int64_t start = int64_t(k) * C;
       chunks.push_back({batch[i].slots[k], int32_t(std::min<int64_t>(C, total - start)), start});
     }
-    for (int32_t t0 = 0; t0 < s.n_new; t0 += kRowBlock) {
-      int32_t t1 = std::min(s.n_new, t0 + kRowBlock);
+    for (int32_t t0 = 0; t0 < s.n_new; t0 += kSeqRowBlock) {
+      int32_t t1 = std::min(s.n_new, t0 + kSeqRowBlock);
       rows.clear();
       for (int32_t t = t0; t < t1; ++t) rows.push_back(s.row_begin + t);
       int64_t last_pos = s.ctx_before + t1 - 1;
       size_t n = 0;
       while (n < chunks.size() && chunks[n].start <= last_pos) ++n;
-      auto b = segment_bounds(n, pieces, 8);
-      for (size_t j = 0; j + 1 < b.size(); ++j) add_unit(plan, chunks, b[j], b[j + 1], rows, true, false, int32_t(i), merges);
+      if (n > 0) add_unit(plan, chunks, 0, n, rows, true, false, int32_t(i));
     }
   }
-
-  // Merge lists, CSR by packed row (counting sort keeps partials in unit order).
-  plan.row_partial_offsets.assign(size_t(plan.num_tokens) + 1, 0);
-  for (const auto& m : merges) ++plan.row_partial_offsets[size_t(m.first) + 1];
-  for (int32_t r = 0; r < plan.num_tokens; ++r) plan.row_partial_offsets[size_t(r) + 1] += plan.row_partial_offsets[size_t(r)];
-  plan.row_partials.assign(merges.size(), 0);
-  std::vector<int32_t> fill(plan.row_partial_offsets.begin(), plan.row_partial_offsets.end() - 1);
-  for (const auto& m : merges) plan.row_partials[size_t(fill[size_t(m.first)]++)] = m.second;
 }
 
 bool bump_plan(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const PlanParams& p) {

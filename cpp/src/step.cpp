@@ -60,9 +60,6 @@ void Step::cancel(SequenceTable& seqs, std::vector<int32_t>& freed) const {
 
 StepPlanner::StepPlanner(const CacheConfig& cfg) : C_(cfg.chunk_size), layers_(cfg.layers), eviction_(cfg.eviction.enabled) {
   params_.chunk_size = cfg.chunk_size;
-  params_.kv_heads = cfg.kv_heads;
-  params_.group = cfg.group();
-  params_.threads = cfg.threads > 0 ? cfg.threads : int(std::max(1u, std::thread::hardware_concurrency()));
   params_.share_threshold = cfg.share_threshold;
 }
 

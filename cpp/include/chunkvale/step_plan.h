@@ -1,6 +1,10 @@
 // A step's plan: built on the host once per step by the core (plan_builder), read by
 // every layer's append and attention in a backend. Head-agnostic: every work unit
-// runs once per KV head.
+// runs once per KV head. Device-neutral: a unit is what the attention decides (a shared
+// chunk run for all its rows, or one sequence's rows against its own chunks), not how a
+// device spreads it; each backend cuts units for its own device (the CPU backend for its
+// threads, thread_cuts.h; the CUDA backend into GPU items, cuda/device_plan.h), numbers
+// the softmax partials of its pieces and merges them per row.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -26,12 +30,15 @@ struct UnitChunk {
   int64_t start = 0;        // position of the chunk's first token in its sequence
 };
 
-// A work unit: some query rows against some chunks, producing one softmax partial
-// (max, sum, unnormalised output) per stacked row (token row x query head of the group).
+// Token rows per sequence-first unit at most (a causal prefill is cut in row blocks).
+constexpr int32_t kSeqRowBlock = 32;
+
+// A work unit: some query rows against some chunks. Any contiguous range of its chunks
+// may run apart and leave one softmax partial (max, sum, unnormalised output) per
+// stacked row (token row x query head of the group); a row's partials merge exactly.
 struct WorkUnit {
   int32_t chunk_begin = 0, chunk_end = 0;  // range into StepPlan::unit_chunks
   int32_t row_begin = 0, row_end = 0;      // range into StepPlan::unit_rows
-  int32_t partial_begin = 0;               // first partial token-row (x group x kv_heads)
   bool causal = false;                     // rows see keys at positions <= their own
   bool chunk_first = false;                // a shared chunk run (no mask, many rows)
   int32_t seq = -1;                        // owning StepSeq for sequence-first units
@@ -51,17 +58,13 @@ struct StepPlan {
   std::vector<WorkUnit> units;
   std::vector<UnitChunk> unit_chunks;
   std::vector<int32_t> unit_rows;      // packed row indices, per unit range
-  int32_t partial_rows = 0;            // token rows of partials per KV head (times group)
-  // For each packed row, the partial token-rows to merge (CSR).
-  std::vector<int32_t> row_partial_offsets;  // num_tokens + 1
-  std::vector<int32_t> row_partials;
 
-  // Counters for stats and tests.
+  // Counters for stats and tests: chunk-first units (shared chunk runs) and their chunks.
   int32_t chunk_first_units = 0;
   int32_t chunk_first_chunks = 0;
 };
 
-// Inputs of plan_step (cpp/src/plan_builder.h): one batch entry and the tuning knobs.
+// Inputs of plan_step (cpp/src/plan_builder.h): one batch entry and the policy knobs.
 struct PlanSeqInput {
   int64_t id = 0;
   int32_t n_new = 0;
@@ -74,9 +77,6 @@ struct PlanSeqInput {
 
 struct PlanParams {
   int chunk_size = 32;
-  int kv_heads = 1;
-  int group = 1;
-  int threads = 1;
   int share_threshold = 2;
 };
 

@@ -15,6 +15,7 @@
 #include "device_plan.h"
 #include "prefix_kv.h"
 #include "check.h"
+#include "tree_scenario.h"
 
 using namespace chunkvale;
 
@@ -38,14 +39,9 @@ struct Case {
 void emulate(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, int sm_count,
              const std::vector<float>& q, std::vector<float>& out, std::vector<float>& lse) {
   const int G = cfg.group(), H = cfg.kv_heads, D = cfg.head_dim, Hq = cfg.q_heads;
-  cuda::PlanBuildParams bp;
-  bp.chunk_size = cfg.chunk_size;
-  bp.group = G;
-  bp.kv_heads = H;
-  bp.sm_count = sm_count;
   std::vector<int32_t> W;
   cuda::PlanLayout L;
-  cuda::build_device_plan(plan, bp, W, L);
+  cuda::build_device_plan(plan, cuda::PlanBuildParams::for_cache(cfg, sm_count), W, L);
   const float scale_log2 = cfg.resolved_scale() * 1.4426950408889634f;
   const size_t P = size_t(L.p_tok) * G * H;
   std::vector<float> ml(P * 2, NAN), po(P * size_t(D), NAN);
@@ -139,7 +135,7 @@ void run_case(const Case& cs, uint32_t seed) {
   cfg.share_threshold = cs.threshold;
   KVCache cache(cfg);
   std::mt19937 rng(seed);
-  std::map<int64_t, std::vector<int32_t>> toks;
+  test::TreeScenario tree{cache, rng, {}, {}, {}};
   std::vector<int32_t> prev_pack;
   cuda::PlanLayout prev_layout;
   int bumps = 0;
@@ -153,7 +149,7 @@ void run_case(const Case& cs, uint32_t seed) {
     std::vector<float> k(size_t(T) * H * D), v(k.size()), q(size_t(T) * Hq * D), out(q.size()),
         lse(size_t(T) * Hq);
     for (int r = 0; r < T; ++r) {
-      const auto& tk = toks[plan.seqs[size_t(plan.row_seq[size_t(r)])].seq_id];
+      const auto& tk = tree.toks[plan.seqs[size_t(plan.row_seq[size_t(r)])].seq_id];
       const size_t pos = size_t(plan.positions[size_t(r)]);
       for (int i = 0; i < H * D; ++i) {
         k[size_t(r) * H * D + i] = kv_value(tk, pos, 0, i);
@@ -170,12 +166,7 @@ void run_case(const Case& cs, uint32_t seed) {
     // Append addressing the GPU uses: row_slot[r], offset positions[r] % C.
     std::vector<int32_t> W;
     cuda::PlanLayout L;
-    cuda::PlanBuildParams bp;
-    bp.chunk_size = cfg.chunk_size;
-    bp.group = cfg.group();
-    bp.kv_heads = H;
-    bp.sm_count = 132;
-    cuda::build_device_plan(plan, bp, W, L);
+    cuda::build_device_plan(plan, cuda::PlanBuildParams::for_cache(cfg, 132), W, L);
     std::vector<float> t(size_t(cfg.chunk_size) * D);
     for (int r = 0; r < T; ++r) {
       cache.read_tile(0, W[size_t(L.row_slot + r)], 0, H - 1, t.data());
@@ -210,35 +201,9 @@ void run_case(const Case& cs, uint32_t seed) {
     }
   };
 
-  const int C = cs.C;
-  std::vector<std::vector<int32_t>> prefixes;
-  for (int p = 0; p < 3; ++p) {
-    std::vector<int32_t> pre(size_t(1 + rng() % (3 * C + 5)));
-    for (auto& x : pre) x = int32_t(rng() % 1000);
-    prefixes.push_back(pre);
-  }
-  std::vector<int64_t> live;
-  for (int s = 0; s < 6; ++s) {
-    const auto& pre = prefixes[rng() % prefixes.size()];
-    std::vector<int32_t> tk(pre.begin(), pre.begin() + long(1 + rng() % pre.size()));
-    for (int i = 0, n = int(1 + rng() % (2 * C)); i < n; ++i) tk.push_back(int32_t(rng() % 1000));
-    auto [id, cached] = cache.add_sequence(tk);
-    toks[id] = tk;
-    int64_t pend = int64_t(tk.size()) - cached;
-    int64_t first = pend < 2 || rng() % 2 ? pend : 1 + int64_t(rng() % uint32_t(pend - 1));
-    step({PlanEntry{id, first, {}}});
-    if (pend > first) step({PlanEntry{id, pend - first, {}}});
-    live.push_back(id);
-  }
-  for (int d = 0; d < 6; ++d) {
-    std::vector<PlanEntry> es;
-    for (int64_t id : live) {
-      int32_t tok = int32_t(rng() % 1000);
-      toks[id].push_back(tok);
-      es.push_back(PlanEntry{id, 0, {tok}});
-    }
-    step(es);
-  }
+  tree.step = step;
+  tree.random_tree(cs.C, 3, 6, 2 * cs.C);
+  tree.decode_all(6);
   total_bumps += bumps;
 }
 

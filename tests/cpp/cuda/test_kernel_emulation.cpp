@@ -25,17 +25,21 @@
 #include "pool_kernels.cuh"
 #include "prefix_kv.h"
 #include "check.h"
+#include "tree_scenario.h"
 
 using namespace chunkvale;
 using chunkvale::cuda::AttnShape;
-using chunkvale::cuda::bits_of;
 
 namespace {
 
 
 template <typename T>
+uint16_t bits_of(float x) {
+  return float_to_bits_as<T>(x);
+}
+template <typename T>
 float float_of(uint16_t b) {
-  return cuda::elem_to_float<T>(b);
+  return bits_to_float_as<T>(b);
 }
 
 TensorView view3(std::vector<uint16_t>& v, DType dt, int64_t rows, int64_t heads, int64_t dim) {
@@ -84,14 +88,9 @@ template <typename T, int D, typename S = AttnShape<D>>
 void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, int sm_count, bool reference,
                  std::vector<uint16_t>& q, std::vector<uint16_t>& out, std::vector<float>& lse) {
   const int G = cfg.group(), H = cfg.kv_heads, Hq = cfg.q_heads, C = cfg.chunk_size;
-  cuda::PlanBuildParams bp;
-  bp.chunk_size = C;
-  bp.group = G;
-  bp.kv_heads = H;
-  bp.sm_count = sm_count;
   std::vector<int32_t> W;
   cuda::PlanLayout L;
-  cuda::build_device_plan(plan, bp, W, L);
+  cuda::build_device_plan(plan, cuda::PlanBuildParams::for_cache(cfg, sm_count), W, L);
   if (!reference) count_paths(W, L);
   // The device pool [1 layer][slots][2][H][C][D], filled from the CPU cache's tiles.
   int slots = 0;
@@ -99,6 +98,7 @@ void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, i
   for (int r = 0; r < L.num_tokens; ++r) slots = std::max(slots, W[size_t(L.row_slot + r)] + 1);
   const size_t tile = size_t(C) * D, slot_stride = 2 * size_t(H) * tile;
   std::vector<uint16_t> pool(size_t(slots) * slot_stride, bits_of<T>(NAN));
+  const PoolView view = PoolView::chunkvale_layout(H, C, D);
   std::vector<float> t(tile);
   for (int c = 0; c < L.n_chunks; ++c) {
     const int s = W[size_t(L.chunk_slot + c)];
@@ -123,7 +123,7 @@ void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, i
   ap.positions = W.data() + L.positions;
   ap.part_ml = ml.data();
   ap.part_o = po.data();
-  ap.slot_stride = int64_t(slot_stride);
+  ap.pool = view;
   ap.C = C;
   ap.kv_heads = H;
   ap.q_heads = Hq;
@@ -159,13 +159,9 @@ template <typename T, int D>
 void check_append(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, std::vector<uint16_t>& k,
                   std::vector<uint16_t>& v) {
   const int H = cfg.kv_heads, C = cfg.chunk_size;
-  cuda::PlanBuildParams bp;
-  bp.chunk_size = C;
-  bp.group = cfg.group();
-  bp.kv_heads = H;
   std::vector<int32_t> W;
   cuda::PlanLayout L;
-  cuda::build_device_plan(plan, bp, W, L);
+  cuda::build_device_plan(plan, cuda::PlanBuildParams::for_cache(cfg, 1), W, L);
   int slots = 0;
   for (int r = 0; r < L.num_tokens; ++r) slots = std::max(slots, W[size_t(L.row_slot + r)] + 1);
   const size_t tile = size_t(C) * D, slot_stride = 2 * size_t(H) * tile;
@@ -176,7 +172,7 @@ void check_append(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, 
   ap.v = v.data();
   ap.row_slot = W.data() + L.row_slot;
   ap.positions = W.data() + L.positions;
-  ap.slot_stride = int64_t(slot_stride);
+  ap.pool = PoolView::chunkvale_layout(H, C, D);
   ap.num_tokens = L.num_tokens;
   ap.kv_heads = H;
   ap.C = C;
@@ -212,15 +208,13 @@ void check_copy_chunk() {
         want[l * layer_stride + dst * slot_stride + t * tile + i] = pool[l * layer_stride + src * slot_stride + t * tile + i];
   cuda::CopyParams cp{};
   cp.pool = pool.data();
-  cp.slot_stride = int64_t(slot_stride);
+  cp.view = PoolView::chunkvale_layout(H, C, D);
   cp.layer_stride = int64_t(layer_stride);
-  cp.tile = int64_t(tile);
   cp.src = src;
   cp.dst = dst;
   cp.n_tokens = n;
-  cp.tiles_per_slot = 2 * H;
   cp.layers = layers;
-  cp.D = D;
+  cp.kv_heads = H;
   cuda::emu::launch(dim3(2), 32, 0, [&] { cuda::copy_chunk_kernel(cp); });
   EXPECT(pool == want, "copy_chunk_kernel: pool differs from the expected copy");
 }
@@ -239,7 +233,7 @@ void run_case(const Case& cs, uint32_t seed, bool full) {
   cfg.share_threshold = cs.threshold;
   KVCache cache(cfg);
   std::mt19937 rng(seed);
-  std::map<int64_t, std::vector<int32_t>> toks;
+  test::TreeScenario tree{cache, rng, {}, {}, {}};
   const double tol = cs.bf16 ? 1.5e-2 : 3e-3;
 
   auto step = [&](const std::vector<PlanEntry>& entries) {
@@ -249,7 +243,7 @@ void run_case(const Case& cs, uint32_t seed, bool full) {
     std::vector<uint16_t> k(size_t(T_) * H * D), v(k.size()), q(size_t(T_) * Hq * D), out(q.size());
     std::vector<float> lse(size_t(T_) * Hq);
     for (int r = 0; r < T_; ++r) {
-      const auto& tk = toks[plan.seqs[size_t(plan.row_seq[size_t(r)])].seq_id];
+      const auto& tk = tree.toks[plan.seqs[size_t(plan.row_seq[size_t(r)])].seq_id];
       const size_t pos = size_t(plan.positions[size_t(r)]);
       for (int i = 0; i < H * D; ++i) {
         k[size_t(r) * H * D + i] = bits_of<T>(kv_value(tk, pos, 0, i));
@@ -292,58 +286,28 @@ void run_case(const Case& cs, uint32_t seed, bool full) {
     }
   };
 
+  tree.step = step;
   const int C = cs.C;
-  auto random_tokens = [&](size_t n) {
-    std::vector<int32_t> t(n);
-    for (auto& x : t) x = int32_t(rng() % 1000);
-    return t;
-  };
-  std::vector<int64_t> live;
-  auto prefill = [&](std::vector<int32_t> tk, bool split) {
-    auto [id, cached] = cache.add_sequence(tk);
-    toks[id] = tk;
-    const int64_t pend = int64_t(tk.size()) - cached;
-    const int64_t first = pend < 2 || !split ? pend : 1 + int64_t(rng() % uint32_t(pend - 1));
-    step({PlanEntry{id, first, {}}});
-    if (pend > first) step({PlanEntry{id, pend - first, {}}});
-    live.push_back(id);
-  };
   if (full) {
     // Random trees: two prefixes of up to 3 chunks, five sequences on random cuts of them (each
     // prefilled in one or two steps), three decode steps of all five.
-    std::vector<std::vector<int32_t>> prefixes;
-    for (int p = 0; p < 2; ++p) prefixes.push_back(random_tokens(size_t(1 + rng() % (3 * C + 5))));
-    for (int s = 0; s < 5; ++s) {
-      const auto& pre = prefixes[rng() % prefixes.size()];
-      std::vector<int32_t> tk(pre.begin(), pre.begin() + long(1 + rng() % pre.size()));
-      const auto own = random_tokens(size_t(1 + rng() % (C + 3)));
-      tk.insert(tk.end(), own.begin(), own.end());
-      prefill(tk, rng() % 2);
-    }
+    tree.random_tree(C, 2, 5, C + 3);
   } else {
     // The smallest tree that takes every path: two sequences on one prefix of a chunk and two
     // tokens (a shared full chunk -> chunk-first, non-causal, merged with sequence-first; a
     // copied partial chunk), the first prefilled in two steps (extend); in the cheap cases
     // (C = 16, GQA group <= 4) also one of 6 private chunks, whose sequence-first decode tile
     // is split into pieces.
-    const auto pre = random_tokens(size_t(C + 2));
+    const auto pre = tree.random_tokens(size_t(C + 2));
     for (int s = 0; s < 2; ++s) {
       std::vector<int32_t> tk = pre;
-      const auto own = random_tokens(size_t(1 + 2 * s));
+      const auto own = tree.random_tokens(size_t(1 + 2 * s));
       tk.insert(tk.end(), own.begin(), own.end());
-      prefill(tk, s == 0);
+      tree.prefill(tk, s == 0);
     }
-    if (C == 16 && cs.q_heads / cs.kv_heads <= 4) prefill(random_tokens(size_t(5 * C + 3)), false);
+    if (C == 16 && cs.q_heads / cs.kv_heads <= 4) tree.prefill(tree.random_tokens(size_t(5 * C + 3)), false);
   }
-  for (int d = 0, steps = full ? 3 : 2; d < steps; ++d) {
-    std::vector<PlanEntry> es;
-    for (int64_t id : live) {
-      const int32_t tok = int32_t(rng() % 1000);
-      toks[id].push_back(tok);
-      es.push_back(PlanEntry{id, 0, {tok}});
-    }
-    step(es);
-  }
+  tree.decode_all(full ? 3 : 2);
 }
 
 using Shape64x2x3 = AttnShape<64, 2, 3>;

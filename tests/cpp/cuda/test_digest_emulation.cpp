@@ -36,7 +36,7 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
   std::normal_distribution<float> N(0.0f, 1.0f);
   const int64_t slot_stride = int64_t(2) * KV * C * D;
   std::vector<uint16_t> pool(size_t(slots) * slot_stride);
-  for (auto& x : pool) x = cuda::bits_of<T>(N(rng) * 2.0f + 0.5f);
+  for (auto& x : pool) x = float_to_bits_as<T>(N(rng) * 2.0f + 0.5f);
   std::vector<int32_t> chunk_ids = {8, 0, 3, 6, 1}, slot_ids = {2, 6, 0, 5, 3};
   std::vector<float> digests(size_t(chunks) * KV * 2 * D, std::nanf(""));  // poison
 
@@ -45,7 +45,7 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
   p.digests_layer = digests.data();
   p.chunks = chunk_ids.data();
   p.slots = slot_ids.data();
-  p.slot_stride = slot_stride;
+  p.pool = PoolView::chunkvale_layout(KV, C, D);
   p.kv_heads = KV;
   p.C = C;
   p.D = D;
@@ -58,7 +58,7 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
       std::vector<double> lo(size_t(D), 1e300), hi(size_t(D), -1e300), c(size_t(D), 0.0), e(size_t(D), 0.0);
       for (int j = 0; j < C; ++j)
         for (int d = 0; d < D; ++d) {
-          const double x = cuda::elem_to_float<T>(keys[j * D + d]);
+          const double x = bits_to_float_as<T>(keys[j * D + d]);
           lo[size_t(d)] = std::min(lo[size_t(d)], x);
           hi[size_t(d)] = std::max(hi[size_t(d)], x);
         }
@@ -67,7 +67,7 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
       for (int j = 0; j < C; ++j) {
         double s = 0.0;
         for (int d = 0; d < D; ++d) {
-          const double x = cuda::elem_to_float<T>(keys[j * D + d]) - c[size_t(d)];
+          const double x = bits_to_float_as<T>(keys[j * D + d]) - c[size_t(d)];
           e[size_t(d)] += std::fabs(x) / C;
           s += x * x;
         }
@@ -97,7 +97,7 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
   // Scores: 3 query rows of 4, each request with its own candidates (repeats allowed).
   const int rows_total = 4;
   std::vector<uint16_t> q(size_t(rows_total) * cs.q_heads * D);
-  for (auto& x : q) x = cuda::bits_of<T>(N(rng));
+  for (auto& x : q) x = float_to_bits_as<T>(N(rng));
   std::vector<int32_t> rows = {3, 0, 2};
   std::vector<std::vector<int32_t>> cands = {{8, 0, 3, 6, 1}, {1, 1, 6}, {3}};
   std::vector<float> qsum(rows.size() * size_t(KV) * cuda::qsum_stride(D), std::nanf(""));
@@ -138,7 +138,7 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
       const float* d1 = d0 + D;
       double qq = 0.0;
       for (int d = 0; d < D; ++d) {
-        const double x = cuda::elem_to_float<T>(q[(size_t(row) * cs.q_heads + size_t(h)) * D + size_t(d)]);
+        const double x = bits_to_float_as<T>(q[(size_t(row) * cs.q_heads + size_t(h)) * D + size_t(d)]);
         qq += x * x;
         double t;
         if (kind == cuda::kCuboidMax)
