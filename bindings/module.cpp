@@ -7,13 +7,13 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include <cmath>
 #include <memory>
 #include <optional>
 
 #include "../cuda/cuda_api.h"
 #include "chunkvale/kv_cache.h"
 #include "arg_checks.h"
+#include "cache_types.h"
 #include "tensor_args.h"
 
 namespace nb = nanobind;
@@ -72,62 +72,22 @@ std::vector<chunkvale::PlanEntry> parse_entries(nb::handle entries) {
   return out;
 }
 
-// sm_scale: None = 1/sqrt(head_dim); otherwise a finite float > 0 (0.0 is not "default").
-float scale_arg(nb::handle h) {
-  if (h.is_none()) return 0.0f;
-  if (PyBool_Check(h.ptr()) || !(PyFloat_Check(h.ptr()) || PyLong_Check(h.ptr())))
-    throw chunkvale::TypeError("sm_scale: expected a float or None, got " + chunkvale::bind::type_label(h));
-  const double v = PyFloat_AsDouble(h.ptr());
-  if (v == -1.0 && PyErr_Occurred()) {
-    PyErr_Clear();
-    throw chunkvale::ValueError("sm_scale: expected a finite float > 0 or None, got an int too large for a float");
+// chunkvale.CapacityError is a Python class (python/chunkvale/errors.py), so Python code can
+// raise it too; it is looked up when raised, by then the package is imported.
+void set_capacity_error(const chunkvale::CapacityError& e) {
+  try {
+    nb::object cls = nb::module_::import_("chunkvale.errors").attr("CapacityError");
+    nb::object exc = cls(e.what(), chunkvale::resource_name(e.resource), e.needed, e.available);
+    PyErr_SetObject(cls.ptr(), exc.ptr());
+  } catch (nb::python_error& err) {
+    err.restore();  // the package is broken: its import error says why
   }
-  if (!(v > 0.0) || !std::isfinite(float(v)))
-    throw chunkvale::ValueError("sm_scale: expected a finite float > 0 or None (the default, 1/sqrt(head_dim)), got " +
-                                std::to_string(v));
-  return float(v);
-}
-
-nb::dict stats_dict(const chunkvale::CacheStats& s) {
-  nb::dict d;
-  d["capacity_chunks"] = s.capacity_chunks;
-  d["chunks_in_use"] = s.chunks_in_use;
-  d["chunks_free"] = s.chunks_free;
-  d["chunks_shared"] = s.chunks_shared;
-  d["chunks_cached"] = s.chunks_cached;
-  d["peak_chunks"] = s.peak_chunks;
-  d["sequences"] = s.sequences;
-  d["tokens_cached"] = s.tokens_cached;
-  d["tokens_saved_by_sharing"] = s.tokens_saved_by_sharing;
-  d["reused_prompt_tokens"] = s.reused_prompt_tokens;
-  d["bytes_per_chunk"] = s.bytes_per_chunk;
-  d["plan_rebuilds"] = s.plan_rebuilds;
-  d["plan_reuses"] = s.plan_reuses;
-  d["chunk_first_units"] = s.chunk_first_units;
-  d["chunk_first_chunks"] = s.chunk_first_chunks;
-  d["evict_scored_chunks"] = s.evict_scored_chunks;
-  d["evict_dropped_chunks"] = s.evict_dropped_chunks;
-  d["evict_select_seconds"] = double(s.evict_select_ns) * 1e-9;
-  d["evict_score_seconds"] = double(s.evict_score_ns) * 1e-9;
-  d["evict_device_chunks"] = s.evict_device_chunks;
-  d["evict_device_slots_in_use"] = s.evict_device_slots_in_use;
-  d["evict_backups"] = s.evict_backups;
-  d["evict_recalls"] = s.evict_recalls;
-  d["evict_evictions"] = s.evict_evictions;
-  d["evict_backup_waits"] = s.evict_backup_waits;
-  d["evict_bytes_to_host"] = s.evict_bytes_to_host;
-  d["evict_bytes_from_host"] = s.evict_bytes_from_host;
-  d["evict_host_bytes_in_use"] = s.evict_host_bytes_in_use;
-  d["evict_spill_bytes_in_use"] = s.evict_spill_bytes_in_use;
-  d["evict_residency_seconds"] = double(s.evict_residency_ns) * 1e-9;
-  return d;
 }
 
 }  // namespace
 
 NB_MODULE(_native, m) {
   m.doc() = "chunkvale native core";
-  static nb::exception<chunkvale::CapacityError> capacity_error(m, "CapacityError", PyExc_RuntimeError);
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
@@ -138,7 +98,7 @@ NB_MODULE(_native, m) {
     } catch (const chunkvale::KeyError& e) {
       PyErr_SetString(PyExc_KeyError, e.what());
     } catch (const chunkvale::CapacityError& e) {
-      PyErr_SetString(capacity_error.ptr(), e.what());
+      set_capacity_error(e);
     } catch (const chunkvale::IOError& e) {
       PyErr_SetString(PyExc_OSError, e.what());
     }
@@ -153,46 +113,11 @@ NB_MODULE(_native, m) {
   m.def("cuda_device_count", [] { return chunkvale::cuda_api::device_count(); },
         "CUDA devices usable at run time (0 without the CUDA backend, a driver or a GPU).");
 
+  chunkvale::bind::bind_cache_types(m);
+
   nb::class_<KVCache>(m, "KVCache")
-      .def("__init__",
-           [](KVCache* self, int layers, int q_heads, int kv_heads, int head_dim, int chunk_size,
-              const std::string& dtype, int64_t capacity_chunks, int64_t capacity_bytes,
-              int threads, int share_threshold, nb::handle sm_scale, const std::string& device,
-              int64_t budget_tokens, int sink_chunks, int window_chunks, int topk_chunks,
-              const std::string& digest, int dense_layers, int64_t device_chunks,
-              int64_t host_bytes, const std::string& spill_path, const std::string& kernel_isa) {
-             chunkvale::CacheConfig c;
-             c.layers = layers;
-             c.q_heads = q_heads;
-             c.kv_heads = kv_heads;
-             c.head_dim = head_dim;
-             c.chunk_size = chunk_size;
-             c.dtype = chunkvale::parse_dtype(dtype);
-             c.capacity_chunks = capacity_chunks;
-             c.capacity_bytes = capacity_bytes;
-             c.threads = threads;
-             c.share_threshold = share_threshold;
-             c.sm_scale = scale_arg(sm_scale);
-             c.device = device;
-             c.eviction.enabled = budget_tokens > 0;
-             c.eviction.budget_tokens = budget_tokens;
-             c.eviction.sink_chunks = sink_chunks;
-             c.eviction.window_chunks = window_chunks;
-             c.eviction.topk_chunks = topk_chunks;
-             c.eviction.digest = chunkvale::parse_digest(digest);
-             c.eviction.dense_layers = dense_layers;
-             c.eviction.device_chunks = device_chunks;
-             c.eviction.host_bytes = host_bytes;
-             c.eviction.spill_path = spill_path;
-             c.kernel_isa = kernel_isa;
-             new (self) KVCache(c);
-           },
-           "layers"_a, "q_heads"_a, "kv_heads"_a, "head_dim"_a, "chunk_size"_a, "dtype"_a,
-           "capacity_chunks"_a, "capacity_bytes"_a, "threads"_a, "share_threshold"_a,
-           "sm_scale"_a.none(), "device"_a, "budget_tokens"_a = 0, "sink_chunks"_a = 1,
-           "window_chunks"_a = 2, "topk_chunks"_a = 0, "digest"_a = "cuboid_max",
-           "dense_layers"_a = 2, "device_chunks"_a = 0, "host_bytes"_a = 0, "spill_path"_a = "",
-           "kernel_isa"_a = "")
+      .def(nb::init<const chunkvale::CacheConfig&>(), "config"_a)
+      .def_prop_ro("config", [](const KVCache& c) { return c.config(); })
       .def("add_sequence",
            [](KVCache& c, nb::handle tokens, nb::handle ns, nb::handle max_reuse) {
              std::vector<int32_t> t = tokens_arg(tokens, "token_ids");
@@ -207,6 +132,18 @@ NB_MODULE(_native, m) {
              nb::gil_scoped_release r;
              return c.plan(parsed);
            }, "entries"_a.none())
+      .def("needs", [](KVCache& c, nb::handle entries) {
+             auto parsed = parse_entries(entries);
+             nb::gil_scoped_release r;
+             return c.needs(parsed);
+           }, "entries"_a.none())
+      .def("request_needs",
+           [](const KVCache& c, nb::handle prompt_tokens, nb::handle max_new_tokens, nb::handle n) {
+             return c.request_needs(int_arg(prompt_tokens, "prompt_tokens", 1, INT64_MAX),
+                                    int_arg(max_new_tokens, "max_new_tokens", 1, INT64_MAX),
+                                    int(int_arg(n, "n", 1, INT32_MAX)));
+           },
+           "prompt_tokens"_a.none(), "max_new_tokens"_a.none(), "n"_a.none())
       .def("step_info",
            [](KVCache& c, nb::handle step) {
              chunkvale::StepInfo p = c.step_info(step_arg(step, "step"));
@@ -271,7 +208,7 @@ NB_MODULE(_native, m) {
       .def("sequence_slots", [](KVCache& c, nb::handle seq) {
              return c.sequence_slots(int_arg(seq, "seq", INT64_MIN, INT64_MAX));
            }, "seq"_a.none())
-      .def("stats", [](KVCache& c) { return stats_dict(c.stats()); })
+      .def("stats", &KVCache::stats, nb::call_guard<nb::gil_scoped_release>())
       .def("read_tile",
            [](const KVCache& c, nb::handle layer, nb::handle slot, nb::handle kv, nb::handle head) {
              const int l = int32_arg(layer, "layer"), s = int32_arg(slot, "slot"), k = int32_arg(kv, "kv"),

@@ -84,7 +84,7 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
     pool_ = nullptr;
-    throw CapacityError("capacity: could not allocate " + std::to_string(bytes) +
+    throw CapacityError(Resource::PoolChunks, slots, 0, "capacity: could not allocate " + std::to_string(bytes) +
                         " bytes of GPU memory for the KV pool (" + cudaGetErrorString(e) +
                         "); lower capacity_chunks / capacity_bytes");
   }
@@ -96,7 +96,7 @@ CudaBackend::CudaBackend(const CacheConfig& cfg, int64_t slots) : cfg_(cfg), slo
       if (de != cudaSuccess) {
         (void)cudaGetLastError();
         digests_ = nullptr;
-        throw CapacityError("capacity: could not allocate " + std::to_string(dbytes) +
+        throw CapacityError(Resource::PoolChunks, slots, 0, "capacity: could not allocate " + std::to_string(dbytes) +
                             " bytes of GPU memory for chunk digests (" + cudaGetErrorString(de) +
                             "); lower capacity_chunks / capacity_bytes");
       }
@@ -191,7 +191,8 @@ void CudaBackend::grow_device(void** ptr, size_t* cap, size_t need, cudaStream_t
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
     *ptr = nullptr;
-    throw CapacityError(std::string("could not allocate ") + std::to_string(n) + " bytes of GPU memory for the " +
+    // GPU memory is what pool chunks are made of; no admission rule counts these buffers.
+    throw CapacityError(Resource::PoolChunks, 1, 0, std::string("could not allocate ") + std::to_string(n) + " bytes of GPU memory for the " +
                         what + " buffer (" + cudaGetErrorString(e) + ")");
   }
   *cap = n;

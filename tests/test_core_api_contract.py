@@ -135,6 +135,20 @@ def _cases():
         add(f"plan-token_ids-{label}", exc, "entries[0]", lambda w, v=v: w.cache.plan([(w.a, v)]))
     add("plan-duplicate", ValueError, "entries[1]", lambda w: w.cache.plan([(w.a, [1]), (w.a, [2])]))
 
+    # needs(entries): checked exactly as plan() checks them
+    for label, entries, exc in [("none", None, TypeError), ("empty", [], ValueError), ("triple", [(1, 2, 3)], ValueError)]:
+        add(f"needs-entries-{label}", exc, "entries", lambda w, e=entries: w.cache.needs(e))
+    add("needs-seq-unknown", KeyError, "entries[0]", lambda w: w.cache.needs([(424242, 1)]))
+    add("needs-n_new-beyond_pending", ValueError, "entries[0]", lambda w: w.cache.needs([(w.b, 100)]))
+    add("needs-duplicate", ValueError, "entries[1]", lambda w: w.cache.needs([(w.a, [1]), (w.a, [2])]))
+
+    # request_needs(prompt_tokens, max_new_tokens, n)
+    for i, arg in enumerate(("prompt_tokens", "max_new_tokens", "n")):
+        for label, v, exc in INT_BAD + [("zero", 0, ValueError), ("negative", -2, ValueError)]:
+            args = [10, 10, 1]
+            args[i] = v
+            add(f"request_needs-{arg}-{label}", exc, arg, lambda w, a=tuple(args): w.cache.request_needs(*a))
+
     # append(layer, step, k, v): layer 1 is the one still to append
     kv_shape = (3, HKV, D)  # replaced by the world's row count at call time
     for label, v, exc in INT32_BAD + [("negative", -1, ValueError), ("too_big", L, ValueError),

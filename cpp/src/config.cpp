@@ -43,8 +43,7 @@ DigestKind parse_digest(const std::string& name) {
 }
 
 int EvictionConfig::resolved_topk(int chunk_size) const {
-  if (topk_chunks > 0) return topk_chunks;
-  if (topk_chunks < 0) return 0;
+  if (topk_chunks >= 0) return topk_chunks;
   int64_t tokens = std::min<int64_t>(1280, budget_tokens / 2);
   return int(std::max<int64_t>(1, tokens / chunk_size));
 }
@@ -95,16 +94,16 @@ void CacheConfig::validate() const {
     const EvictionConfig& e = eviction;
     need(e.sink_chunks >= 0, got("eviction.sink_chunks", "an integer >= 0", e.sink_chunks));
     need(e.window_chunks >= 1, got("eviction.window_chunks", "an integer >= 1 (the chunk being written)", e.window_chunks));
-    need(e.topk_chunks >= -1, got("eviction.topk_chunks", "an integer >= 0 (or None)", e.topk_chunks));
+    need(e.topk_chunks >= EvictionConfig::kTopkDefault, got("eviction.topk_chunks", "an integer >= 0 (or None)", e.topk_chunks));
     need(e.dense_layers >= 0, got("eviction.dense_layers", "an integer >= 0", e.dense_layers));
     need(e.budget_tokens >= 1, got("eviction.budget_tokens", "an integer >= 1", e.budget_tokens));
     // 64-bit sums: chunk counts near 2^31 must not wrap around and pass the checks below.
     const int64_t fixed = (int64_t(e.sink_chunks) + int64_t(e.window_chunks)) * chunk_size;
     // Room for the sinks, the window and (unless top-k is off) one selected chunk.
-    const int64_t least = fixed + (e.topk_chunks < 0 ? 0 : chunk_size);
+    const int64_t least = fixed + (e.topk_chunks == 0 ? 0 : chunk_size);
     need(e.budget_tokens >= least,
          got("eviction.budget_tokens",
-             ("at least (sink_chunks + window_chunks" + std::string(e.topk_chunks < 0 ? "" : " + 1") +
+             ("at least (sink_chunks + window_chunks" + std::string(e.topk_chunks == 0 ? "" : " + 1") +
               ") * chunk_size = " + std::to_string(least)).c_str(),
              e.budget_tokens));
     const int64_t selection =

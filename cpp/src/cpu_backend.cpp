@@ -26,7 +26,7 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
   // 64-byte aligned; pages are only touched when written, so a large capacity is cheap.
   pool_ = static_cast<uint8_t*>(std::aligned_alloc(64, (total + 63) / 64 * 64));
   if (!pool_)
-    throw CapacityError("capacity: could not allocate " + std::to_string(total) +
+    throw CapacityError(Resource::PoolChunks, slots, 0, "capacity: could not allocate " + std::to_string(total) +
                         " bytes of KV pool memory");
   scratch_.resize(size_t(threads_.size()));
   if (cfg.eviction.enabled) {

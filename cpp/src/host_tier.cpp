@@ -44,7 +44,7 @@ void HostTier::grow_ram() {
   if (ram_limit_ >= 0) n = std::min(n, ram_limit_ - have);
   void* p = mem_.alloc(size_t(n) * block_bytes_);
   if (!p)
-    throw CapacityError("eviction.host_bytes: could not allocate " + std::to_string(size_t(n) * block_bytes_) +
+    throw CapacityError(Resource::HostBlocks, have + n, have, "eviction.host_bytes: could not allocate " + std::to_string(size_t(n) * block_bytes_) +
                         " bytes of host memory for the host tier (" + std::to_string(have) +
                         " blocks in use); lower eviction.host_bytes or set eviction.spill_path");
   slabs_.push_back(p);
@@ -109,7 +109,7 @@ void HostTier::check() {
   const int err = write_errno_;
   write_error_.clear();
   write_errno_ = 0;
-  if (err == ENOSPC || err == EDQUOT || err == EFBIG) throw CapacityError(msg);
+  if (err == ENOSPC || err == EDQUOT || err == EFBIG) throw CapacityError(Resource::HostBlocks, 1, 0, msg);  // the block it could not write
   throw IOError(msg);
 }
 
@@ -135,7 +135,7 @@ uint8_t* HostTier::take_staging() {
 uint8_t* HostTier::new_staging() {
   void* p = mem_.alloc(block_bytes_);
   if (!p)
-    throw CapacityError("eviction.spill_path: could not allocate " + std::to_string(block_bytes_) +
+    throw CapacityError(Resource::HostBlocks, 1, 0, "eviction.spill_path: could not allocate " + std::to_string(block_bytes_) +
                         " bytes of host memory to stage a block for the spill file");
   return static_cast<uint8_t*>(p);
 }

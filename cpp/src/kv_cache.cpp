@@ -115,7 +115,7 @@ int32_t KVCache::take_slot() {
   int32_t s = pool_.alloc();
   if (s >= 0) return s;
   s = tree_.reclaim_one();  // least recently used cached prefix chunk
-  if (s < 0) throw CapacityError("internal: no slot after require_slots");
+  if (s < 0) throw std::logic_error("chunkvale internal error: no slot after require_slots");
   free_chunk(s);
   return pool_.alloc();
 }
@@ -123,7 +123,7 @@ int32_t KVCache::take_slot() {
 void KVCache::require_slots(int64_t n, const char* what, int64_t freed_later) {
   int64_t avail = pool_.free_count() + tree_.cached_nodes() + freed_later;
   if (n > avail) {
-    throw CapacityError(std::string(what) + ": needs " + std::to_string(n) + " free chunks, but only " +
+    throw CapacityError(Resource::PoolChunks, n, avail, std::string(what) + ": needs " + std::to_string(n) + " free chunks, but only " +
                         std::to_string(avail) + " of " + std::to_string(pool_.capacity()) + " can be had (" +
                         std::to_string(pool_.free_count()) + " free, " + std::to_string(tree_.cached_nodes()) +
                         " reclaimable cached prefix); every other chunk is held by a live sequence. "
@@ -238,7 +238,7 @@ int32_t KVCache::device_slot_for(int layer, int32_t chunk, uint64_t stamp) {
   int32_t s = res_->take_free(layer);
   if (s < 0) {
     int32_t v = res_->victim(layer, stamp);
-    if (v < 0)  // require_tiers / require_device_tails rule this out
+    if (v < 0)  // step_needs / require_device_tails rule this out
       throw std::logic_error("chunkvale internal error: no device slot to evict in layer " + std::to_string(layer));
     wait_backup(res_->ticket(layer, v));  // a slot is reused only after its backup completed
     res_->evict(layer, v);
@@ -283,9 +283,9 @@ void KVCache::check_host_tier() {
 
 int64_t KVCache::take_host_block() {
   int64_t b = host_->alloc();
-  while (b < 0) {  // host memory full, no spill file: reclaim cached prefix (require_tiers counted it)
+  while (b < 0) {  // host memory full, no spill file: reclaim cached prefix (step_needs counted it)
     int32_t s = tree_.reclaim_one();
-    if (s < 0) throw std::logic_error("chunkvale internal error: host tier full after require_tiers");
+    if (s < 0) throw std::logic_error("chunkvale internal error: host tier full after step_needs");
     free_chunk(s);
     b = host_->alloc();
   }
@@ -302,7 +302,7 @@ const StepPlan& KVCache::to_device_slots(int layer, const StepPlan& plan, bool f
       for (int64_t c = q.ctx_before / C; c * C < q.total(); ++c)
         need_.push_back(plan.seq_chunks[size_t(q.chunk_begin + c)]);
     // Resident chunks this layer's attention is sure to use are not victims either, so
-    // append does not evict what attention would recall at once (require_tiers counted them).
+    // append does not evict what attention would recall at once (step_needs counted them).
     const int topk = cfg_.eviction.resolved_topk(C);
     for (size_t k = 0; k < plan.seqs.size(); ++k) {
       const StepSeq& q = plan.seqs[k];
@@ -381,15 +381,20 @@ void KVCache::require_device_tails(int64_t new_tails, const char* what) const {
   // Partial chunks have no host copy, so they never leave the device; +1: the copy source.
   const int64_t need = open_tails() + new_tails + 1;
   if (need > cfg_.eviction.device_chunks)
-    throw CapacityError(std::string(what) + ": needs " + std::to_string(need) +
+    throw CapacityError(Resource::DeviceChunks, need, cfg_.eviction.device_chunks,
+                        std::string(what) + ": needs " + std::to_string(need) +
                         " device chunks per evicting layer (every live sequence's partial chunk stays on "
                         "the device, plus the copy), but eviction.device_chunks=" +
                         std::to_string(cfg_.eviction.device_chunks) +
                         ". Remove sequences or raise eviction.device_chunks.");
 }
 
-void KVCache::require_tiers(const std::vector<PlanEntry>& entries, int64_t new_chunks) {
-  if (!res_ || res_->first_layer() >= cfg_.layers) return;
+StepNeeds KVCache::step_needs(const std::vector<PlanEntry>& entries, int64_t new_chunks) const {
+  StepNeeds out;
+  const int64_t deferred = step_ ? int64_t(step_->deferred_free.size()) : 0;
+  out.pool_chunks = new_chunks;
+  out.pool_available = pool_.free_count() + tree_.cached_nodes() + deferred;
+  if (!res_ || res_->first_layer() >= cfg_.layers) return out;
   const EvictionConfig& ev = cfg_.eviction;
   const int C = cfg_.chunk_size;
   const int topk = ev.resolved_topk(C);
@@ -420,27 +425,43 @@ void KVCache::require_tiers(const std::vector<PlanEntry>& entries, int64_t new_c
   }
   for (const auto& kv : seqs_)  // partial chunks of the others stay too
     if (!in_step.count(kv.first) && kv.second->length() % C != 0) ++fresh;
-  const int64_t need_dev = int64_t(must.size()) + fresh;
-  if (need_dev > ev.device_chunks)
-    throw CapacityError("plan: this step needs up to " + std::to_string(need_dev) +
+  out.device_chunks = int64_t(must.size()) + fresh;
+  out.device_available = ev.device_chunks;
+  // Host: one block per chunk this step fills, per evicting layer; reclaimable cached
+  // prefix the pool does not take for this step gives its blocks back.
+  out.host_blocks = filled * E;
+  out.host_available = host_->available();
+  if (out.host_available != std::numeric_limits<int64_t>::max()) {
+    const int64_t cached_left = std::max<int64_t>(
+        0, tree_.cached_nodes() - std::max<int64_t>(0, new_chunks - pool_.free_count() - deferred));
+    out.host_available += cached_left * E;
+  }
+  return out;
+}
+
+void KVCache::require_step(const StepNeeds& n, int64_t new_chunks) {
+  const int64_t deferred = step_ ? int64_t(step_->deferred_free.size()) : 0;
+  require_slots(new_chunks, "plan", deferred);
+  check_host_tier();
+  if (!res_ || res_->first_layer() >= cfg_.layers) return;
+  const EvictionConfig& ev = cfg_.eviction;
+  if (n.device_chunks > n.device_available)
+    throw CapacityError(Resource::DeviceChunks, n.device_chunks, n.device_available,
+                        "plan: this step needs up to " + std::to_string(n.device_chunks) +
                         " chunks on the device in each evicting layer (every chunk of sequences that "
                         "prefill or are within budget, sinks + window + top-k of the others, every live "
                         "sequence's partial chunk), but eviction.device_chunks=" +
                         std::to_string(ev.device_chunks) +
                         ". Plan fewer tokens or sequences per step, or raise eviction.device_chunks.");
-  // Host: one block per chunk this step fills, per evicting layer.
-  const int64_t need_host = filled * E, avail = host_->available();
-  host_->reserve(std::min(need_host, avail));  // memory for the backups, before anything changes
-  if (avail == std::numeric_limits<int64_t>::max() || need_host <= avail) return;
-  const int64_t deferred = step_ ? int64_t(step_->deferred_free.size()) : 0;
-  const int64_t cached_left =
-      std::max<int64_t>(0, tree_.cached_nodes() - std::max<int64_t>(0, new_chunks - pool_.free_count() - deferred));
-  if (need_host > avail + cached_left * E)
-    throw CapacityError("plan: the host tier needs " + std::to_string(need_host) + " more blocks of " +
+  const int64_t avail = host_->available();
+  host_->reserve(std::min(n.host_blocks, avail));  // memory for the backups, before anything changes
+  if (n.host_blocks > n.host_available)
+    throw CapacityError(Resource::HostBlocks, n.host_blocks, n.host_available,
+                        "plan: the host tier needs " + std::to_string(n.host_blocks) + " more blocks of " +
                         std::to_string(host_->block_bytes()) +
                         " bytes (K/V of one chunk in one layer) for the chunks this step fills, but "
                         "eviction.host_bytes=" + std::to_string(ev.host_bytes) + " has room for " +
-                        std::to_string(avail) + " (and " + std::to_string(cached_left * E) +
+                        std::to_string(avail) + " (and " + std::to_string(n.host_available - avail) +
                         " from reclaimable cached prefix). Set eviction.spill_path, raise "
                         "eviction.host_bytes, or remove sequences.");
 }
@@ -517,11 +538,8 @@ std::pair<int64_t, int64_t> KVCache::add_sequence(const std::vector<int32_t>& to
   return {id, cached};
 }
 
-uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
-  std::lock_guard<std::mutex> g(mu_);
+int64_t KVCache::check_entries(const std::vector<PlanEntry>& entries) const {
   if (entries.empty()) throw ValueError("entries: expected at least one (seq, n_new) entry, got none");
-  // Validate everything before touching state.
-  commit_if_complete();  // validation reads committed lengths
   std::unordered_set<int64_t> seen;
   int64_t rows = 0, need = 0;
   const int C = cfg_.chunk_size;
@@ -551,10 +569,51 @@ uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
     need += (total + C - 1) / C - int64_t(s.path.size() + s.tail.size());
   }
   if (rows >= (int64_t(1) << 31)) throw ValueError("entries: too many tokens in one step");
+  return need;
+}
+
+StepNeeds KVCache::needs(const std::vector<PlanEntry>& entries) {
+  std::lock_guard<std::mutex> g(mu_);
+  commit_if_complete();  // validation reads committed lengths
+  const int64_t need = check_entries(entries);
   if (step_ && !step_->committed) end_step("plan");  // refuses: a layer is missing
-  require_slots(need, "plan", step_ ? int64_t(step_->deferred_free.size()) : 0);
-  check_host_tier();
-  require_tiers(entries, need);
+  return step_needs(entries, need);
+}
+
+StepNeeds KVCache::request_needs(int64_t prompt_tokens, int64_t max_new_tokens, int n) const {
+  if (prompt_tokens < 1)
+    throw ValueError("prompt_tokens: expected an integer >= 1, got " + std::to_string(prompt_tokens));
+  if (max_new_tokens < 1)
+    throw ValueError("max_new_tokens: expected an integer >= 1, got " + std::to_string(max_new_tokens));
+  if (n < 1) throw ValueError("n: expected an integer >= 1, got " + std::to_string(n));
+  const int64_t C = cfg_.chunk_size;
+  StepNeeds out;
+  // The first decode step: the prompt's full chunks, and each sample's own partial or new chunk.
+  out.pool_chunks = prompt_tokens / C + n;
+  out.pool_available = pool_.capacity();
+  const EvictionConfig& ev = cfg_.eviction;
+  if (!ev.host_tier() || ev.dense_layers >= cfg_.layers) return out;
+  // The longest sequence a step attends in full: the prompt (prefill), or a decode step's
+  // context (prompt + generated tokens but the last) while within budget_tokens.
+  const int64_t longest =
+      ev.budget_tokens <= prompt_tokens ? prompt_tokens
+                                        : prompt_tokens + std::min(max_new_tokens - 1, ev.budget_tokens - prompt_tokens);
+  // Each other sample keeps its partial chunk on the device.
+  out.device_chunks = (longest + C - 1) / C + n - 1;
+  // fork: the parent's partial chunk, one copy per other sample, and the copy source.
+  if (n > 1) out.device_chunks = std::max<int64_t>(out.device_chunks, int64_t(n) + 1);
+  out.device_available = ev.device_chunks;
+  return out;
+}
+
+uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
+  std::lock_guard<std::mutex> g(mu_);
+  // Validate everything before touching state.
+  commit_if_complete();  // validation reads committed lengths
+  const int64_t need = check_entries(entries);
+  const int C = cfg_.chunk_size;
+  if (step_ && !step_->committed) end_step("plan");  // refuses: a layer is missing
+  require_step(step_needs(entries, need), need);
   end_step("plan");
 
   auto st = std::make_unique<OpenStep>();

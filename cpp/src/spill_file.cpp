@@ -97,7 +97,7 @@ void SpillFile::reserve(int64_t blocks) {
   if (!err) err = ::posix_fallocate(fd_, 0, off_t(blocks) * off_t(block_bytes_));
   if (err == EINVAL || err == EOPNOTSUPP) err = 0;  // the file system cannot reserve; writes will tell
   if (err == ENOSPC || err == EDQUOT || err == EFBIG)
-    throw CapacityError("eviction.spill_path: the spill file " + quoted(path_) + " needs " +
+    throw CapacityError(Resource::HostBlocks, blocks, reserved_, "eviction.spill_path: the spill file " + quoted(path_) + " needs " +
                         std::to_string(blocks * int64_t(block_bytes_)) + " bytes for this step's backups, "
                         "but its device has no room (" + std::strerror(err) +
                         "). Free disk space, raise eviction.host_bytes, or plan fewer tokens.");

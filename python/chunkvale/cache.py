@@ -2,6 +2,7 @@
 output allocation in the caller's tensor kind, and a Step handle."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
@@ -12,6 +13,8 @@ from . import _native
 from .config import CacheConfig
 
 _INT32 = (-(2**31), 2**31 - 1)
+
+Mapping.register(_native.CacheStats)  # a read-only mapping of its fields (keys, items, get, ==)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class KVCache:
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config: expected chunkvale.CacheConfig, got {type(config).__name__}")
         self.config = config
-        self._native = _native.KVCache(**config.native_kwargs())
+        self._native = _native.KVCache(config.to_native())
 
     # -- sequences --
     def add_sequence(self, token_ids, namespace: str = "", max_reuse: Optional[int] = None) -> Tuple[int, int]:
@@ -94,21 +97,21 @@ class KVCache:
     def plan(self, entries: Sequence[Tuple[int, Union[int, Sequence[int]]]]) -> Step:
         """Plans one step: each entry is (seq, n_new) for pending prompt tokens or
         (seq, token_ids) for tokens beyond the prompt."""
-        if isinstance(entries, (list, tuple)):
-            norm = []
-            for i, e in enumerate(entries):
-                # Token ids given as an array (or any sequence but list/tuple) become a list;
-                # everything else (seq, n_new, their types and ranges) is the core's to check.
-                if (isinstance(e, (list, tuple)) and len(e) == 2 and not isinstance(e[1], (list, tuple))
-                        and not isinstance(e[1], (numbers.Integral, str, bytes)) and e[1] is not None
-                        and hasattr(e[1], "__len__")):
-                    e = (e[0], _token_list(e[1], f"entries[{i}]: token_ids"))
-                norm.append(e)
-            entries = norm
-        step_id = self._native.plan(entries)
+        step_id = self._native.plan(_entries(entries))
         info = self._native.step_info(step_id)
         return Step(step_id, info["num_tokens"], list(info["seq_ids"]), list(info["row_offsets"]),
                     info["positions"])
+
+    def needs(self, entries) -> "_native.StepNeeds":
+        """What ``plan(entries)`` needs of each resource and what it can have now; ``plan``
+        raises CapacityError exactly when ``not needs(entries).fits``. Changes nothing."""
+        return self._native.needs(_entries(entries))
+
+    def request_needs(self, prompt_tokens: int, max_new_tokens: int, n: int = 1) -> "_native.StepNeeds":
+        """What the largest step of one request (a prompt of ``prompt_tokens``, up to
+        ``max_new_tokens`` per sample, ``n`` samples) needs running alone in an empty cache,
+        against what an empty cache has: a request that does not fit can never run."""
+        return self._native.request_needs(prompt_tokens, max_new_tokens, n)
 
     def append(self, layer: int, step: Step, k, v) -> None:
         """Writes the step's new K/V ([num_tokens, kv_heads, head_dim]) for one layer."""
@@ -159,7 +162,8 @@ class KVCache:
     def sequence_length(self, seq: int) -> int:
         return self._native.sequence_length(seq)
 
-    def stats(self) -> dict:
+    def stats(self) -> "_native.CacheStats":
+        """A snapshot: read-only fields, also a read-only mapping (``stats()["chunks_in_use"]``)."""
         return self._native.stats()
 
     # -- inspection (tests, debugging) --
@@ -192,6 +196,21 @@ def _stream_of(x) -> int:
     if torch is not None and isinstance(x, torch.Tensor) and x.is_cuda:
         return int(torch.cuda.current_stream(x.device).cuda_stream)
     return 0
+
+
+def _entries(entries):
+    """Token ids given as an array (or any sequence but list/tuple) become a list; everything
+    else (seq, n_new, their types and ranges) is the core's to check."""
+    if not isinstance(entries, (list, tuple)):
+        return entries
+    norm = []
+    for i, e in enumerate(entries):
+        if (isinstance(e, (list, tuple)) and len(e) == 2 and not isinstance(e[1], (list, tuple))
+                and not isinstance(e[1], (numbers.Integral, str, bytes)) and e[1] is not None
+                and hasattr(e[1], "__len__")):
+            e = (e[0], _token_list(e[1], f"entries[{i}]: token_ids"))
+        norm.append(e)
+    return norm
 
 
 def _step_id(step) -> int:

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from . import _native
+
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -70,7 +72,8 @@ class Eviction:
     spill_path: Optional[str] = None
     device_chunks: Optional[int] = None  # last: positional calls written before it still mean the same
 
-    def native_kwargs(self) -> dict:
+    def to_native(self):
+        """The core's EvictionConfig, every field's type and range checked (errors name it)."""
         device_chunks = _int("eviction.device_chunks", self.device_chunks, 1, _INT32[1], optional=True)
         host_bytes = _int("eviction.host_bytes", self.host_bytes, 1, _INT64[1], optional=True)
         spill_path = self.spill_path
@@ -99,11 +102,15 @@ class Eviction:
             raise TypeError(f"eviction.topk_chunks: expected an int or None, got {type(self.topk_chunks).__name__}")
         topk = _int("eviction.topk_chunks", self.topk_chunks, 0, optional=True)
         digest = _str("eviction.digest", self.digest)
-        return dict(budget_tokens=budget, sink_chunks=sink, window_chunks=window,
-                    topk_chunks=0 if topk is None else (topk or -1),
-                    digest=digest, dense_layers=dense,
-                    device_chunks=device_chunks or 0, host_bytes=host_bytes or 0,
-                    spill_path="" if spill_path is None else spill_path)
+        e = _native.EvictionConfig()
+        e.enabled = True
+        e.budget_tokens, e.sink_chunks, e.window_chunks, e.dense_layers = budget, sink, window, dense
+        e.topk_chunks = _native.EvictionConfig.TOPK_DEFAULT if topk is None else topk
+        e.digest = digest
+        e.device_chunks = device_chunks or 0
+        e.host_bytes = host_bytes or 0
+        e.spill_path = "" if spill_path is None else spill_path
+        return e
 
 
 @dataclass
@@ -129,7 +136,8 @@ class CacheConfig:
     eviction: Optional[Eviction] = None
     kernel_isa: Optional[str] = None  # CPU kernels: None = $CHUNKVALE_KERNEL_ISA, else the best; or one of chunkvale.kernel_isas()
 
-    def native_kwargs(self) -> dict:
+    def to_native(self):
+        """The core's CacheConfig, every field's type and range checked (errors name it)."""
         dtype = _dtype_name(self.dtype)
         ints = {name: _int(name, getattr(self, name))
                 for name in ("layers", "q_heads", "kv_heads", "head_dim", "chunk_size", "threads",
@@ -150,11 +158,17 @@ class CacheConfig:
         if self.eviction is not None and not isinstance(self.eviction, Eviction):
             raise TypeError(f"eviction: expected chunkvale.Eviction or None, got {type(self.eviction).__name__}")
         kernel_isa = _str("kernel_isa", self.kernel_isa, optional=True)
-        evict = self.eviction.native_kwargs() if self.eviction is not None else {}
-        return dict(
-            **evict, **ints, dtype=dtype,
-            capacity_chunks=capacity_chunks or 0, capacity_bytes=capacity_bytes or 0,
-            sm_scale=sm_scale, device=device, kernel_isa=kernel_isa or "")
+        c = _native.CacheConfig()
+        for name, value in ints.items():
+            setattr(c, name, value)
+        c.dtype = dtype
+        c.capacity_chunks, c.capacity_bytes = capacity_chunks or 0, capacity_bytes or 0
+        c.sm_scale = 0.0 if sm_scale is None else sm_scale  # 0: the core's default, 1/sqrt(head_dim)
+        c.device = device
+        c.kernel_isa = kernel_isa or ""
+        if self.eviction is not None:
+            c.eviction = self.eviction.to_native()
+        return c
 
 
 def _dtype_name(dtype) -> str:

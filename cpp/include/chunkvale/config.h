@@ -27,8 +27,10 @@ struct EvictionConfig {
   int64_t budget_tokens = 0;  // per sequence and layer
   int sink_chunks = 1;
   int window_chunks = 2;
-  int topk_chunks = 0;        // 0: ArkVale's rule, min(1280, budget / 2) tokens in chunks;
-                              // -1: none (sink + window only, StreamingLLM-style)
+  // Chunks selected by digest score. kTopkDefault: ArkVale's rule, min(1280, budget / 2)
+  // tokens in chunks; 0: none (sink + window only, StreamingLLM-style). Python: None / 0.
+  static constexpr int kTopkDefault = -1;
+  int topk_chunks = kTopkDefault;
   DigestKind digest = DigestKind::CuboidMax;
   int dense_layers = 2;       // the first layers never select
   // Host tier (bounded device memory): 0 = off, every chunk stays resident in every layer.

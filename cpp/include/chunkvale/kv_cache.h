@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "chunkvale/backend.h"
+#include "chunkvale/cache_stats.h"
 #include "chunkvale/chunk_pool.h"
 #include "chunkvale/config.h"
 #include "chunkvale/errors.h"
@@ -36,21 +37,16 @@ struct StepInfo {
   std::vector<int64_t> positions;    // per packed row, for RoPE
 };
 
-struct CacheStats {
-  int64_t capacity_chunks = 0, chunks_in_use = 0, chunks_free = 0, chunks_shared = 0,
-          chunks_cached = 0, peak_chunks = 0, sequences = 0, tokens_cached = 0,
-          tokens_saved_by_sharing = 0, reused_prompt_tokens = 0, plan_rebuilds = 0,
-          plan_reuses = 0, chunk_first_units = 0, chunk_first_chunks = 0;
-  // Budgeted attention: chunks scored, chunks left out, time spent scoring + selecting.
-  int64_t evict_scored_chunks = 0, evict_dropped_chunks = 0, evict_select_ns = 0;
-  int64_t evict_score_ns = 0;  // time in the backend's scoring calls (results back on the host included)
-  // Host tier (zero without it): chunk moves and bytes per (layer, chunk), waits for a
-  // backup before a slot was reused, what the tiers hold now, time spent on residency.
-  int64_t evict_device_chunks = 0, evict_device_slots_in_use = 0, evict_backups = 0,
-          evict_recalls = 0, evict_evictions = 0, evict_backup_waits = 0,
-          evict_bytes_to_host = 0, evict_bytes_from_host = 0, evict_host_bytes_in_use = 0,
-          evict_spill_bytes_in_use = 0, evict_residency_ns = 0;
-  size_t bytes_per_chunk = 0;
+// What a step needs of each resource, against what it can have now (CapacityError's units:
+// pool chunks; device chunks per evicting layer, both 0 without a host tier; host blocks,
+// both 0 without one, host_available INT64_MAX when a spill file makes it unbounded).
+struct StepNeeds {
+  int64_t pool_chunks = 0, pool_available = 0;
+  int64_t device_chunks = 0, device_available = 0;
+  int64_t host_blocks = 0, host_available = 0;
+  bool fits() const {
+    return pool_chunks <= pool_available && device_chunks <= device_available && host_blocks <= host_available;
+  }
 };
 
 class HostTier;
@@ -75,6 +71,14 @@ class KVCache {
   // Plans one step; returns its id. A step ends (and its plan with it) at the next
   // add_sequence / plan / fork / remove / clear, which refuse while a layer is missing.
   uint64_t plan(const std::vector<PlanEntry>& entries);
+  // What plan(entries) needs and can have now; validates entries as plan() does (same
+  // exceptions) and changes nothing. plan() throws CapacityError exactly when !fits().
+  StepNeeds needs(const std::vector<PlanEntry>& entries);
+  // What the largest step of one request (prompt_tokens, up to max_new_tokens per sample,
+  // n samples) needs running alone in an empty cache, against what an empty cache has: the
+  // pool holds its full prompt chunks plus one chunk per sample; with a host tier, every
+  // chunk a prefill (or a decode within budget_tokens) attends is on the device at once.
+  StepNeeds request_needs(int64_t prompt_tokens, int64_t max_new_tokens, int n) const;
   void append(int layer, uint64_t step, const TensorView& k, const TensorView& v);
   void attention(int layer, uint64_t step, const TensorView& q, const TensorView& out,
                  const TensorView* lse = nullptr);
@@ -144,8 +148,12 @@ class KVCache {
   void demote_after_prefill(int layer, const TensorView& q);
   void copy_chunk_all_layers(int32_t src, int32_t dst, int32_t n_tokens);
   int64_t open_tails() const;
-  // Throws CapacityError unless the step `entries` describe fits the tiers.
-  void require_tiers(const std::vector<PlanEntry>& entries, int64_t new_chunks);
+  // Validates plan()'s entries; returns the new pool chunks the step takes.
+  int64_t check_entries(const std::vector<PlanEntry>& entries) const;
+  StepNeeds step_needs(const std::vector<PlanEntry>& entries, int64_t new_chunks) const;
+  // Throws the CapacityError of the first resource (pool, device, host) `n` lacks;
+  // check_host_tier() and the host reservation run between pool and device, as always.
+  void require_step(const StepNeeds& n, int64_t new_chunks);
   void require_device_tails(int64_t new_tails, const char* what) const;
 
   CacheConfig cfg_;
