@@ -35,8 +35,10 @@ def fake_forward(cache, batch: Batch) -> np.ndarray:
     ids = np.asarray(batch.input_ids)
     assert step.num_tokens == len(ids)
     kv = np.ascontiguousarray((EMBED[ids] + POS[np.asarray(step.positions)])[:, None, :])
-    cache.append(0, step, kv, kv)
-    out = cache.attention(0, step, np.ascontiguousarray(QUERY[ids][:, None, :]))
+    q = np.ascontiguousarray(QUERY[ids][:, None, :])
+    for layer in range(cache.config.layers):  # every layer alike: the last one's output is scored
+        cache.append(layer, step, kv, kv)
+        out = cache.attention(layer, step, q)
     return out[batch.logit_rows, 0, :] @ HEAD
 
 
@@ -48,9 +50,10 @@ def pick(row_logits, sample: SampleState) -> int:
 class Loop:
     """The engine loop (engine.py) with the fake model: schedule, forward, sample, fork, retire."""
 
-    def __init__(self, capacity_chunks: int, max_batch_size: int = 16, max_step_tokens: int = 256):
-        self.cache = chunkvale.KVCache(chunkvale.CacheConfig(layers=1, q_heads=1, kv_heads=1, head_dim=D,
-                                                             chunk_size=C, capacity_chunks=capacity_chunks))
+    def __init__(self, capacity_chunks: int, max_batch_size: int = 16, max_step_tokens: int = 256, eviction=None):
+        self.cache = chunkvale.KVCache(chunkvale.CacheConfig(layers=1 if eviction is None else 2, q_heads=1,
+                                                             kv_heads=1, head_dim=D, chunk_size=C,
+                                                             capacity_chunks=capacity_chunks, eviction=eviction))
         self.counters = EngineCounters(0)
         self.sched = Scheduler(self.cache, chunk_size=C, max_batch_size=max_batch_size,
                                max_step_tokens=max_step_tokens, counters=self.counters)
@@ -340,10 +343,13 @@ def test_cancel_releases_a_running_request_and_a_waiting_one():
     assert_released(loop)
 
 
+# The engine refuses at submit what the cache's request_needs says could never fit; these are the
+# rules it used to derive itself (its refusal messages explain them), so the cache must keep them.
+
 def test_request_needs_without_a_host_tier_is_the_pool_rule():
     loop = Loop(capacity_chunks=8)
-    needs = loop.sched.request_needs(40, 100, 3)
-    assert (needs.pool_chunks, needs.pool_available) == (40 // C + 3, 8)
+    needs = loop.cache.request_needs(40, 100, 3)
+    assert (needs.pool_chunks, needs.pool_available) == (40 // C + 3, 8)  # full prompt chunks + one per sample
     assert (needs.device_chunks, needs.device_available) == (0, 0)
 
 
@@ -359,6 +365,20 @@ def test_request_needs_with_a_host_tier_counts_device_chunks(prompt_tokens, max_
                             device_chunks=5)
     cache = chunkvale.KVCache(chunkvale.CacheConfig(layers=2, q_heads=1, kv_heads=1, head_dim=D, chunk_size=C,
                                                     capacity_chunks=64, eviction=ev))
-    sched = Scheduler(cache, chunk_size=C, max_batch_size=8, max_step_tokens=64, counters=EngineCounters(0))
-    needs = sched.request_needs(prompt_tokens, max_new, n)
+    needs = cache.request_needs(prompt_tokens, max_new, n)
     assert (needs.device_chunks, needs.device_available) == (want, 5)
+
+
+def test_a_step_that_cannot_fit_the_device_tier_alone_names_device_chunks():
+    # The failure message reads the CapacityError's resource, not its text. A cache given
+    # directly (no submit-time check) with 2 device chunks: the prefill shrinks until the prompt
+    # outgrows 2 chunks, then even a one-token step attends to 3.
+    ev = chunkvale.Eviction(budget_tokens=32, sink_chunks=1, window_chunks=1, topk_chunks=0, dense_layers=1,
+                            device_chunks=2)
+    loop = Loop(capacity_chunks=64, eviction=ev)
+    loop.submit(prompt(40, 130), 2)
+    done = loop.run()
+    assert done[0].error.startswith("CapacityError: KV cache too small for this request")
+    assert "; raise eviction.device_chunks. The cache said: " in done[0].error
+    assert done[0].prefilled == 32 and done[0].samples[0].tokens == []
+    assert_released(loop)

@@ -199,7 +199,8 @@ class Engine:
             field = "request." + next(f for f in ("prompt", "messages", "token_ids") if getattr(request, f) is not None)
             if self.max_context and len(prompt) >= self.max_context:
                 raise ValueError(f"{field}: {len(prompt)} tokens, the model's usable context is {self.max_context}")
-            needs = self.scheduler.request_needs(len(prompt), p.max_new_tokens, p.n)
+            # What the cache could never hold, even alone: the cache states its own rules.
+            needs = self.cache.request_needs(len(prompt), p.max_new_tokens, p.n)
             requests.refuse_unfittable(field, len(prompt), p.max_new_tokens, p.n, needs, chunk_size=self.chunk_size,
                                        budget_tokens=getattr(self.eviction, "budget_tokens", None))
         except (TypeError, ValueError) as e:

@@ -13,20 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import NamedTuple
-
 import numpy as np
 
 from .batch import Batch, BatchEntry, Fork
 from .metrics import EngineCounters
 from .request_state import RequestState, SampleState
-
-
-class _DerivedNeeds(NamedTuple):
-    pool_chunks: int
-    pool_available: int
-    device_chunks: int
-    device_available: int
 
 
 class Scheduler:
@@ -67,25 +58,6 @@ class Scheduler:
     def take_failed(self) -> list[RequestState]:
         failed, self._failed = self._failed, []
         return failed
-
-    def request_needs(self, prompt_tokens: int, max_new_tokens: int, n: int):
-        """What the largest step of a request needs alone in an empty cache, and what it has:
-        the pool (its full prompt chunks plus one chunk per sample for the first decode step)
-        and, with a host tier, the device chunks of an evicting layer (every chunk of a prefill
-        step, and of a decode step within ``budget_tokens``, must be there at once, next to the
-        partial chunk of each other sample)."""
-        capacity = int(self.cache.stats()["capacity_chunks"])
-        pool = prompt_tokens // self.chunk_size + n
-        ev = getattr(getattr(self.cache, "config", None), "eviction", None)
-        if ev is None or not ev.device_chunks or ev.dense_layers >= self.cache.config.layers:
-            return _DerivedNeeds(pool, capacity, 0, 0)
-        # The longest sequence a step attends in full: the prompt (prefill), or a decode step's
-        # context (prompt + generated tokens but the last) while within budget.
-        longest = max(prompt_tokens, min(prompt_tokens + max_new_tokens - 1, ev.budget_tokens))
-        device = -(-longest // self.chunk_size) + n - 1
-        if n > 1:  # fork: the parent's partial chunk, one copy per other sample, and the copy source
-            device = max(device, n + 1)
-        return _DerivedNeeds(pool, capacity, device, ev.device_chunks)
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -309,7 +281,9 @@ class Scheduler:
             elif error is None:
                 return None
             if len(self.running) <= 1:
-                what = ("raise eviction.device_chunks" if "eviction." in str(error)
+                # The field to raise: the engine sizes the pool in tokens; the host tier's fields are
+                # the Eviction's own.
+                what = (f"raise {error.resource}" if error.resource in ("eviction.device_chunks", "eviction.host_bytes")
                         else "raise capacity_tokens (now {} chunks of {} tokens)".format(
                             self.cache.stats()["capacity_chunks"], self.chunk_size))
                 self._fail(self.running[0], chunkvale.CapacityError(
