@@ -47,6 +47,23 @@ def pick(row_logits, sample: SampleState) -> int:
     return (int(np.argmax(row_logits)) + 7 * sample.sample_index) % VOCAB
 
 
+def spy(cache, method: str) -> list:
+    """Record each call of ``cache.<method>``: (its first argument, whether the cache refused it)."""
+    calls, real = [], getattr(cache, method)
+
+    def call(first, *args):
+        try:
+            out = real(first, *args)
+        except chunkvale.CapacityError:
+            calls.append((list(first) if isinstance(first, list) else first, True))
+            raise
+        calls.append((list(first) if isinstance(first, list) else first, False))
+        return out
+
+    setattr(cache, method, call)
+    return calls
+
+
 class Loop:
     """The engine loop (engine.py) with the fake model: schedule, forward, sample, fork, retire."""
 
@@ -58,19 +75,8 @@ class Loop:
         self.sched = Scheduler(self.cache, chunk_size=C, max_batch_size=max_batch_size,
                                max_step_tokens=max_step_tokens, counters=self.counters)
         self.submitted = 0
-        self.plans = []  # (entries, refused) of every plan() call
-        real = self.cache.plan
-
-        def plan(entries):
-            try:
-                step = real(entries)
-            except chunkvale.CapacityError:
-                self.plans.append((list(entries), True))
-                raise
-            self.plans.append((list(entries), False))
-            return step
-
-        self.cache.plan = plan
+        self.plans = spy(self.cache, "plan")  # (entries, refused) of every plan() call
+        self.forks = spy(self.cache, "fork")
 
     def submit(self, prompt, max_new_tokens, n=1, stop=()) -> int:
         request = requests.Request(token_ids=prompt, max_new_tokens=max_new_tokens, n=n, stop=list(stop))
@@ -91,13 +97,7 @@ class Loop:
         batch = self.sched.schedule()
         if batch is None:
             return self.sched.take_failed()
-        logits = fake_forward(self.cache, batch)
-        forks = self.sched.commit(batch)
-        for s, row in zip(batch.sampled, logits):
-            self.emit(s, row)
-        for fork in forks:
-            for child in self.sched.fork(fork.request):
-                self.emit(child, logits[fork.row])
+        self.sched.advance(batch, fake_forward(self.cache, batch), self.emit)
         return self.sched.take_failed() + self.sched.retire()
 
     def run(self) -> dict[int, RequestState]:
@@ -280,20 +280,9 @@ def test_a_fork_that_does_not_fit_preempts_a_newer_request():
     # its partial chunk twice: 6 > 5 chunks, so B goes back to the queue.
     pa, pb = prompt(40, 90), prompt(5, 91)
     loop = Loop(capacity_chunks=5)
-    refused = []
-    real = loop.cache.fork
-
-    def fork(seq, n):
-        try:
-            return real(seq, n)
-        except chunkvale.CapacityError:
-            refused.append(seq)
-            raise
-
-    loop.cache.fork = fork
     a, b = loop.submit(pa, 3, n=3), loop.submit(pb, 3)
     loop.step()
-    assert len(refused) == 1 and loop.counters.preemptions == 1
+    assert [refused for _, refused in loop.forks] == [True, False] and loop.counters.preemptions == 1
     assert [r.index for r in loop.sched.running] == [a] and len(loop.sched.running[0].samples) == 3
     assert [r.index for r in loop.sched.waiting] == [b]
     done = loop.run()

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 from . import hf, requests, sampling
 from .metrics import EngineCounters, EngineMetrics, RequestMetrics, request_metrics  # noqa: F401  (this module's API)
 from .requests import Request, Result, Sample  # noqa: F401  (part of this module's API)
-from .scheduler import Batch, RequestState, SampleState, Scheduler
+from .scheduler import RequestState, SampleState, Scheduler
 
 
 def encode_request(tokenizer, request: Request, vocab_size: int | None = None) -> list[int]:
@@ -127,7 +127,7 @@ class Engine:
             self.scheduler.abandon(batch)
             raise
         self._counters.stepped()
-        self._sample(batch, logits)
+        self.scheduler.advance(batch, logits, self._emit)
         self._counters.memory(int(self.cache.stats()["chunks_in_use"]), self.scheduler.live_lengths(),
                               self.chunk_size)
         failed = self._take_failed()
@@ -211,17 +211,8 @@ class Engine:
         self._submitted += 1
         return req
 
-    def _sample(self, batch: Batch, logits) -> None:
-        """Each sample of ``batch`` that got logits draws its next token; then requests whose
-        prompt just completed fork, and their other samples draw from the same logits."""
-        forks = self.scheduler.commit(batch)
-        for s, row_logits in zip(batch.sampled, logits):
-            self._emit(s, row_logits)
-        for fork in forks:
-            for child in self.scheduler.fork(fork.request):
-                self._emit(child, logits[fork.row])
-
     def _emit(self, s: SampleState, row_logits) -> None:
+        """Sample ``s``'s next token from its logits and apply the stop rules."""
         p = s.request.params
         if s.rng is None:
             s.rng = sampling.make_generator(p.seed, s.sample_index)

@@ -6,13 +6,14 @@ cached prefix), the step's batch (``plan``: each decoding sample's last token, t
 slices up to the step's token budget), backing off when a step does not fit, recompute
 preemption, forking a request's samples once its prompt is in the cache, and releasing what
 finished. It runs no model and imports no torch: the engine loop (engine.py) feeds a planned
-:class:`Batch` through the model, samples, and hands the tokens back.
+:class:`Batch` through the model and passes ``advance`` the logits and its sampler.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+
 import numpy as np
 
 from .batch import Batch, BatchEntry, Fork
@@ -67,10 +68,21 @@ class Scheduler:
         self._admit()
         return self._plan() if self.running else None
 
-    def commit(self, batch: Batch) -> list[Fork]:
-        """The model ran ``batch``: count its tokens as in the cache, and note first tokens.
-        Returns the requests to fork once their samples' tokens are emitted (n > 1, the prompt
-        just completed), each with the row of ``batch.sampled`` it completed in."""
+    def advance(self, batch: Batch, logits, emit) -> None:
+        """The model ran ``batch``; ``logits[i]`` belong to ``batch.sampled[i]``. Each of those
+        samples gets its next token from ``emit(sample, row_logits)`` (the engine samples and
+        applies the stop rules); then requests whose prompt just completed fork, and their other
+        samples draw their first token from the same logits."""
+        forks = self._commit(batch)
+        for s, row_logits in zip(batch.sampled, logits):
+            emit(s, row_logits)
+        for fork in forks:
+            for child in self._fork(fork.request):
+                emit(child, logits[fork.row])
+
+    def _commit(self, batch: Batch) -> list[Fork]:
+        """Count ``batch``'s tokens as in the cache, and note first tokens. Returns the requests
+        to fork (n > 1, the prompt just completed), each with its row of ``batch.sampled``."""
         now = time.perf_counter()
         forks, row = [], 0
         for e in batch.entries:
@@ -89,7 +101,7 @@ class Scheduler:
             row += 1
         return forks
 
-    def fork(self, req: RequestState) -> list[SampleState]:
+    def _fork(self, req: RequestState) -> list[SampleState]:
         """Fork ``req``'s prompt for its other samples (they share all its full chunks) and return
         them. Preempts newer requests while the copies of its partial chunk do not fit (pool or
         device slots); fails ``req`` if it cannot fork even alone. [] when it failed, or was
