@@ -1,15 +1,18 @@
-"""Generation requests and their validation: every field is checked when a request is submitted,
-so a bad value is a TypeError/ValueError naming ``request.<field>`` there, never a failure in the
-middle of a batch (docs/API.md "Engine")."""
+"""Generation requests, their results, and the rules about them: validation (every field is checked
+when a request is submitted, so a bad value is a TypeError/ValueError naming ``request.<field>``
+there, never a failure in the middle of a batch; docs/API.md "Engine"), refusing what the cache
+could never hold, and when a sample stops."""
 
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from .metrics import RequestMetrics
 
 # Below this, softmax(logits / T) equals the argmax in float32 for any realistic logit gap
 # (a gap of 0.1 at T = 1e-3 is e^-100 < 2^-126), so a smaller T is greedy with extra cost; and
@@ -36,6 +39,28 @@ class Request:
     namespace: str = ""  # prefixes are shared only within one namespace
     ignore_eos: bool = False  # for benchmarks that need a fixed number of tokens
     id: Any = None
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length" | "error" (the request failed first) | "cancelled"
+
+
+@dataclass
+class Result:
+    request: Request
+    index: int  # order of submission
+    samples: list[Sample]
+    metrics: RequestMetrics
+    # None, or why the request failed while running ("CapacityError: ..."): then the samples
+    # hold the tokens generated until then, unfinished ones with finish_reason "error".
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass(frozen=True)
@@ -182,3 +207,46 @@ def encode(tokenizer, request: Request, vocab_size: int) -> list[int]:
     if not ids:
         raise ValueError(f"request.{given[0]}: prompt is empty after tokenization")
     return ids
+
+
+def refuse_unfittable(field: str, prompt_tokens: int, max_new_tokens: int, n: int, needs, *, chunk_size: int,
+                      budget_tokens: int | None) -> None:
+    """Refuse (ValueError naming ``field``) a request that could not take a step even alone in an
+    empty cache. ``needs``: what its largest step needs and an empty cache has (StepNeeds fields);
+    ``budget_tokens``: the eviction budget, for the device-tier message."""
+    if needs.pool_chunks > needs.pool_available:
+        capacity = needs.pool_available
+        raise ValueError(
+            f"{field}: {prompt_tokens} tokens{f' with n={n} samples' if n > 1 else ''} need {needs.pool_chunks} "
+            f"chunks of {chunk_size} tokens to start decoding, but the KV cache holds {capacity} "
+            f"({capacity * chunk_size} tokens); raise capacity_tokens (--kv-tokens) or shorten the prompt")
+    if needs.device_chunks > needs.device_available:
+        raise ValueError(
+            f"{field}: {prompt_tokens} tokens (+ up to {max_new_tokens} new"
+            f"{f', n={n} samples' if n > 1 else ''}) need up to {needs.device_chunks} chunks of {chunk_size} tokens "
+            f"on the device at once (prefill, and decode within budget_tokens={budget_tokens}, "
+            f"attend to every chunk{'; each other sample keeps its partial chunk there' if n > 1 else ''}), but "
+            f"eviction.device_chunks={needs.device_available}; raise device_chunks, lower budget_tokens, "
+            f"or shorten the request")
+
+
+def finish_reason(tokens: list[int], length: int, p: Checked, stop_ids: frozenset, max_context: int | None,
+                  decode: Callable[[list[int]], str] | None) -> tuple[str | None, str | None]:
+    """Whether a sample ends with its newest token ``tokens[-1]``: (reason, text), reason None
+    while it goes on; text is the output cut before a stop string, else None (decode it all).
+    ``length``: the sample's tokens in the cache, the new one included; ``decode``: token ids to
+    text (needed only with stop strings, which validation allows only with a tokenizer)."""
+    if tokens[-1] in stop_ids:
+        return "stop", None
+    if p.stop_strings:
+        text = decode(tokens)
+        cut = min((text.find(x) for x in p.stop_strings if x in text), default=-1)
+        if cut >= 0:
+            return "stop", text[:cut]
+    if len(tokens) >= p.max_new_tokens:
+        return "length", None
+    if max_context and length >= max_context:
+        # The next step would feed this token at position ``length``, past what the model (or
+        # its sliding window, which chunkvale does not apply) supports.
+        return "length", None
+    return None, None
