@@ -39,10 +39,10 @@ void CudaBackend::update_digests(int layer, const int32_t* chunks, const int32_t
   const int32_t* dev = static_cast<const int32_t*>(uploads_ring_.put(score_pack_.data(), score_pack_.size() * 4, s));
   DigestParams p;
   p.pool_layer = slot_ptr(layer, 0);
-  p.digests_layer = digests_ + size_t(layer) * size_t(slots_) * cfg_.kv_heads * 2 * cfg_.head_dim;
+  p.digests_layer = digests_ + DigestView{slots_, cfg_.kv_heads, cfg_.head_dim}.layer(layer);
   p.chunks = dev;
   p.slots = dev + n;
-  p.slot_stride = int64_t(slot_stride_);
+  p.pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
   p.kv_heads = cfg_.kv_heads;
   p.C = cfg_.chunk_size;
   p.D = cfg_.head_dim;
@@ -98,7 +98,7 @@ size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequ
   CV_CUDA(cudaGetLastError(), "score prep kernel launch");
   if (total > 0) {
     ScoreParams sp;
-    sp.digests_layer = digests_ + size_t(layer) * size_t(slots_) * cfg_.kv_heads * 2 * cfg_.head_dim;
+    sp.digests_layer = digests_ + DigestView{slots_, cfg_.kv_heads, cfg_.head_dim}.layer(layer);
     sp.qsum = qsum_;
     sp.cand_req = creq - score_pack_.data() + dev;
     sp.cand_chunk = cchunk - score_pack_.data() + dev;
