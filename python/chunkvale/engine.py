@@ -16,7 +16,8 @@ from typing import Iterable, Iterator
 from . import hf, requests, sampling
 from .metrics import EngineCounters, EngineMetrics, RequestMetrics, request_metrics  # noqa: F401  (this module's API)
 from .requests import Request, Result, Sample  # noqa: F401  (part of this module's API)
-from .scheduler import RequestState, SampleState, Scheduler
+from .request_state import RequestState, SampleState
+from .scheduler import Scheduler
 
 
 def encode_request(tokenizer, request: Request, vocab_size: int | None = None) -> list[int]:
