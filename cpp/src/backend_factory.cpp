@@ -3,6 +3,8 @@
 #include "chunkvale/errors.h"
 #include "cpu_backend.h"
 
+#include <string>
+
 #ifdef CHUNKVALE_WITH_CUDA
 namespace chunkvale {
 // Defined in cuda/ (built only with CUDA).
@@ -18,6 +20,15 @@ bool cuda_backend_built() {
 #else
   return false;
 #endif
+}
+
+void require_abilities(const CacheConfig& cfg, Backend& backend) {
+  if (cfg.eviction.enabled && !backend.digests())
+    throw ValueError(std::string("eviction: chunk digests are not implemented on the ") + backend.name() +
+                     " backend; construct the cache without eviction");
+  if (cfg.eviction.host_tier() && !backend.copy_engine())
+    throw ValueError(std::string("eviction.device_chunks: the host tier is not implemented on the ") + backend.name() +
+                     " backend; leave device_chunks unset");
 }
 
 std::unique_ptr<Backend> make_backend(const CacheConfig& cfg, int64_t slots) {

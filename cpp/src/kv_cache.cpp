@@ -21,13 +21,7 @@ namespace chunkvale {
 KVCache::KVCache(const CacheConfig& config)
     : cfg_((config.validate(), config)), pool_(cfg_.resolved_capacity()), tree_(cfg_.chunk_size) {
   backend_ = make_backend(cfg_, cfg_.resolved_capacity());
-  // The abilities a config needs are asked for once, here.
-  if (cfg_.eviction.enabled && !backend_->digests())
-    throw ValueError(std::string("eviction: chunk digests are not implemented on the ") + backend_->name() +
-                     " backend; construct the cache without eviction");
-  if (cfg_.eviction.host_tier() && !backend_->copy_engine())
-    throw ValueError(std::string("eviction.device_chunks: the host tier is not implemented on the ") +
-                     backend_->name() + " backend; leave device_chunks unset");
+  require_abilities(cfg_, *backend_);  // asked once, here
   device_ = cfg_.device == "cuda" ? TensorView::Device::CUDA : TensorView::Device::CPU;
   seqs_ = std::make_unique<SequenceTable>(tree_, cfg_.chunk_size);
   planner_ = std::make_unique<StepPlanner>(cfg_);
