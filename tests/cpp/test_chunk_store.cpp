@@ -41,6 +41,9 @@ struct Fixture {
       : cfg(config(host_tier)), backend(make_backend(cfg, cfg.capacity_chunks)), pool(cfg.capacity_chunks),
         planner(cfg), selector(cfg, backend->digests(), planner.params()),
         store(make_chunk_store(cfg, *backend, pool, tree, selector)) {}
+  // As in ~KVCache: the backend first, it drains queued backups that still write into the
+  // store's host blocks (ASan saw the worker copy into freed memory otherwise).
+  ~Fixture() { backend.reset(); }
 
   // Prefills `n` tokens of a new sequence, `per_step` a step, K = V = step value + row / 100.
   int64_t prefill(int n, int per_step, float value) {
