@@ -83,8 +83,9 @@ void CpuBackend::copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_token
 void CpuBackend::attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
                            const TensorView* lse, const ExecContext&) {
   const int G = cfg_.group();
-  // The plan's units cut for this backend's threads, once per plan (every layer shares it).
-  if (cuts_.plan_revision != plan.revision || plan.revision == 0)
+  // The plan's units cut for this backend's threads, once per layout: every layer shares it,
+  // and decode steps that only bump the plan keep it.
+  if (cuts_.plan_layout != plan.layout || plan.layout == 0)
     cut_for_threads(plan, threads_.size(), cfg_.kv_heads, cuts_);
   const size_t prow = size_t(cfg_.kv_heads) * size_t(cuts_.partial_rows) * G;
   if (part_ml_.size() < prow * 2) part_ml_.resize(prow * 2);

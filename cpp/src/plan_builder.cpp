@@ -1,10 +1,13 @@
 #include "plan_builder.h"
 
 #include <algorithm>
+#include <atomic>
 #include <unordered_map>
 
 namespace chunkvale {
 namespace {
+
+std::atomic<uint64_t> g_next_layout{1};
 
 // Adds one work unit over chunks [c0, c1) and the given rows.
 void add_unit(StepPlan& plan, const std::vector<UnitChunk>& chunks, size_t c0, size_t c1,
@@ -26,6 +29,7 @@ void add_unit(StepPlan& plan, const std::vector<UnitChunk>& chunks, size_t c0, s
 
 void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const PlanParams& p) {
   const int C = p.chunk_size;
+  plan.layout = g_next_layout++;
   plan.seqs.clear();
   plan.seq_chunks.clear();
   plan.positions.clear();

@@ -19,7 +19,7 @@ void segment_bounds(size_t n, int64_t pieces, size_t min_len, std::vector<size_t
 }  // namespace
 
 void cut_for_threads(const StepPlan& plan, int threads, int kv_heads, ThreadCuts& cuts) {
-  cuts.plan_revision = plan.revision;
+  cuts.plan_layout = plan.layout;
   cuts.pieces.clear();
   cuts.partial_rows = 0;
   // Chunk-first runs: enough pieces that every thread has work, in proportion to the run's

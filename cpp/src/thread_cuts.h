@@ -21,7 +21,7 @@ struct UnitPiece {
 };
 
 struct ThreadCuts {
-  uint64_t plan_revision = 0;  // the plan these cuts are of (0: none yet)
+  uint64_t plan_layout = 0;  // the plan layout (StepPlan::layout) these cuts are of (0: none yet)
   std::vector<UnitPiece> pieces;
   int32_t partial_rows = 0;  // token rows of partials per KV head (times group)
   // For each packed row, the partial token-rows to merge (CSR), in piece order.

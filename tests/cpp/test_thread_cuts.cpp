@@ -107,7 +107,7 @@ void few_decodes_split_flash_decoding_style() {
   per_unit = check_cover(plan, cuts);
   EXPECT(per_unit[0] == 1 && per_unit[1] == 1, "1 thread, 4 heads: %d and %d pieces, expected 1", per_unit[0],
          per_unit[1]);
-  CHECK(cuts.plan_revision == plan.revision);
+  CHECK(cuts.plan_layout == plan.layout && plan.layout != 0);
 }
 
 void many_decodes_stay_whole() {
@@ -158,9 +158,42 @@ void prefill_row_blocks() {
   check_cover(plan, cuts);
 }
 
+// A decode step that only bumps the plan keeps its layout, so the CPU backend keeps its cuts;
+// they equal a fresh cut of the bumped plan. A rebuilt plan gets a new layout.
+void bumped_plans_keep_their_layout() {
+  std::vector<Seq> seqs;
+  for (int i = 0; i < 3; ++i) seqs.push_back(decode_seq(100 * i, 12));
+  StepPlan plan = plan_of(seqs);
+  const uint64_t layout = plan.layout;
+  ThreadCuts kept, fresh;
+  cut_for_threads(plan, 2, 1, kept);
+  std::vector<PlanSeqInput> batch;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    PlanSeqInput in;
+    in.id = int64_t(i);
+    in.n_new = 1;
+    in.ctx_before = seqs[i].ctx_before + 1;
+    in.slots = seqs[i].slots.data();
+    in.n_chunks = int32_t(seqs[i].slots.size());
+    batch.push_back(in);
+  }
+  PlanParams p;
+  p.chunk_size = C;
+  CHECK(bump_plan(plan, batch, p) && plan.layout == layout);
+  cut_for_threads(plan, 2, 1, fresh);
+  CHECK(fresh.partial_rows == kept.partial_rows && fresh.row_partials == kept.row_partials &&
+        fresh.row_partial_offsets == kept.row_partial_offsets && fresh.pieces.size() == kept.pieces.size());
+  for (size_t i = 0; i < fresh.pieces.size(); ++i)
+    CHECK(fresh.pieces[i].chunk_begin == kept.pieces[i].chunk_begin &&
+          fresh.pieces[i].chunk_end == kept.pieces[i].chunk_end &&
+          fresh.pieces[i].partial_begin == kept.pieces[i].partial_begin);
+  CHECK(plan_of(seqs).layout != layout);
+}
+
 }  // namespace
 
 int main() {
+  bumped_plans_keep_their_layout();
   few_decodes_split_flash_decoding_style();
   many_decodes_stay_whole();
   shared_runs_split_by_their_share();

@@ -49,6 +49,9 @@ struct StepPlan {
   // Unique per content the core hands out (a step's plan, a layer's selection, a plan in
   // one layer's device slots): a backend keeping a device copy re-uploads when it changes.
   uint64_t revision = 0;
+  // Unique per layout of units and rows (what a backend cuts for its device): plan_step
+  // gives a new one, bump_plan (positions and valid counts only) and copies keep it. 0: none.
+  uint64_t layout = 0;
   int32_t num_tokens = 0;
   std::vector<StepSeq> seqs;
   std::vector<int32_t> seq_chunks;     // slots, per StepSeq range
