@@ -13,6 +13,7 @@
 #include "chunkvale/kv_cache.h"
 #include "arg_checks.h"
 #include "cache_types.h"
+#include "paged_types.h"
 #include "tensor_args.h"
 
 namespace nb = nanobind;
@@ -113,6 +114,7 @@ NB_MODULE(_native, m) {
         "CUDA devices usable at run time (0 without the CUDA backend, a driver or a GPU).");
 
   chunkvale::bind::bind_cache_types(m);
+  chunkvale::bind::bind_paged_types(m);
 
   nb::class_<KVCache>(m, "KVCache")
       .def(nb::init<const chunkvale::CacheConfig&>(), "config"_a)

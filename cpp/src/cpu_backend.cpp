@@ -14,9 +14,7 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
       elem_(dtype_size(cfg.dtype)),
       tile_bytes_(size_t(cfg.chunk_size) * cfg.head_dim * elem_),
       slot_bytes_(2 * size_t(cfg.kv_heads) * tile_bytes_),
-      kernels_(kernels_for(cfg.dtype, cfg.head_dim, cfg.kernel_isa)),
-      threads_(cfg.threads) {
-  if (!kernels_) throw ValueError("head_dim: no kernel for head_dim " + std::to_string(cfg.head_dim));
+      attn_(cfg.dtype, cfg.head_dim, cfg.kernel_isa, cfg.threads) {
   // `slots` is the logical capacity; layers that evict hold only their device slots.
   layer_offsets(cfg.layers, int64_t(slot_bytes_), [&](int l) { return cfg.evicts_to_host(l) ? cfg.layer_slots(l) : slots; },
                 layer_offset_);
@@ -26,10 +24,9 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
   if (!pool_)
     throw CapacityError(Resource::PoolChunks, slots, 0, "capacity: could not allocate " + std::to_string(total) +
                         " bytes of KV pool memory");
-  scratch_.resize(size_t(threads_.size()));
   if (cfg.eviction.enabled) {
     digests_.assign(size_t(DigestView{slots, cfg.kv_heads, cfg.head_dim}.layer(cfg.layers)), 0.0f);
-    score_q_.assign(size_t(threads_.size()), std::vector<float>(size_t(cfg.kv_heads) * (2 * cfg.head_dim + 1)));
+    score_q_.assign(size_t(attn_.threads().size()), std::vector<float>(size_t(cfg.kv_heads) * (2 * cfg.head_dim + 1)));
   }
   if (cfg.eviction.host_tier()) {
     // Test-only: slows every backup so tests can catch a slot reused before its backup.
@@ -66,7 +63,7 @@ void CpuBackend::append(int layer, const StepPlan& plan, const TensorView& k, co
     }
   };
   if (plan.num_tokens >= 512)
-    threads_.parallel_for(plan.num_tokens, write_row);
+    attn_.threads().parallel_for(plan.num_tokens, write_row);
   else
     for (int64_t r = 0; r < plan.num_tokens; ++r) write_row(r, 0);
 }
@@ -82,41 +79,20 @@ void CpuBackend::copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_token
 
 void CpuBackend::attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
                            const TensorView* lse, const ExecContext&) {
-  const int G = cfg_.group();
-  // The plan's units cut for this backend's threads, once per layout: every layer shares it,
-  // and decode steps that only bump the plan keep it.
-  if (cuts_.plan_layout != plan.layout || plan.layout == 0)
-    cut_for_threads(plan, threads_.size(), cfg_.kv_heads, cuts_);
-  const size_t prow = size_t(cfg_.kv_heads) * size_t(cuts_.partial_rows) * G;
-  if (part_ml_.size() < prow * 2) part_ml_.resize(prow * 2);
-  if (part_o_.size() < prow * cfg_.head_dim) part_o_.resize(prow * cfg_.head_dim);
-
   LayerArgs a;
-  a.plan = &plan;
-  a.cuts = &cuts_;
   a.layer_base = pool_ + layer_offset_[size_t(layer)];
   a.pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
   a.C = cfg_.chunk_size;
   a.D = cfg_.head_dim;
   a.kv_heads = cfg_.kv_heads;
-  a.group = G;
+  a.group = cfg_.group();
   a.q_heads = cfg_.q_heads;
   a.scale = cfg_.resolved_scale();
   a.q = q.data;
   a.out = out.data;
+  a.q_row = a.out_row = int64_t(cfg_.q_heads) * cfg_.head_dim;
   a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
-  a.part_ml = part_ml_.data();
-  a.part_o = part_o_.data();
-
-  // Phase 1: every (piece, KV head); chunk-first pieces come first, so the biggest items
-  // start early and the dynamic schedule balances the tail.
-  const int64_t items = int64_t(cuts_.pieces.size()) * cfg_.kv_heads;
-  const int H = cfg_.kv_heads;
-  threads_.parallel_for(items, [&](int64_t i, int t) {
-    kernels_->run_piece(a, int32_t(i / H), int(i % H), scratch_[size_t(t)]);
-  });
-  // Phase 2: merge each row's partials (exact log-sum-exp combination).
-  threads_.parallel_for(plan.num_tokens, [&](int64_t r, int) { kernels_->merge_row(a, int32_t(r)); });
+  attn_.run(plan, a);
 }
 
 void CpuBackend::read_tile(int layer, int32_t slot, int kv, int head, float* dst) const {

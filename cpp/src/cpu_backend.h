@@ -4,9 +4,8 @@
 #include <vector>
 
 #include "chunkvale/backend.h"
+#include "cpu_attention.h"
 #include "cpu_backup_worker.h"
-#include "kernels.h"
-#include "thread_pool.h"
 
 namespace chunkvale {
 
@@ -51,11 +50,7 @@ class CpuBackend final : public Backend, public Digests, public CopyEngine, publ
   std::vector<size_t> layer_offset_;    // bytes, layers + 1; layers that evict hold fewer slots
   uint8_t* pool_ = nullptr;
   std::unique_ptr<CpuBackupWorker> backups_;  // host tier only
-  const KernelTable* kernels_;
-  ThreadPool threads_;
-  std::vector<KernelScratch> scratch_;  // one per thread
-  ThreadCuts cuts_;  // the latest plan cut for threads_ (thread_cuts.h)
-  std::vector<float> part_ml_, part_o_;
+  CpuAttention attn_;  // kernels, threads, the latest plan's cuts
   mutable std::vector<float> digests_;  // [layers][slots][kv_heads][2][D], with eviction only
   std::vector<std::vector<float>> score_q_;  // per thread: pooled query, for scoring
   std::vector<std::pair<size_t, size_t>> score_items_;  // (request, first chunk) pieces

@@ -86,7 +86,7 @@ void CpuBackend::score_chunks(int layer, const TensorView& q, const ScoreRequest
     for (size_t c = 0; c < requests[r].n; c += kPiece) score_items_.emplace_back(r, c);
   const float* base = digest(layer, 0, 0);
   const size_t row_bytes = size_t(cfg_.q_heads) * cfg_.head_dim * elem_;
-  threads_.parallel_for(int64_t(score_items_.size()), [&](int64_t i, int t) {
+  attn_.threads().parallel_for(int64_t(score_items_.size()), [&](int64_t i, int t) {
     const ScoreRequest& req = requests[score_items_[size_t(i)].first];
     const size_t c0 = score_items_[size_t(i)].second;
     ScoreArgs a;
@@ -101,7 +101,7 @@ void CpuBackend::score_chunks(int layer, const TensorView& q, const ScoreRequest
     a.kind = kind;
     a.scores = scores + first[score_items_[size_t(i)].first] + c0;
     a.qf = score_q_[size_t(t)].data();
-    kernels_->score_chunks(a);
+    attn_.kernels().score_chunks(a);
   });
 }
 

@@ -32,8 +32,9 @@ struct LayerArgs {
   PoolView pool;                        // (elements of the cache dtype)
   int C = 0, D = 0, kv_heads = 0, group = 0, q_heads = 0;
   float scale = 1.0f;
-  const void* q = nullptr;    // [rows][q_heads][D], cache dtype
+  const void* q = nullptr;    // [rows][q_heads][D], cache dtype; heads and D contiguous
   void* out = nullptr;        // same shape and dtype
+  int64_t q_row = 0, out_row = 0;  // elements between packed rows (a caller's q may be a view)
   float* lse = nullptr;       // [rows][q_heads] or null
   float* part_ml = nullptr;   // [kv_heads][cuts->partial_rows * group][2] (max, sum)
   float* part_o = nullptr;    // [kv_heads][cuts->partial_rows * group][D]

@@ -1,0 +1,160 @@
+#include "paged_types.h"
+
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+
+#include <optional>
+#include <string>
+
+#include "arg_checks.h"
+#include "chunkvale/errors.h"
+#include "chunkvale/paged_attention.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace chunkvale::bind {
+namespace {
+
+// str(h), as Python prints it.
+std::string text_of(nb::handle h) {
+  nb::object s = nb::steal(PyObject_Str(h.ptr()));
+  if (!s.is_valid()) throw nb::python_error();
+  return nb::cast<std::string>(s);
+}
+
+// An int32 CPU array of `ndim` dimensions whose last one is contiguous (page-table inputs).
+struct IntArray {
+  AnyArray a;
+  const int32_t* data() const { return static_cast<const int32_t*>(a.data()); }
+  int64_t shape(size_t i) const { return int64_t(a.shape(i)); }
+};
+IntArray int32_array(nb::handle h, const char* name, size_t ndim) {
+  IntArray r{in_array(h, name)};
+  const nb::dlpack::dtype d = r.a.dtype();
+  if (!(d.code == uint8_t(nb::dlpack::dtype_code::Int) && d.bits == 32 && d.lanes == 1))
+    throw TypeError(std::string(name) + ": expected an int32 array, got " + type_label(h) + " of another dtype (" +
+                    text_of(h.attr("dtype")) + ")");
+  if (r.a.device_type() != nb::device::cpu::value)
+    throw TypeError(std::string(name) + ": expected an array on cpu (page tables are read on the host), got one on "
+                    "another device");
+  if (r.a.ndim() != ndim)
+    throw ValueError(std::string(name) + ": expected " + std::to_string(ndim) + " dimensions, got " +
+                     std::to_string(r.a.ndim()));
+  if (r.a.size() > 0 && r.a.shape(ndim - 1) > 1 && r.a.stride(ndim - 1) != 1)
+    throw ValueError(std::string(name) + ": expected a contiguous last dimension, got stride " +
+                     std::to_string(r.a.stride(ndim - 1)));
+  return r;
+}
+
+DType dtype_arg(nb::handle h) {
+  // "float32", torch.float32, numpy.dtype('float32'): their names, without a "torch." prefix.
+  std::string s = nb::isinstance<nb::str>(h) ? str_arg(h, "dtype") : text_of(h);
+  if (s.rfind("torch.", 0) == 0) s = s.substr(6);
+  return parse_dtype(s);
+}
+
+}  // namespace
+
+void bind_paged_types(nb::module_& m) {
+  nb::class_<PagedPlan>(m, "PagedPlan",
+                        "One step's plan (PagedAttention.plan): immutable, run for every layer of the step.")
+      .def_prop_ro("num_seqs", &PagedPlan::num_seqs)
+      .def_prop_ro("num_tokens", &PagedPlan::num_tokens)
+      .def_prop_ro("num_blocks", [](const PagedPlan& p) { return p.num_blocks; })
+      .def_prop_ro("block_size", [](const PagedPlan& p) { return p.block_size; })
+      .def_prop_ro("chunk_first_units", &PagedPlan::chunk_first_units,
+                   "Runs of blocks that several sequences share, each attended once for all their rows.")
+      .def_prop_ro("chunk_first_blocks", &PagedPlan::chunk_first_blocks)
+      .def("__repr__", [](const PagedPlan& p) {
+        return "PagedPlan(num_seqs=" + std::to_string(p.num_seqs()) + ", num_tokens=" + std::to_string(p.num_tokens()) +
+               ", chunk_first_units=" + std::to_string(p.chunk_first_units()) +
+               ", chunk_first_blocks=" + std::to_string(p.chunk_first_blocks()) + ")";
+      });
+
+  nb::class_<PagedAttention>(
+      m, "PagedAttention",
+      "Stateless two-phase attention over a caller's paged KV pool (docs/API.md): plan once per step from the "
+      "page tables, run once per layer on that layer's pool, in place.")
+      .def("__init__",
+           [](PagedAttention* self, nb::handle q_heads, nb::handle kv_heads, nb::handle head_dim, nb::handle block_size,
+              nb::handle dtype, nb::handle sm_scale, nb::handle threads, nb::handle share_threshold,
+              nb::handle kernel_isa) {
+             PagedConfig c;
+             c.q_heads = int32_arg(q_heads, "q_heads");
+             c.kv_heads = int32_arg(kv_heads, "kv_heads");
+             c.head_dim = int32_arg(head_dim, "head_dim");
+             c.block_size = int32_arg(block_size, "block_size");
+             c.dtype = dtype_arg(dtype);
+             if (!sm_scale.is_none()) {
+               if (!PyFloat_Check(sm_scale.ptr()) && !PyLong_Check(sm_scale.ptr()))
+                 throw TypeError("sm_scale: expected a float or None, got " + type_label(sm_scale));
+               c.sm_scale = nb::cast<float>(sm_scale);
+               if (!(c.sm_scale > 0.0f)) throw ValueError("sm_scale: expected a finite value > 0 (or None), got " +
+                                                          std::to_string(c.sm_scale));
+             }
+             c.threads = int32_arg(threads, "threads");
+             c.share_threshold = int32_arg(share_threshold, "share_threshold");
+             c.kernel_isa = str_arg(kernel_isa, "kernel_isa");
+             new (self) PagedAttention(c);
+           },
+           "q_heads"_a.none(), "kv_heads"_a.none(), "head_dim"_a.none(), "block_size"_a.none(),
+           "dtype"_a.none() = "float32", "sm_scale"_a.none() = nb::none(), "threads"_a.none() = 0,
+           "share_threshold"_a.none() = 2, "kernel_isa"_a.none() = "")
+      .def_prop_ro("q_heads", [](const PagedAttention& p) { return p.config().q_heads; })
+      .def_prop_ro("kv_heads", [](const PagedAttention& p) { return p.config().kv_heads; })
+      .def_prop_ro("head_dim", [](const PagedAttention& p) { return p.config().head_dim; })
+      .def_prop_ro("block_size", [](const PagedAttention& p) { return p.config().block_size; })
+      .def_prop_ro("dtype", [](const PagedAttention& p) { return std::string(dtype_name(p.config().dtype)); })
+      .def_prop_ro("kernel_isa", [](const PagedAttention& p) { return p.config().kernel_isa; })
+      .def("plan",
+           [](const PagedAttention& pa, nb::handle block_table, nb::handle seq_lens, nb::handle query_start_loc,
+              nb::handle num_blocks) {
+             const IntArray bt = int32_array(block_table, "block_table", 2);
+             const IntArray sl = int32_array(seq_lens, "seq_lens", 1);
+             const IntArray qs = int32_array(query_start_loc, "query_start_loc", 1);
+             const int64_t n = sl.shape(0);
+             if (bt.shape(0) != n)
+               throw ValueError("block_table: expected one row per sequence (" + std::to_string(n) + "), got " +
+                                std::to_string(bt.shape(0)));
+             if (qs.shape(0) != n + 1)
+               throw ValueError("query_start_loc: expected num_seqs + 1 = " + std::to_string(n + 1) +
+                                " offsets, got " + std::to_string(qs.shape(0)));
+             if (n >= INT32_MAX) throw ValueError("seq_lens: expected fewer than 2^31 sequences");
+             PagedBatch b;
+             b.num_seqs = int32_t(n);
+             b.block_table = bt.data();
+             b.table_width = bt.shape(1);
+             b.row_stride = n > 1 ? int64_t(bt.a.stride(0)) : bt.shape(1);
+             b.seq_lens = sl.data();
+             b.query_start_loc = qs.data();
+             b.num_blocks = int_arg(num_blocks, "num_blocks", 0, INT32_MAX);
+             nb::gil_scoped_release r;
+             return pa.plan(b);
+           },
+           "block_table"_a.none(), "seq_lens"_a.none(), "query_start_loc"_a.none(), "num_blocks"_a.none(),
+           "Checks the whole batch, then plans it: block_table int32 [num_seqs, max_blocks], seq_lens int32 "
+           "[num_seqs] (tokens after this step's append), query_start_loc int32 [num_seqs + 1].")
+      .def("run",
+           [](PagedAttention& pa, nb::handle plan, nb::handle q, nb::handle kv_cache, nb::handle out, nb::handle lse) {
+             if (!nb::isinstance<PagedPlan>(plan))
+               throw TypeError("plan: expected a PagedPlan (PagedAttention.plan), got " + type_label(plan));
+             const PagedPlan& p = nb::cast<const PagedPlan&>(plan);
+             AnyArray qa = in_array(q, "q"), ka = in_array(kv_cache, "kv_cache");
+             OutArray oa = out_array(out, "out");
+             std::optional<OutArray> la;
+             if (!lse.is_none()) la = out_array(lse, "lse");
+             const PagedKV kv = PagedKV::vllm_cpu(view_of(ka), "kv_cache");
+             const TensorView qv = view_of(qa), ov = view_of(oa);
+             TensorView lv;
+             if (la) lv = view_of(*la);
+             nb::gil_scoped_release r;
+             pa.run(p, kv, qv, ov, la ? &lv : nullptr);
+           },
+           "plan"_a.none(), "q"_a.none(), "kv_cache"_a.none(), "out"_a.none(), "lse"_a.none() = nb::none(),
+           "One layer: q [num_tokens, q_heads, head_dim] (rows may be strided), kv_cache vLLM's CPU layout "
+           "[num_blocks, kv_heads, block_size, 2 * head_dim], out like q (written), lse float32 "
+           "[num_tokens, q_heads] or None.");
+}
+
+}  // namespace chunkvale::bind

@@ -1,0 +1,101 @@
+// Stateless two-phase attention over a caller's paged KV pool, in the spirit of FlashInfer's
+// plan/run split: plan once per step from the caller's page tables (per sequence: its block
+// ids, its length, its new query rows), then run once per layer on that layer's pool, read in
+// place through a PoolView (strides and block size), never copied.
+//
+// The plan finds blocks that several sequences of the batch use (at any depth: a system
+// prompt, a few-shot block under it, forks below that) and runs each such run of blocks
+// chunk-first, once for all its query rows; every other block runs sequence-first, causal;
+// a row's partials merge exactly. It is the planner (plan_builder.h) and the CPU kernels that
+// KVCache uses, without KVCache's state: the caller owns residency, allocation and appends.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "chunkvale/config.h"
+#include "chunkvale/detail/pool_view.h"
+#include "chunkvale/step_plan.h"
+#include "chunkvale/tensor.h"
+
+namespace chunkvale {
+
+class CpuAttention;
+
+struct PagedConfig {
+  int q_heads = 0;
+  int kv_heads = 0;
+  int head_dim = 0;             // 64, 80, 96, 128 or 256
+  int block_size = 0;           // tokens per block: a multiple of 16 in [16, 512]
+  DType dtype = DType::Float32;
+  float sm_scale = 0.0f;        // 0 = 1/sqrt(head_dim)
+  int threads = 0;              // 0 = all hardware threads
+  int share_threshold = 2;      // query rows a shared block needs to run chunk-first
+  std::string kernel_isa;       // as CacheConfig::kernel_isa
+  // Throws ValueError naming the first bad field.
+  void validate() const;
+};
+
+// One step's batch as the caller's page tables give it. Nothing is kept after plan().
+struct PagedBatch {
+  int32_t num_seqs = 0;
+  const int32_t* block_table = nullptr;    // [num_seqs][table_width], rows row_stride apart
+  int64_t table_width = 0;                 // entries per row (a sequence uses the first ceil(len / block_size))
+  int64_t row_stride = 0;                  // elements between rows (>= table_width)
+  const int32_t* seq_lens = nullptr;       // [num_seqs]: tokens in the pool after this step's append
+  const int32_t* query_start_loc = nullptr;  // [num_seqs + 1]: packed query rows per sequence
+  int64_t num_blocks = 0;                  // blocks in the caller's pool: ids must be below it
+};
+
+// What plan() made of a batch. Immutable; run() takes it for every layer of the step.
+struct PagedPlan {
+  StepPlan plan;
+  int block_size = 0;
+  int64_t num_blocks = 0;
+  int num_seqs() const { return int(plan.seqs.size()); }
+  int num_tokens() const { return plan.num_tokens; }
+  int chunk_first_units() const { return plan.chunk_first_units; }
+  int chunk_first_blocks() const { return plan.chunk_first_chunks; }
+};
+
+// One layer of the caller's pool: K tile and V tile of block_size rows x head_dim elements
+// per (block, KV head), where the view's strides say.
+struct PagedKV {
+  const void* data = nullptr;
+  DType dtype = DType::Float32;
+  PoolView view;
+  int64_t num_blocks = 0;
+  int kv_heads = 0;
+  // vLLM's CPU cache of one layer, [num_blocks, kv_heads, block_size, 2 * head_dim] (each
+  // (block, head) holds block_size K rows then block_size V rows); strides are the tensor's,
+  // so a view into a larger allocation works. Throws ValueError / TypeError naming `arg`.
+  static PagedKV vllm_cpu(const TensorView& kv_cache, const char* arg = "kv_cache");
+};
+
+class PagedAttention {
+ public:
+  explicit PagedAttention(const PagedConfig& cfg);  // validates cfg
+  ~PagedAttention();
+  PagedAttention(const PagedAttention&) = delete;
+  PagedAttention& operator=(const PagedAttention&) = delete;
+
+  const PagedConfig& config() const { return cfg_; }
+
+  // Checks the whole batch, then plans it. ValueError naming the argument (block_table,
+  // seq_lens, query_start_loc, num_blocks) on bad input. Thread-safe.
+  std::shared_ptr<const PagedPlan> plan(const PagedBatch& batch) const;
+
+  // One layer: q [num_tokens, q_heads, head_dim] (rows may be strided, heads and dims
+  // contiguous), out the same shape (written), lse optional float32 [num_tokens, q_heads].
+  // Checks every argument first (TypeError / ValueError naming it). Calls are serialised.
+  void run(const PagedPlan& plan, const PagedKV& kv, const TensorView& q, const TensorView& out,
+           const TensorView* lse = nullptr);
+
+ private:
+  PagedConfig cfg_;
+  std::unique_ptr<CpuAttention> attn_;
+  std::mutex run_mu_;
+};
+
+}  // namespace chunkvale
