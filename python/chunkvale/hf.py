@@ -15,6 +15,12 @@ A step is *packed*: the new tokens of every sequence in the batch sit in one row
 so prefill, extend and decode of many requests share one forward pass and need no padding.
 A placeholder 4-D ``attention_mask`` (one element) makes transformers skip building a mask, so
 no [T, T] mask is ever materialised; the cache knows which rows belong to which sequence.
+
+``ChunkvaleCache`` (hf_cache.py, imported on first use as ``chunkvale.hf.ChunkvaleCache``) is a
+transformers ``Cache`` for the model's own ``generate``: forward hooks on the model turn each
+padded batch that ``generate`` passes into such a packed step, and the cache's ``update`` routes
+the attention module's next attention-function lookup to ``"chunkvale"`` (a thread-local flag
+read by the same config views).
 """
 
 from __future__ import annotations
@@ -40,13 +46,17 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 
 _register_lock = threading.Lock()
 _registered = False
-_in_step = threading.local()  # .active: this thread is inside ModelRunner.forward
+# .active: this thread is inside ModelRunner.forward; .route: a ChunkvaleCache.update() of this
+# thread has just run in an attention module, whose attention-function lookup comes next
+_in_step = threading.local()
 
 
 class _AttentionConfigView:
     """An attention module's config as chunkvale installs it: every attribute is the model's own
     config's (reads and writes go through), except that ``_attn_implementation`` reads
-    ``"chunkvale"`` while the current thread runs a :class:`ModelRunner` step."""
+    ``"chunkvale"`` while the current thread runs a :class:`ModelRunner` step, or right after a
+    :class:`ChunkvaleCache` ``update`` of this thread (the attention module looks up its attention
+    function next; ``_attention`` clears the flag)."""
 
     __slots__ = ("_config",)
 
@@ -55,7 +65,7 @@ class _AttentionConfigView:
 
     @property
     def _attn_implementation(self):
-        if getattr(_in_step, "active", False):
+        if getattr(_in_step, "active", False) or getattr(_in_step, "route", False):
             return ATTN_IMPLEMENTATION
         return object.__getattribute__(self, "_config")._attn_implementation
 
@@ -93,14 +103,17 @@ class _StepContext:
     cache: Any
     step: Any
     max_position: int
+    layers_done: int = 0  # layers appended and attended (a ChunkvaleCache checks a forward completed)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    _in_step.route = False  # consumed: the next lookup is routed again only by the next update()
     ctx = kwargs.get("chunkvale_context")
     if ctx is None:
         raise RuntimeError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} only works inside chunkvale.hf.ModelRunner.forward "
-            "(the attention needs a KVCache step); use another attn_implementation for plain forward passes"
+            "or a forward with a chunkvale.hf.ChunkvaleCache (the attention needs a KVCache step); use another "
+            "attn_implementation for plain forward passes"
         )
     if query.shape[0] != 1:
         raise ValueError(f"query: expected a packed batch of 1 row, got batch {query.shape[0]}")
@@ -119,6 +132,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     v = value[0].transpose(0, 1).contiguous()
     ctx.cache.append(layer, ctx.step, k, v)
     out = ctx.cache.attention(layer, ctx.step, q)
+    ctx.layers_done += 1
     # Attention functions return [batch, T, heads, D] (eager transposes back before returning).
     return out.unsqueeze(0), None
 
@@ -236,3 +250,13 @@ class ModelRunner:
         finally:
             _in_step.active = was_active
         return out.logits[0].float()
+
+
+def __getattr__(name):
+    # chunkvale.hf.ChunkvaleCache lives in hf_cache.py, imported on first use: it subclasses
+    # transformers' Cache, and importing this module must not import transformers.
+    if name == "ChunkvaleCache":
+        from .hf_cache import ChunkvaleCache
+
+        return ChunkvaleCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
