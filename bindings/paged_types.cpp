@@ -135,6 +135,28 @@ void bind_paged_types(nb::module_& m) {
            "block_table"_a.none(), "seq_lens"_a.none(), "query_start_loc"_a.none(), "num_blocks"_a.none(),
            "Checks the whole batch, then plans it: block_table int32 [num_seqs, max_blocks], seq_lens int32 "
            "[num_seqs] (tokens after this step's append), query_start_loc int32 [num_seqs + 1].")
+      .def("write_kv",
+           [](PagedAttention& pa, nb::handle kv_cache, nb::handle k, nb::handle v, nb::handle slot_mapping) {
+             OutArray ka = out_array(kv_cache, "kv_cache");
+             AnyArray kk = in_array(k, "k"), vv = in_array(v, "v"), sm = in_array(slot_mapping, "slot_mapping");
+             const nb::dlpack::dtype d = sm.dtype();
+             if (!(d.code == uint8_t(nb::dlpack::dtype_code::Int) && d.bits == 64 && d.lanes == 1))
+               throw TypeError("slot_mapping: expected an int64 array, got " + type_label(slot_mapping) +
+                               " of dtype " + text_of(slot_mapping.attr("dtype")));
+             if (sm.device_type() != nb::device::cpu::value)
+               throw TypeError("slot_mapping: expected an array on cpu");
+             if (sm.ndim() != 1 || (sm.shape(0) > 1 && sm.stride(0) != 1))
+               throw ValueError("slot_mapping: expected a contiguous 1-dimensional array");
+             const PagedKV kv = PagedKV::vllm_cpu(view_of(AnyArray(ka)), "kv_cache");
+             const TensorView kview = view_of(kk), vview = view_of(vv);
+             const auto* slots = static_cast<const int64_t*>(sm.data());
+             const int64_t n = int64_t(sm.shape(0));
+             nb::gil_scoped_release r;
+             pa.write_kv(kv, kview, vview, slots, n);
+           },
+           "kv_cache"_a.none(), "k"_a.none(), "v"_a.none(), "slot_mapping"_a.none(),
+           "Writes a step's K/V rows [n, kv_heads, head_dim] into kv_cache (vLLM's CPU layout) at slot_mapping "
+           "int64 [n] (block * block_size + offset; negative: padding, skipped); every slot is checked first.")
       .def("run",
            [](PagedAttention& pa, nb::handle plan, nb::handle q, nb::handle kv_cache, nb::handle out, nb::handle lse) {
              if (!nb::isinstance<PagedPlan>(plan))

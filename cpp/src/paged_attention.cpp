@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -155,6 +156,45 @@ std::shared_ptr<const PagedPlan> PagedAttention::plan(const PagedBatch& b) const
   out->num_blocks = b.num_blocks;
   plan_step(out->plan, in, PlanParams{cfg_.block_size, cfg_.share_threshold});
   return out;
+}
+
+void PagedAttention::write_kv(const PagedKV& kv, const TensorView& k, const TensorView& v,
+                              const int64_t* slot_mapping, int64_t n) {
+  const PagedConfig& c = cfg_;
+  if (kv.dtype != c.dtype)
+    throw TypeError(std::string("kv_cache: expected dtype ") + dtype_name(c.dtype) + " (the config's), got " +
+                    dtype_name(kv.dtype));
+  need(kv.view.C == c.block_size && kv.view.D == c.head_dim && kv.kv_heads == c.kv_heads,
+       "kv_cache: expected blocks of " + num(c.block_size) + " tokens, " + num(c.kv_heads) + " KV heads of dim " +
+           num(c.head_dim) + ", got " + num(kv.view.C) + " tokens, " + num(kv.kv_heads) + " heads of dim " +
+           num(kv.view.D));
+  check_rows(k, "k", c.dtype, n, c.kv_heads, c.head_dim);
+  check_rows(v, "v", c.dtype, n, c.kv_heads, c.head_dim);
+  need(n == 0 || slot_mapping, "slot_mapping: expected data, got a null pointer");
+  const int64_t slots = kv.num_blocks * c.block_size;
+  for (int64_t t = 0; t < n; ++t)
+    need(slot_mapping[t] < slots, "slot_mapping: expected slots below num_blocks * block_size = " + num(slots) +
+                                      " (or negative for padding), got " + num(slot_mapping[t]) + " at row " + num(t));
+  if (n == 0) return;
+  const size_t elem = dtype_size(c.dtype), row_bytes = size_t(c.head_dim) * elem;
+  const int64_t k_row = n > 1 ? k.strides[0] : 0, v_row = n > 1 ? v.strides[0] : 0;
+  uint8_t* base = static_cast<uint8_t*>(const_cast<void*>(kv.data));
+  auto write_row = [&](int64_t t, int) {
+    const int64_t s = slot_mapping[t];
+    if (s < 0) return;
+    const int64_t blk = s / c.block_size, r = s % c.block_size;
+    for (int h = 0; h < c.kv_heads; ++h) {
+      std::memcpy(base + size_t(kv.view.row(blk, 0, h, r)) * elem,
+                  static_cast<const uint8_t*>(k.data) + size_t(t * k_row + int64_t(h) * c.head_dim) * elem, row_bytes);
+      std::memcpy(base + size_t(kv.view.row(blk, 1, h, r)) * elem,
+                  static_cast<const uint8_t*>(v.data) + size_t(t * v_row + int64_t(h) * c.head_dim) * elem, row_bytes);
+    }
+  };
+  std::lock_guard<std::mutex> g(run_mu_);
+  if (n >= 512)
+    attn_->threads().parallel_for(n, write_row);
+  else
+    for (int64_t t = 0; t < n; ++t) write_row(t, 0);
 }
 
 void PagedAttention::run(const PagedPlan& p, const PagedKV& kv, const TensorView& q, const TensorView& out,

@@ -115,6 +115,17 @@ def _convert_embedded(gguf: Path, target: Path) -> None:
         raise
 
 
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2 as a transformers model directory (converted from its GGUF file on first
+    use), which other stacks load too (vLLM: ``LLM(model=str(embedded_model_dir()))``)."""
+    with _offline():
+        gguf = embedded_gguf_path()
+        path = _converted_dir(gguf)
+        if not (path / "config.json").is_file():
+            _convert_embedded(gguf, path)
+    return path
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str = "float32",
                device: str = "cpu") -> LoadedModel:
     """Load the embedded model (``None`` or ``"smollm2"``) or a local transformers model directory."""
@@ -126,10 +137,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str = "f
         raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype!r}")
     with _offline():
         if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
-            gguf = embedded_gguf_path()
-            path = _converted_dir(gguf)
-            if not (path / "config.json").is_file():
-                _convert_embedded(gguf, path)
+            path = embedded_model_dir()
             name = "SmolLM2-135M-Instruct (embedded)"
         else:
             path = Path(name_or_path)

@@ -86,6 +86,14 @@ class PagedAttention {
   // seq_lens, query_start_loc, num_blocks) on bad input. Thread-safe.
   std::shared_ptr<const PagedPlan> plan(const PagedBatch& batch) const;
 
+  // Writes a step's new K/V rows into one layer of the pool: row t of k and v ([n, kv_heads,
+  // head_dim], rows may be strided) to slot slot_mapping[t] = block * block_size + offset; a
+  // negative slot is padding and skipped. Tiles are K and V [block_size][head_dim] row-major,
+  // what run() reads (vLLM's own CPU kernels pack K otherwise: a pool is read by its writer).
+  // Every slot is checked before anything is written. Calls are serialised with run().
+  void write_kv(const PagedKV& kv, const TensorView& k, const TensorView& v, const int64_t* slot_mapping,
+                int64_t n);
+
   // One layer: q [num_tokens, q_heads, head_dim] (rows may be strided, heads and dims
   // contiguous), out the same shape (written), lse optional float32 [num_tokens, q_heads].
   // Checks every argument first (TypeError / ValueError naming it). Calls are serialised.

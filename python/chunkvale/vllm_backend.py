@@ -1,0 +1,192 @@
+"""chunkvale as vLLM's CPU attention backend (registered by chunkvale.vllm_plugin).
+
+vLLM keeps everything it owns: the scheduler, prefix caching, the KV cache tensors
+([num_blocks, kv_heads, block_size, 2 * head_dim] per layer, allocated by vLLM) and the block
+tables. What sits inside a block is the backend's business: vLLM's CPU kernels store K
+transposed and packed per instruction set, chunkvale stores K and V tiles [block_size][head_dim]
+row-major (``do_kv_cache_update`` -> ``PagedAttention.write_kv``); nothing else in vLLM reads a
+block's interior (prefix caching shares block ids, offloading copies whole blocks). Per step the metadata builder turns vLLM's
+block table, ``seq_lens`` and ``query_start_loc`` into one ``chunkvale.PagedPlan``: blocks that
+several requests of the batch use (a system prompt, few-shot examples, the siblings of ``n > 1``)
+run chunk-first, once for all their query rows; the rest per sequence, causal. Every layer then
+runs ``PagedAttention.run`` on its own KV cache tensor, read in place.
+
+Refused at start-up with a message, never computed differently: sliding windows, ALiBi,
+logit soft-capping, attention sinks, encoder / encoder-decoder attention, quantized (fp8) KV
+caches, head sizes chunkvale has no kernel for, fused output quantization.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import get_layers_from_vllm_config
+from vllm.model_executor.layers.attention import Attention
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+import chunkvale
+
+HEAD_SIZES = [64, 80, 96, 128, 256]
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+_lock = threading.Lock()
+_instances: dict = {}
+
+
+def _paged(q_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+           scale: float | None) -> "chunkvale.PagedAttention":
+    """One PagedAttention (one thread pool) per shape, shared by the layers of the model."""
+    key = (q_heads, kv_heads, head_dim, block_size, dtype, scale)
+    with _lock:
+        pa = _instances.get(key)
+        if pa is None:
+            threshold = int(os.environ.get("CHUNKVALE_VLLM_SHARE_THRESHOLD", "2"))
+            pa = chunkvale.PagedAttention(q_heads, kv_heads, head_dim, block_size, dtype=_DTYPES[dtype],
+                                          sm_scale=scale, threads=torch.get_num_threads(),
+                                          share_threshold=threshold)
+            _instances[key] = pa
+        return pa
+
+
+def _refuse(what: str) -> None:
+    raise NotImplementedError(
+        f"chunkvale's vLLM backend does not support {what}; set CHUNKVALE_VLLM=0 to run vLLM's own CPU attention")
+
+
+class ChunkvaleAttentionBackend(CPUAttentionBackend):
+    """vLLM's CPU backend with chunkvale's attention: same KV layout, same cache update."""
+
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(HEAD_SIZES)
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls():
+        return ChunkvaleAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return ChunkvaleMetadataBuilder
+
+
+@dataclass
+class ChunkvaleMetadata(CPUAttentionMetadata):
+    plan: "chunkvale.PagedPlan | None" = None
+
+
+class ChunkvaleMetadataBuilder(CPUAttentionMetadataBuilder):
+    """Plans each step once for every layer of its KV-cache group."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if self.is_cross_attention or self.is_encoder_only_attention:
+            _refuse("cross or encoder-only attention")
+        if self.window_size != -1:
+            _refuse(f"a sliding window ({self.window_size} tokens)")
+        self._num_blocks = None
+        self._planner = _paged(self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.dtype, None)
+
+    def _pool_blocks(self) -> int:
+        """Blocks in this group's KV cache tensors (what block ids must stay below), looked up once
+        they exist; every layer's run checks its own tensor against the plan again."""
+        if self._num_blocks is None:
+            layers = get_layers_from_vllm_config(self.vllm_config, Attention, self.layer_names)
+            sizes = set()
+            for layer in layers.values():
+                kv = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
+                if kv.dim() == 4:
+                    sizes.add(int(kv.shape[0]))
+            if not sizes:
+                raise RuntimeError("chunkvale: the KV cache tensors of layers " + ", ".join(self.layer_names[:3]) +
+                                   " are not allocated yet")
+            self._num_blocks = min(sizes)
+        return self._num_blocks
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> ChunkvaleMetadata:
+        m = common_attn_metadata
+        if m.causal is not True:
+            _refuse("non-causal or dynamically causal attention")
+        n = m.num_reqs
+        # CPU tensors already on the CPU platform; the slices are views (no copy).
+        block_table = m.block_table_tensor[:n]
+        seq_lens = m.seq_lens[:n]
+        query_start_loc = m.query_start_loc[: n + 1]
+        plan = self._planner.plan(block_table, seq_lens, query_start_loc, self._pool_blocks())
+        return ChunkvaleMetadata(
+            num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len, query_start_loc=query_start_loc,
+            max_seq_len=m.max_seq_len, seq_lens=seq_lens, block_table=block_table, slot_mapping=m.slot_mapping,
+            scheduler_metadata=None, causal=True, plan=plan)
+
+
+class ChunkvaleAttentionImpl(CPUAttentionBackendImpl):
+    """KV writes and attention through chunkvale.PagedAttention, on vLLM's KV cache tensors."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                 logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                 sinks=None) -> None:
+        if alibi_slopes is not None:
+            _refuse("ALiBi slopes")
+        if sliding_window is not None:
+            _refuse(f"a sliding window ({sliding_window} tokens)")
+        if logits_soft_cap:
+            _refuse(f"logit soft-capping ({logits_soft_cap})")
+        if sinks is not None:
+            _refuse("attention sinks")
+        if attn_type != AttentionType.DECODER:
+            _refuse(f"attention type {attn_type!r} (decoder self-attention only)")
+        if kv_cache_dtype not in ("auto", None):
+            _refuse(f"kv_cache_dtype={kv_cache_dtype!r} (the model's dtype only)")
+        if head_size not in HEAD_SIZES:
+            _refuse(f"head_size={head_size} (supported: {HEAD_SIZES})")
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+        self._pa = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            _refuse("fused output quantization")
+        if attn_metadata is None:  # vLLM's warm-up: nothing to attend
+            return output
+        plan = attn_metadata.plan
+        if plan is None:
+            raise RuntimeError("chunkvale: attention metadata without a plan (built by another backend's builder?)")
+        t = plan.num_tokens
+        out = output[:t].view(t, self.num_heads, self.head_size)
+        self._paged_for(kv_cache).run(plan, query[:t], kv_cache, out)
+        return output
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        n = slot_mapping.shape[0]
+        self._paged_for(kv_cache).write_kv(kv_cache, key[:n], value[:n], slot_mapping)
+
+    def _paged_for(self, kv_cache) -> "chunkvale.PagedAttention":
+        if self._pa is None:
+            self._pa = _paged(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2], kv_cache.dtype,
+                              self.scale)
+        return self._pa
