@@ -21,3 +21,6 @@ build/example/shared_prefix
 
 echo "== Python tests =="
 python -m pytest tests -q -p no:cacheprovider "$@"
+
+echo "== chunkvale inside vLLM (its own environment) =="
+bash scripts/test_vllm.sh

@@ -46,8 +46,14 @@ except ImportError:  # pragma: no cover
 SESSION_SEED = int(os.environ.get("CHUNKVALE_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
+# tests/vllm run inside vLLM's own environment (scripts/test_vllm.sh, which scripts/test.sh
+# calls); the main environment has no vLLM (it pins transformers <5.20).
+collect_ignore = [] if os.environ.get("CHUNKVALE_VLLM_TESTS") == "1" else ["vllm"]
+
+
 def pytest_report_header(config):
-    return f"chunkvale test seed: CHUNKVALE_TEST_SEED={SESSION_SEED}"
+    where = "here" if not collect_ignore else "by scripts/test_vllm.sh in vLLM's environment"
+    return f"chunkvale test seed: CHUNKVALE_TEST_SEED={SESSION_SEED}; tests/vllm run {where}"
 
 
 @pytest.fixture

@@ -34,8 +34,11 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from vllm.logger import init_logger
+
 import chunkvale
 
+logger = init_logger("vllm.chunkvale")  # under vLLM's logger, so its handlers print it
 HEAD_SIZES = [64, 80, 96, 128, 256]
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -109,6 +112,10 @@ class ChunkvaleMetadataBuilder(CPUAttentionMetadataBuilder):
             _refuse(f"a sliding window ({self.window_size} tokens)")
         self._num_blocks = None
         self._planner = _paged(self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.dtype, None)
+        self._shared_seen = False
+        logger.info("chunkvale attention backend: %d/%d heads of dim %d, block_size %d, %s, %s kernels, %d threads",
+                    self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.dtype,
+                    chunkvale.kernel_isa(), torch.get_num_threads())
 
     def _pool_blocks(self) -> int:
         """Blocks in this group's KV cache tensors (what block ids must stay below), looked up once
@@ -137,6 +144,10 @@ class ChunkvaleMetadataBuilder(CPUAttentionMetadataBuilder):
         seq_lens = m.seq_lens[:n]
         query_start_loc = m.query_start_loc[: n + 1]
         plan = self._planner.plan(block_table, seq_lens, query_start_loc, self._pool_blocks())
+        if plan.chunk_first_units and not self._shared_seen:
+            self._shared_seen = True
+            logger.info("chunkvale: first step with shared blocks: %d chunk-first runs over %d blocks, %d sequences",
+                        plan.chunk_first_units, plan.chunk_first_blocks, plan.num_seqs)
         return ChunkvaleMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len, query_start_loc=query_start_loc,
             max_seq_len=m.max_seq_len, seq_lens=seq_lens, block_table=block_table, slot_mapping=m.slot_mapping,
