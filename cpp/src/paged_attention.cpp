@@ -13,9 +13,9 @@
 namespace chunkvale {
 namespace {
 
-void need(bool ok, const std::string& msg) {
-  if (!ok) throw ValueError(msg);
-}
+// Callers test first (`if (!ok) fail(...)`): a message is built only when a check fails, never
+// per block or per layer on the hot path.
+[[noreturn]] void fail(const std::string& msg) { throw ValueError(msg); }
 std::string num(int64_t v) { return std::to_string(v); }
 
 // A [rows, heads, dim] tensor whose rows may be strided (a view into a fused qkv buffer).
@@ -25,17 +25,27 @@ void check_rows(const TensorView& t, const char* arg, DType dtype, int64_t rows,
   if (!t.dtype_known || t.dtype != dtype)
     throw TypeError(std::string(arg) + ": expected dtype " + dtype_name(dtype) + " (the config's), got " +
                     (t.dtype_known ? dtype_name(t.dtype) : t.dtype_label));
-  const std::string want = "[" + num(rows) + ", " + num(heads) + ", " + num(dim) + "]";
   if (!(t.ndim == 3 && t.shape[0] == rows && t.shape[1] == heads && t.shape[2] == dim)) {
     std::string have = "[";
     for (int i = 0; i < t.ndim && i < 4; ++i) have += (i ? ", " : "") + num(t.shape[i]);
-    throw ValueError(std::string(arg) + ": expected shape " + want + ", got " + have + "]");
+    throw ValueError(std::string(arg) + ": expected shape [" + num(rows) + ", " + num(heads) + ", " + num(dim) +
+                     "], got " + have + "]");
   }
   if (rows > 0 && ((dim > 1 && t.strides[2] != 1) || (heads > 1 && t.strides[1] != dim) || (rows > 1 && t.strides[0] < heads * dim)))
     throw ValueError(std::string(arg) + ": expected contiguous heads and dims (strides (>= " + num(heads * dim) + ", " +
                      num(dim) + ", 1)), got strides (" + num(t.strides[0]) + ", " + num(t.strides[1]) + ", " +
                      num(t.strides[2]) + ")");
   if (rows > 0 && t.data == nullptr) throw ValueError(std::string(arg) + ": expected data, got a null pointer");
+}
+
+// A pool view of the config's dtype, block size, KV heads and head_dim.
+void check_kv(const PagedKV& kv, const PagedConfig& c) {
+  if (kv.dtype != c.dtype)
+    throw TypeError(std::string("kv_cache: expected dtype ") + dtype_name(c.dtype) + " (the config's), got " +
+                    dtype_name(kv.dtype));
+  if (!(kv.view.C == c.block_size && kv.view.D == c.head_dim && kv.kv_heads == c.kv_heads)) fail("kv_cache: expected blocks of " + num(c.block_size) + " tokens, " + num(c.kv_heads) + " KV heads of dim " +
+           num(c.head_dim) + ", got " + num(kv.view.C) + " tokens, " + num(kv.kv_heads) + " heads of dim " +
+           num(kv.view.D));
 }
 
 // Bytes [first, last) a rows tensor spans.
@@ -48,18 +58,14 @@ std::pair<const char*, const char*> span_of(const TensorView& t, size_t elem) {
 }  // namespace
 
 void PagedConfig::validate() const {
-  need(kv_heads >= 1 && kv_heads <= 4096, "kv_heads: expected an integer in [1, 4096], got " + num(kv_heads));
-  need(q_heads >= 1 && q_heads <= 4096, "q_heads: expected an integer in [1, 4096], got " + num(q_heads));
-  need(q_heads % kv_heads == 0,
-       "q_heads: expected a multiple of kv_heads=" + num(kv_heads) + ", got " + num(q_heads));
-  need(head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 || head_dim == 256,
-       "head_dim: expected one of 64, 80, 96, 128, 256, got " + num(head_dim));
-  need(block_size >= 16 && block_size <= 512 && block_size % 16 == 0,
-       "block_size: expected a multiple of 16 in [16, 512], got " + num(block_size));
-  need(threads >= 0 && threads <= 1024, "threads: expected 0 (all cores) .. 1024, got " + num(threads));
-  need(share_threshold >= 1, "share_threshold: expected an integer >= 1, got " + num(share_threshold));
-  need(std::isfinite(sm_scale) && sm_scale >= 0.0f,
-       "sm_scale: expected a finite value > 0 (or None), got " + std::to_string(sm_scale));
+  if (!(kv_heads >= 1 && kv_heads <= 4096)) fail("kv_heads: expected an integer in [1, 4096], got " + num(kv_heads));
+  if (!(q_heads >= 1 && q_heads <= 4096)) fail("q_heads: expected an integer in [1, 4096], got " + num(q_heads));
+  if (!(q_heads % kv_heads == 0)) fail("q_heads: expected a multiple of kv_heads=" + num(kv_heads) + ", got " + num(q_heads));
+  if (!(head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 || head_dim == 256)) fail("head_dim: expected one of 64, 80, 96, 128, 256, got " + num(head_dim));
+  if (!(block_size >= 16 && block_size <= 512 && block_size % 16 == 0)) fail("block_size: expected a multiple of 16 in [16, 512], got " + num(block_size));
+  if (!(threads >= 0 && threads <= 1024)) fail("threads: expected 0 (all cores) .. 1024, got " + num(threads));
+  if (!(share_threshold >= 1)) fail("share_threshold: expected an integer >= 1, got " + num(share_threshold));
+  if (!(std::isfinite(sm_scale) && sm_scale >= 0.0f)) fail("sm_scale: expected a finite value > 0 (or None), got " + std::to_string(sm_scale));
 }
 
 PagedKV PagedKV::vllm_cpu(const TensorView& t, const char* arg) {
@@ -97,30 +103,26 @@ PagedAttention::~PagedAttention() = default;
 std::shared_ptr<const PagedPlan> PagedAttention::plan(const PagedBatch& b) const {
   const int64_t B = cfg_.block_size;
   const int32_t n = b.num_seqs;
-  need(n >= 0, "seq_lens: expected num_seqs >= 0, got " + num(n));
-  need(b.num_blocks >= 0 && b.num_blocks < (int64_t(1) << 31),
-       "num_blocks: expected an integer in [0, 2^31), got " + num(b.num_blocks));
-  need(b.table_width >= 0 && b.row_stride >= b.table_width,
-       "block_table: expected a row stride >= its " + num(b.table_width) + " columns, got " + num(b.row_stride));
-  need(n == 0 || (b.seq_lens && b.query_start_loc && (b.block_table || b.table_width == 0)),
-       "block_table: expected data, got a null pointer");
-  need(n == 0 || b.query_start_loc[0] == 0, "query_start_loc: expected 0 first, got " + num(n ? b.query_start_loc[0] : 0));
+  if (!(n >= 0)) fail("seq_lens: expected num_seqs >= 0, got " + num(n));
+  if (!(b.num_blocks >= 0 && b.num_blocks < (int64_t(1) << 31))) fail("num_blocks: expected an integer in [0, 2^31), got " + num(b.num_blocks));
+  if (!(b.table_width >= 0 && b.row_stride >= b.table_width)) fail("block_table: expected a row stride >= its " + num(b.table_width) + " columns, got " + num(b.row_stride));
+  if (!(n == 0 || (b.seq_lens && b.query_start_loc && (b.block_table || b.table_width == 0)))) fail("block_table: expected data, got a null pointer");
+  if (!(n == 0 || b.query_start_loc[0] == 0)) fail("query_start_loc: expected 0 first, got " + num(n ? b.query_start_loc[0] : 0));
 
   // The whole batch is checked before anything is built.
   std::vector<std::tuple<int32_t, int32_t, int32_t>> uses;  // (block, sequence, entry)
   for (int32_t i = 0; i < n; ++i) {
     const int64_t rows = int64_t(b.query_start_loc[i + 1]) - b.query_start_loc[i];
     const int64_t len = b.seq_lens[i];
-    need(rows >= 0, "query_start_loc: expected non-decreasing offsets, got " + num(b.query_start_loc[i]) + " then " +
+    if (!(rows >= 0)) fail("query_start_loc: expected non-decreasing offsets, got " + num(b.query_start_loc[i]) + " then " +
                         num(b.query_start_loc[i + 1]) + " at sequence " + num(i));
-    need(len >= rows, "seq_lens: expected at least the sequence's " + num(rows) + " new query rows at sequence " +
+    if (!(len >= rows)) fail("seq_lens: expected at least the sequence's " + num(rows) + " new query rows at sequence " +
                           num(i) + ", got " + num(len));
-    need(len <= b.table_width * B, "seq_lens: expected at most table_width * block_size = " +
+    if (!(len <= b.table_width * B)) fail("seq_lens: expected at most table_width * block_size = " +
                                        num(b.table_width * B) + " tokens at sequence " + num(i) + ", got " + num(len));
     const int32_t* row = b.block_table + int64_t(i) * b.row_stride;
     for (int32_t k = 0; k < int32_t((len + B - 1) / B); ++k) {
-      need(row[k] >= 0 && row[k] < b.num_blocks,
-           "block_table: expected block ids in [0, num_blocks=" + num(b.num_blocks) + ") for the blocks sequence " +
+      if (!(row[k] >= 0 && row[k] < b.num_blocks)) fail("block_table: expected block ids in [0, num_blocks=" + num(b.num_blocks) + ") for the blocks sequence " +
                num(i) + " uses, got " + num(row[k]) + " at entry " + num(k));
       uses.emplace_back(row[k], i, k);
     }
@@ -130,9 +132,9 @@ std::shared_ptr<const PagedPlan> PagedAttention::plan(const PagedBatch& b) const
     const auto [blk, s1, e1] = uses[u - 1];
     const auto [blk2, s2, e2] = uses[u];
     if (blk != blk2) continue;
-    need(s1 != s2, "block_table: expected distinct blocks within a sequence, got block " + num(blk) + " at entries " +
+    if (!(s1 != s2)) fail("block_table: expected distinct blocks within a sequence, got block " + num(blk) + " at entries " +
                        num(e1) + " and " + num(e2) + " of sequence " + num(s1));
-    need(e1 == e2, "block_table: expected a block that several sequences use at the same entry in each, got block " +
+    if (!(e1 == e2)) fail("block_table: expected a block that several sequences use at the same entry in each, got block " +
                        num(blk) + " at entry " + num(e1) + " of sequence " + num(s1) + " and entry " + num(e2) +
                        " of sequence " + num(s2));
   }
@@ -161,19 +163,13 @@ std::shared_ptr<const PagedPlan> PagedAttention::plan(const PagedBatch& b) const
 void PagedAttention::write_kv(const PagedKV& kv, const TensorView& k, const TensorView& v,
                               const int64_t* slot_mapping, int64_t n) {
   const PagedConfig& c = cfg_;
-  if (kv.dtype != c.dtype)
-    throw TypeError(std::string("kv_cache: expected dtype ") + dtype_name(c.dtype) + " (the config's), got " +
-                    dtype_name(kv.dtype));
-  need(kv.view.C == c.block_size && kv.view.D == c.head_dim && kv.kv_heads == c.kv_heads,
-       "kv_cache: expected blocks of " + num(c.block_size) + " tokens, " + num(c.kv_heads) + " KV heads of dim " +
-           num(c.head_dim) + ", got " + num(kv.view.C) + " tokens, " + num(kv.kv_heads) + " heads of dim " +
-           num(kv.view.D));
+  check_kv(kv, c);
   check_rows(k, "k", c.dtype, n, c.kv_heads, c.head_dim);
   check_rows(v, "v", c.dtype, n, c.kv_heads, c.head_dim);
-  need(n == 0 || slot_mapping, "slot_mapping: expected data, got a null pointer");
+  if (!(n == 0 || slot_mapping)) fail("slot_mapping: expected data, got a null pointer");
   const int64_t slots = kv.num_blocks * c.block_size;
   for (int64_t t = 0; t < n; ++t)
-    need(slot_mapping[t] < slots, "slot_mapping: expected slots below num_blocks * block_size = " + num(slots) +
+    if (!(slot_mapping[t] < slots)) fail("slot_mapping: expected slots below num_blocks * block_size = " + num(slots) +
                                       " (or negative for padding), got " + num(slot_mapping[t]) + " at row " + num(t));
   if (n == 0) return;
   const size_t elem = dtype_size(c.dtype), row_bytes = size_t(c.head_dim) * elem;
@@ -200,28 +196,21 @@ void PagedAttention::write_kv(const PagedKV& kv, const TensorView& k, const Tens
 void PagedAttention::run(const PagedPlan& p, const PagedKV& kv, const TensorView& q, const TensorView& out,
                          const TensorView* lse) {
   const PagedConfig& c = cfg_;
-  need(p.block_size == c.block_size, "plan: expected a plan for block_size " + num(c.block_size) + ", got one for " +
+  if (!(p.block_size == c.block_size)) fail("plan: expected a plan for block_size " + num(c.block_size) + ", got one for " +
                                          num(p.block_size));
-  if (kv.dtype != c.dtype)
-    throw TypeError(std::string("kv_cache: expected dtype ") + dtype_name(c.dtype) + " (the config's), got " +
-                    dtype_name(kv.dtype));
-  need(kv.view.C == c.block_size && kv.view.D == c.head_dim && kv.kv_heads == c.kv_heads,
-       "kv_cache: expected blocks of " + num(c.block_size) + " tokens, " + num(c.kv_heads) + " KV heads of dim " +
-           num(c.head_dim) + ", got " + num(kv.view.C) + " tokens, " + num(kv.kv_heads) + " heads of dim " +
-           num(kv.view.D));
-  need(kv.num_blocks >= p.num_blocks, "kv_cache: expected at least the plan's num_blocks=" + num(p.num_blocks) +
+  check_kv(kv, c);
+  if (!(kv.num_blocks >= p.num_blocks)) fail("kv_cache: expected at least the plan's num_blocks=" + num(p.num_blocks) +
                                           " blocks, got " + num(kv.num_blocks));
   const int64_t T = p.num_tokens();
   check_rows(q, "q", c.dtype, T, c.q_heads, c.head_dim);
   check_rows(out, "out", c.dtype, T, c.q_heads, c.head_dim);
   const auto qs = span_of(q, dtype_size(c.dtype)), os = span_of(out, dtype_size(c.dtype));
-  need(T == 0 || qs.second <= os.first || os.second <= qs.first,
-       "out: expected memory apart from q, got overlapping tensors");
+  if (!(T == 0 || qs.second <= os.first || os.second <= qs.first)) fail("out: expected memory apart from q, got overlapping tensors");
   if (lse) {
     const bool ok = lse->device == TensorView::Device::CPU && lse->dtype_known && lse->dtype == DType::Float32 &&
                     lse->ndim == 2 && lse->shape[0] == T && lse->shape[1] == c.q_heads &&
                     (T <= 1 || lse->strides[0] == c.q_heads) && (c.q_heads <= 1 || lse->strides[1] == 1);
-    need(ok, "lse: expected a C-contiguous float32 tensor of shape [" + num(T) + ", " + num(c.q_heads) + "]");
+    if (!(ok)) fail("lse: expected a C-contiguous float32 tensor of shape [" + num(T) + ", " + num(c.q_heads) + "]");
   }
   if (T == 0) return;
 
