@@ -47,6 +47,38 @@ IntArray int32_array(nb::handle h, const char* name, size_t ndim) {
   return r;
 }
 
+// chunkvale.Eviction (its to_native() checks every field, naming it) or None.
+EvictionConfig eviction_arg(nb::handle h) {
+  if (h.is_none()) return EvictionConfig{};
+  nb::object eviction_type = nb::module_::import_("chunkvale.config").attr("Eviction");
+  if (!nb::isinstance(h, eviction_type))
+    throw TypeError("eviction: expected a chunkvale.Eviction or None, got " + type_label(h));
+  return nb::cast<EvictionConfig>(h.attr("to_native")());
+}
+
+// One layer's digests: float32 [num_blocks, kv_heads, 2, head_dim], C-contiguous, on cpu.
+template <class Array>
+PagedDigests digests_arg(nb::handle h, const Array& a) {
+  const nb::dlpack::dtype d = a.dtype();
+  if (!(d.code == uint8_t(nb::dlpack::dtype_code::Float) && d.bits == 32 && d.lanes == 1))
+    throw TypeError("digests: expected a float32 array, got " + type_label(h) + " of dtype " + text_of(h.attr("dtype")));
+  if (a.device_type() != nb::device::cpu::value) throw TypeError("digests: expected an array on cpu");
+  if (a.ndim() != 4 || a.shape(2) != 2)
+    throw ValueError("digests: expected shape [num_blocks, kv_heads, 2, head_dim] (PagedAttention.digest_shape)");
+  int64_t want = 1;
+  for (int i = 3; i >= 0; --i) {
+    if (a.shape(size_t(i)) > 1 && a.stride(size_t(i)) != want)
+      throw ValueError("digests: expected a C-contiguous array");
+    want *= int64_t(a.shape(size_t(i)));
+  }
+  PagedDigests g;
+  g.data = static_cast<float*>(const_cast<void*>(static_cast<const void*>(a.data())));  // run() only reads
+  g.num_blocks = int64_t(a.shape(0));
+  g.kv_heads = int(a.shape(1));
+  g.head_dim = int(a.shape(3));
+  return g;
+}
+
 DType dtype_arg(nb::handle h) {
   // "float32", torch.float32, numpy.dtype('float32'): their names, without a "torch." prefix.
   std::string s = nb::isinstance<nb::str>(h) ? str_arg(h, "dtype") : text_of(h);
@@ -79,7 +111,7 @@ void bind_paged_types(nb::module_& m) {
       .def("__init__",
            [](PagedAttention* self, nb::handle q_heads, nb::handle kv_heads, nb::handle head_dim, nb::handle block_size,
               nb::handle dtype, nb::handle sm_scale, nb::handle threads, nb::handle share_threshold,
-              nb::handle kernel_isa) {
+              nb::handle kernel_isa, nb::handle eviction) {
              PagedConfig c;
              c.q_heads = int32_arg(q_heads, "q_heads");
              c.kv_heads = int32_arg(kv_heads, "kv_heads");
@@ -96,17 +128,36 @@ void bind_paged_types(nb::module_& m) {
              c.threads = int32_arg(threads, "threads");
              c.share_threshold = int32_arg(share_threshold, "share_threshold");
              c.kernel_isa = str_arg(kernel_isa, "kernel_isa");
+             c.eviction = eviction_arg(eviction);
              new (self) PagedAttention(c);
            },
            "q_heads"_a.none(), "kv_heads"_a.none(), "head_dim"_a.none(), "block_size"_a.none(),
            "dtype"_a.none() = "float32", "sm_scale"_a.none() = nb::none(), "threads"_a.none() = 0,
-           "share_threshold"_a.none() = 2, "kernel_isa"_a.none() = "")
+           "share_threshold"_a.none() = 2, "kernel_isa"_a.none() = "", "eviction"_a.none() = nb::none())
       .def_prop_ro("q_heads", [](const PagedAttention& p) { return p.config().q_heads; })
       .def_prop_ro("kv_heads", [](const PagedAttention& p) { return p.config().kv_heads; })
       .def_prop_ro("head_dim", [](const PagedAttention& p) { return p.config().head_dim; })
       .def_prop_ro("block_size", [](const PagedAttention& p) { return p.config().block_size; })
       .def_prop_ro("dtype", [](const PagedAttention& p) { return std::string(dtype_name(p.config().dtype)); })
       .def_prop_ro("kernel_isa", [](const PagedAttention& p) { return p.config().kernel_isa; })
+      .def_prop_ro("budgeted", [](const PagedAttention& p) { return p.config().eviction.enabled; },
+                   "Whether this was made with an eviction config (run() selects where given digests).")
+      .def("digest_shape",
+           [](const PagedAttention& p, nb::handle num_blocks) {
+             const int64_t n = int_arg(num_blocks, "num_blocks", 0, INT32_MAX);
+             return nb::make_tuple(n, p.config().kv_heads, 2, p.config().head_dim);
+           },
+           "num_blocks"_a.none(),
+           "The shape of one layer's digest tensor (float32): [num_blocks, kv_heads, 2, head_dim].")
+      .def_prop_ro("selection_counts",
+                   [](const PagedAttention& p) {
+                     const PagedSelectionCounts c = p.selection_counts();
+                     nb::dict d;
+                     d["scored_blocks"] = c.scored_blocks;
+                     d["dropped_blocks"] = c.dropped_blocks;
+                     return d;
+                   },
+                   "Blocks budgeted runs scored and dropped so far.")
       .def("plan",
            [](const PagedAttention& pa, nb::handle block_table, nb::handle seq_lens, nb::handle query_start_loc,
               nb::handle num_blocks) {
@@ -136,7 +187,8 @@ void bind_paged_types(nb::module_& m) {
            "Checks the whole batch, then plans it: block_table int32 [num_seqs, max_blocks], seq_lens int32 "
            "[num_seqs] (tokens after this step's append), query_start_loc int32 [num_seqs + 1].")
       .def("write_kv",
-           [](PagedAttention& pa, nb::handle kv_cache, nb::handle k, nb::handle v, nb::handle slot_mapping) {
+           [](PagedAttention& pa, nb::handle kv_cache, nb::handle k, nb::handle v, nb::handle slot_mapping,
+              nb::handle digests) {
              OutArray ka = out_array(kv_cache, "kv_cache");
              AnyArray kk = in_array(k, "k"), vv = in_array(v, "v"), sm = in_array(slot_mapping, "slot_mapping");
              const nb::dlpack::dtype d = sm.dtype();
@@ -151,14 +203,22 @@ void bind_paged_types(nb::module_& m) {
              const TensorView kview = view_of(kk), vview = view_of(vv);
              const auto* slots = static_cast<const int64_t*>(sm.data());
              const int64_t n = int64_t(sm.shape(0));
+             std::optional<OutArray> da;
+             PagedDigests dg;
+             if (!digests.is_none()) {
+               da = out_array(digests, "digests");
+               dg = digests_arg(digests, *da);
+             }
              nb::gil_scoped_release r;
-             pa.write_kv(kv, kview, vview, slots, n);
+             pa.write_kv(kv, kview, vview, slots, n, da ? &dg : nullptr);
            },
-           "kv_cache"_a.none(), "k"_a.none(), "v"_a.none(), "slot_mapping"_a.none(),
+           "kv_cache"_a.none(), "k"_a.none(), "v"_a.none(), "slot_mapping"_a.none(), "digests"_a.none() = nb::none(),
            "Writes a step's K/V rows [n, kv_heads, head_dim] into kv_cache (vLLM's CPU layout) at slot_mapping "
-           "int64 [n] (block * block_size + offset; negative: padding, skipped); every slot is checked first.")
+           "int64 [n] (block * block_size + offset; negative: padding, skipped); every slot is checked first. "
+           "With digests (budgeted only), the blocks whose last slot this write fills get their digests.")
       .def("run",
-           [](PagedAttention& pa, nb::handle plan, nb::handle q, nb::handle kv_cache, nb::handle out, nb::handle lse) {
+           [](PagedAttention& pa, nb::handle plan, nb::handle q, nb::handle kv_cache, nb::handle out, nb::handle lse,
+              nb::handle digests) {
              if (!nb::isinstance<PagedPlan>(plan))
                throw TypeError("plan: expected a PagedPlan (PagedAttention.plan), got " + type_label(plan));
              const PagedPlan& p = nb::cast<const PagedPlan&>(plan);
@@ -170,13 +230,21 @@ void bind_paged_types(nb::module_& m) {
              const TensorView qv = view_of(qa), ov = view_of(oa);
              TensorView lv;
              if (la) lv = view_of(*la);
+             std::optional<AnyArray> da;
+             PagedDigests dg;
+             if (!digests.is_none()) {
+               da = in_array(digests, "digests");
+               dg = digests_arg(digests, *da);
+             }
              nb::gil_scoped_release r;
-             pa.run(p, kv, qv, ov, la ? &lv : nullptr);
+             pa.run(p, kv, qv, ov, la ? &lv : nullptr, da ? &dg : nullptr);
            },
            "plan"_a.none(), "q"_a.none(), "kv_cache"_a.none(), "out"_a.none(), "lse"_a.none() = nb::none(),
+           "digests"_a.none() = nb::none(),
            "One layer: q [num_tokens, q_heads, head_dim] (rows may be strided), kv_cache vLLM's CPU layout "
            "[num_blocks, kv_heads, block_size, 2 * head_dim], out like q (written), lse float32 "
-           "[num_tokens, q_heads] or None.");
+           "[num_tokens, q_heads] or None. With digests (budgeted only), decode rows over budget attend to "
+           "their sinks, window and top-k blocks.");
 }
 
 }  // namespace chunkvale::bind

@@ -13,8 +13,9 @@ int64_t ns_since(std::chrono::steady_clock::time_point t0) {
 }
 }  // namespace
 
-ChunkSelector::ChunkSelector(const CacheConfig& cfg, Digests* digests, const PlanParams& params)
-    : cfg_(cfg), digests_(digests), params_(params), rule_(cfg.eviction, cfg.chunk_size) {}
+ChunkSelector::ChunkSelector(const EvictionConfig& eviction, int chunk_size, Digests* digests,
+                             const PlanParams& params)
+    : digests_(digests), params_(params), rule_(eviction, chunk_size) {}
 
 // The top-k candidates of every request of score_reqs_, by digest score (the backend
 // scores and ranks: top_k.h's rule), into top_ (k per request, best first).
@@ -55,7 +56,13 @@ const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(int layer, c
 }
 
 const StepPlan* ChunkSelector::select(int layer, const Step& step, const TensorView& q, const ExecContext& ctx) {
-  const StepPlan& plan = step.plan;
+  decodes_.resize(step.plan.seqs.size());
+  for (size_t i = 0; i < decodes_.size(); ++i) decodes_[i] = step.decodes(i);
+  return select(layer, step.plan, decodes_.data(), q, ctx);
+}
+
+const StepPlan* ChunkSelector::select(int layer, const StepPlan& plan, const uint8_t* decodes, const TensorView& q,
+                                      const ExecContext& ctx) {
   auto t0 = std::chrono::steady_clock::now();
   const size_t B = plan.seqs.size();
   keep_.resize(B);
@@ -65,7 +72,7 @@ const StepPlan* ChunkSelector::select(int layer, const Step& step, const TensorV
     const StepSeq& s = plan.seqs[i];
     const int32_t nch = s.chunk_end - s.chunk_begin;
     keep_[i].assign(size_t(nch), 1);
-    const SelectionRule::Range r = rule_.of(step.decodes(i), s.total(), nch);
+    const SelectionRule::Range r = rule_.of(decodes[i] != 0, s.total(), nch);
     if (!r.selects) continue;  // prefill, extend and sequences within budget attend to everything
     cand_lo_[i] = int32_t(r.lo);
     Digests::ScoreRequest req;

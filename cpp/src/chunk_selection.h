@@ -16,11 +16,15 @@ namespace chunkvale {
 
 class ChunkSelector {
  public:
-  // `digests`: the backend's (null without eviction: then nothing is asked of it).
-  ChunkSelector(const CacheConfig& cfg, Digests* digests, const PlanParams& params);
+  // `digests`: the backend's (null without eviction: then nothing is asked of it); chunks
+  // of `chunk_size` tokens. KVCache and PagedAttention (blocks for chunks) both select here.
+  ChunkSelector(const EvictionConfig& eviction, int chunk_size, Digests* digests, const PlanParams& params);
 
   // This layer's plan over the kept chunks, or null when nothing is dropped (the step's
-  // plan stands). Valid until the next call.
+  // plan stands). Valid until the next call. `decodes[i]`: plan.seqs[i] is a decode row
+  // (SelectionRule::decodes).
+  const StepPlan* select(int layer, const StepPlan& plan, const uint8_t* decodes, const TensorView& q,
+                         const ExecContext& ctx);
   const StepPlan* select(int layer, const Step& step, const TensorView& q, const ExecContext& ctx);
   // The chunks (ids) of prefill / extend rows, over budget from their next decode step on,
   // that their last prompt token would not select.
@@ -32,7 +36,6 @@ class ChunkSelector {
  private:
   void top_requests(int layer, const TensorView& q, const ExecContext& ctx);  // score_reqs_ -> top_
 
-  const CacheConfig& cfg_;
   Digests* digests_;
   const PlanParams& params_;
   SelectionRule rule_;
@@ -40,7 +43,7 @@ class ChunkSelector {
   std::vector<std::vector<uint8_t>> keep_;
   std::vector<PlanSeqInput> inputs_;
   std::vector<int32_t> top_;  // k per request
-  std::vector<uint8_t> taken_;
+  std::vector<uint8_t> taken_, decodes_;
   std::vector<Digests::ScoreRequest> score_reqs_;
   std::vector<int32_t> cand_lo_, unselected_;
   CacheStats counts_;  // chunks scored and dropped, time selecting and scoring

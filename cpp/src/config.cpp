@@ -92,20 +92,7 @@ void CacheConfig::validate() const {
        "sm_scale: expected a finite value > 0 (or None), got " + std::to_string(sm_scale));
   if (eviction.enabled) {
     const EvictionConfig& e = eviction;
-    need(e.sink_chunks >= 0, got("eviction.sink_chunks", "an integer >= 0", e.sink_chunks));
-    need(e.window_chunks >= 1, got("eviction.window_chunks", "an integer >= 1 (the chunk being written)", e.window_chunks));
-    need(e.topk_chunks >= EvictionConfig::kTopkDefault, got("eviction.topk_chunks", "an integer >= 0 (or None)", e.topk_chunks));
-    need(e.dense_layers >= 0, got("eviction.dense_layers", "an integer >= 0", e.dense_layers));
-    need(e.budget_tokens >= 1, got("eviction.budget_tokens", "an integer >= 1", e.budget_tokens));
-    // 64-bit sums: chunk counts near 2^31 must not wrap around and pass the checks below.
-    const int64_t fixed = (int64_t(e.sink_chunks) + int64_t(e.window_chunks)) * chunk_size;
-    // Room for the sinks, the window and (unless top-k is off) one selected chunk.
-    const int64_t least = fixed + (e.topk_chunks == 0 ? 0 : chunk_size);
-    need(e.budget_tokens >= least,
-         got("eviction.budget_tokens",
-             ("at least (sink_chunks + window_chunks" + std::string(e.topk_chunks == 0 ? "" : " + 1") +
-              ") * chunk_size = " + std::to_string(least)).c_str(),
-             e.budget_tokens));
+    e.validate_selection(chunk_size);
     const int64_t selection =
         int64_t(e.sink_chunks) + int64_t(e.window_chunks) + int64_t(e.resolved_topk(chunk_size));
     need(e.device_chunks == 0 || e.device_chunks >= selection,
@@ -183,6 +170,24 @@ void check_tensor3(const TensorView& t, const char* arg, TensorView::Device devi
                      std::to_string(t.strides[1]) + ", " + std::to_string(t.strides[2]) + ")");
   }
   if (rows > 0 && t.data == nullptr) throw ValueError(std::string(arg) + ": expected data, got a null pointer");
+}
+
+void EvictionConfig::validate_selection(int chunk_size) const {
+  const EvictionConfig& e = *this;
+  need(e.sink_chunks >= 0, got("eviction.sink_chunks", "an integer >= 0", e.sink_chunks));
+  need(e.window_chunks >= 1, got("eviction.window_chunks", "an integer >= 1 (the chunk being written)", e.window_chunks));
+  need(e.topk_chunks >= EvictionConfig::kTopkDefault, got("eviction.topk_chunks", "an integer >= 0 (or None)", e.topk_chunks));
+  need(e.dense_layers >= 0, got("eviction.dense_layers", "an integer >= 0", e.dense_layers));
+  need(e.budget_tokens >= 1, got("eviction.budget_tokens", "an integer >= 1", e.budget_tokens));
+  // 64-bit sums: chunk counts near 2^31 must not wrap around and pass the checks below.
+  const int64_t fixed = (int64_t(e.sink_chunks) + int64_t(e.window_chunks)) * chunk_size;
+  // Room for the sinks, the window and (unless top-k is off) one selected chunk.
+  const int64_t least = fixed + (e.topk_chunks == 0 ? 0 : chunk_size);
+  need(e.budget_tokens >= least,
+       got("eviction.budget_tokens",
+           ("at least (sink_chunks + window_chunks" + std::string(e.topk_chunks == 0 ? "" : " + 1") +
+            ") * chunk_size = " + std::to_string(least)).c_str(),
+           e.budget_tokens));
 }
 
 }  // namespace chunkvale

@@ -1,6 +1,9 @@
 #include "cpu_attention.h"
 
+#include <algorithm>
+
 #include "chunkvale/errors.h"
+#include "top_k.h"
 
 namespace chunkvale {
 
@@ -32,6 +35,36 @@ void CpuAttention::run(const StepPlan& plan, LayerArgs a) {
   });
   // Phase 2: merge each row's partials (exact log-sum-exp combination).
   threads_.parallel_for(plan.num_tokens, [&](int64_t r, int) { kernels_->merge_row(a, int32_t(r)); });
+}
+
+void CpuAttention::top_chunks(const ScoreArgs& proto, const uint8_t* q, size_t q_row_bytes,
+                              const Digests::ScoreRequest* requests, size_t count, int k) {
+  std::vector<size_t> first(count + 1, 0);  // each request's first score
+  for (size_t r = 0; r < count; ++r) first[r + 1] = first[r] + requests[r].n;
+  scores_.resize(first[count]);
+  const size_t qf = size_t(proto.kv_heads) * (2 * size_t(proto.D) + 1);
+  score_q_.resize(size_t(threads_.size()));
+  for (auto& s : score_q_)
+    if (s.size() < qf) s.resize(qf);
+  // Pieces of at most kPiece candidates, so one long sequence still spreads over the
+  // threads; reading digests is memory-bound.
+  constexpr size_t kPiece = 128;
+  score_items_.clear();
+  for (size_t r = 0; r < count; ++r)
+    for (size_t c = 0; c < requests[r].n; c += kPiece) score_items_.emplace_back(r, c);
+  threads_.parallel_for(int64_t(score_items_.size()), [&](int64_t i, int t) {
+    const auto [r, c0] = score_items_[size_t(i)];
+    const Digests::ScoreRequest& req = requests[r];
+    ScoreArgs a = proto;
+    a.q = q + size_t(req.row) * q_row_bytes;
+    a.slots = req.slots + c0;
+    a.n = std::min(kPiece, req.n - c0);
+    a.scores = scores_.data() + first[r] + c0;
+    a.qf = score_q_[size_t(t)].data();
+    kernels_->score_chunks(a);
+  });
+  for (size_t r = 0; r < count; ++r)
+    top_k(scores_.data() + first[r], requests[r].n, size_t(std::max(k, 0)), requests[r].top, heap_);
 }
 
 }  // namespace chunkvale

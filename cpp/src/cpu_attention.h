@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "chunkvale/backend.h"
 #include "kernels.h"
 #include "thread_pool.h"
 
@@ -23,12 +24,23 @@ class CpuAttention {
   // Not reentrant (one thread pool).
   void run(const StepPlan& plan, LayerArgs a);
 
+  // Budgeted attention's ranking: per request, the indices (into its slots) of its k best
+  // candidates by digest bound (the score kernel; ties by top_k.h), best first, into
+  // requests[r].top. `proto` carries the digests, their view, the shape and the kind; the
+  // request's query row starts at q + row * q_row_bytes. Not reentrant.
+  void top_chunks(const ScoreArgs& proto, const uint8_t* q, size_t q_row_bytes, const Digests::ScoreRequest* requests,
+                  size_t count, int k);
+
  private:
   const KernelTable* kernels_;
   ThreadPool threads_;
   std::vector<KernelScratch> scratch_;  // one per thread
   ThreadCuts cuts_;                     // the latest plan layout, cut for threads_
   std::vector<float> part_ml_, part_o_;
+  std::vector<std::vector<float>> score_q_;             // per thread: the pooled query
+  std::vector<std::pair<size_t, size_t>> score_items_;  // (request, first candidate) pieces
+  std::vector<float> scores_;
+  std::vector<uint64_t> heap_;
 };
 
 }  // namespace chunkvale

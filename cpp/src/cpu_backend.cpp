@@ -24,10 +24,7 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
   if (!pool_)
     throw CapacityError(Resource::PoolChunks, slots, 0, "capacity: could not allocate " + std::to_string(total) +
                         " bytes of KV pool memory");
-  if (cfg.eviction.enabled) {
-    digests_.assign(size_t(DigestView{slots, cfg.kv_heads, cfg.head_dim}.layer(cfg.layers)), 0.0f);
-    score_q_.assign(size_t(attn_.threads().size()), std::vector<float>(size_t(cfg.kv_heads) * (2 * cfg.head_dim + 1)));
-  }
+  if (cfg.eviction.enabled) digests_.assign(size_t(DigestView{slots, cfg.kv_heads, cfg.head_dim}.layer(cfg.layers)), 0.0f);
   if (cfg.eviction.host_tier()) {
     // Test-only: slows every backup so tests can catch a slot reused before its backup.
     const char* d = std::getenv("CHUNKVALE_TEST_BACKUP_DELAY_US");

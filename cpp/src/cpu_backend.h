@@ -41,8 +41,6 @@ class CpuBackend final : public Backend, public Digests, public CopyEngine, publ
  private:
   uint8_t* tile(int layer, int32_t slot, int kv, int head) const;
   float* digest(int layer, int32_t slot, int head) const;
-  // Every candidate's score of each request (into scores, request after request).
-  void score_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count, float* scores);
 
   CacheConfig cfg_;
   int64_t slots_;
@@ -52,10 +50,6 @@ class CpuBackend final : public Backend, public Digests, public CopyEngine, publ
   std::unique_ptr<CpuBackupWorker> backups_;  // host tier only
   CpuAttention attn_;  // kernels, threads, the latest plan's cuts
   mutable std::vector<float> digests_;  // [layers][slots][kv_heads][2][D], with eviction only
-  std::vector<std::vector<float>> score_q_;  // per thread: pooled query, for scoring
-  std::vector<std::pair<size_t, size_t>> score_items_;  // (request, first chunk) pieces
-  std::vector<float> scores_;
-  std::vector<uint64_t> heap_;
 };
 
 }  // namespace chunkvale

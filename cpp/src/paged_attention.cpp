@@ -3,11 +3,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 #include <tuple>
 #include <vector>
 
+#include "chunk_selection.h"
 #include "chunkvale/errors.h"
 #include "cpu_attention.h"
+#include "key_digest.h"
 #include "plan_builder.h"
 
 namespace chunkvale {
@@ -66,7 +69,40 @@ void PagedConfig::validate() const {
   if (!(threads >= 0 && threads <= 1024)) fail("threads: expected 0 (all cores) .. 1024, got " + num(threads));
   if (!(share_threshold >= 1)) fail("share_threshold: expected an integer >= 1, got " + num(share_threshold));
   if (!(std::isfinite(sm_scale) && sm_scale >= 0.0f)) fail("sm_scale: expected a finite value > 0 (or None), got " + std::to_string(sm_scale));
+  if (eviction.enabled) {
+    eviction.validate_selection(block_size);
+    const char* why = " (PagedAttention reads the caller's pool; the caller owns residency)";
+    if (!(eviction.device_chunks == 0)) fail(std::string("eviction.device_chunks: expected None") + why + ", got " + num(eviction.device_chunks));
+    if (!(eviction.host_bytes == 0)) fail(std::string("eviction.host_bytes: expected None") + why + ", got " + num(eviction.host_bytes));
+    if (!eviction.spill_path.empty()) fail(std::string("eviction.spill_path: expected None") + why + ", got '" + eviction.spill_path + "'");
+  }
 }
+
+// Budgeted runs rank a call's candidates against the caller's digest tensor, on the same
+// score kernel and ranking as CpuBackend (CpuAttention::top_chunks).
+class PagedAttention::Scorer final : public Digests {
+ public:
+  explicit Scorer(CpuAttention& attn) : attn_(attn) {}
+  // This call's digests and query rows.
+  void set(const ScoreArgs& proto, const uint8_t* q, size_t q_row_bytes) {
+    proto_ = proto;
+    q_ = q;
+    q_row_bytes_ = q_row_bytes;
+  }
+  void update_digests(int, const int32_t*, const int32_t*, size_t, const ExecContext&) override {
+    throw std::logic_error("PagedAttention refreshes digests in write_kv");
+  }
+  void top_chunks(int, const TensorView&, const ScoreRequest* requests, size_t count, int k,
+                  const ExecContext&) override {
+    attn_.top_chunks(proto_, q_, q_row_bytes_, requests, count, k);
+  }
+
+ private:
+  CpuAttention& attn_;
+  ScoreArgs proto_;
+  const uint8_t* q_ = nullptr;
+  size_t q_row_bytes_ = 0;
+};
 
 PagedKV PagedKV::vllm_cpu(const TensorView& t, const char* arg) {
   if (t.device != TensorView::Device::CPU)
@@ -96,6 +132,52 @@ PagedKV PagedKV::vllm_cpu(const TensorView& t, const char* arg) {
 PagedAttention::PagedAttention(const PagedConfig& cfg) : cfg_(cfg) {
   cfg_.validate();
   attn_ = std::make_unique<CpuAttention>(cfg_.dtype, cfg_.head_dim, cfg_.kernel_isa, cfg_.threads);
+  params_ = PlanParams{cfg_.block_size, cfg_.share_threshold};
+  if (cfg_.eviction.enabled) {
+    scorer_ = std::make_unique<Scorer>(*attn_);
+    selector_ = std::make_unique<ChunkSelector>(cfg_.eviction, cfg_.block_size, scorer_.get(), params_);
+    keys_.assign(size_t(attn_->threads().size()), std::vector<float>(size_t(cfg_.block_size) * cfg_.head_dim));
+  }
+}
+
+void PagedAttention::check_digests(const PagedDigests& d, const PagedKV& kv) const {
+  if (!(cfg_.eviction.enabled)) fail("digests: expected None: this PagedAttention was made without eviction");
+  if (!(d.num_blocks == kv.num_blocks && d.kv_heads == cfg_.kv_heads && d.head_dim == cfg_.head_dim))
+    fail("digests: expected shape [num_blocks=" + num(kv.num_blocks) + " (kv_cache's), kv_heads=" + num(cfg_.kv_heads) +
+         ", 2, head_dim=" + num(cfg_.head_dim) + "], got [" + num(d.num_blocks) + ", " + num(d.kv_heads) + ", 2, " +
+         num(d.head_dim) + "]");
+  if (!(d.num_blocks == 0 || d.data)) fail("digests: expected data, got a null pointer");
+}
+
+// The digests of the blocks whose last slot this write filled, from the pool.
+void PagedAttention::refresh_digests(const PagedKV& kv, const PagedDigests& d, const int64_t* slot_mapping,
+                                     int64_t n) {
+  const int B = cfg_.block_size, D = cfg_.head_dim, H = cfg_.kv_heads;
+  filled_.clear();
+  for (int64_t t = 0; t < n; ++t)
+    if (slot_mapping[t] >= 0 && slot_mapping[t] % B == B - 1) filled_.push_back(slot_mapping[t] / B);
+  const size_t elem = dtype_size(cfg_.dtype);
+  const uint8_t* base = static_cast<const uint8_t*>(kv.data);
+  const DigestView dv{d.num_blocks, H, D};
+  attn_->threads().parallel_for(int64_t(filled_.size()) * H, [&](int64_t i, int t) {
+    const int64_t blk = filled_[size_t(i / H)];
+    const int h = int(i % H);
+    float* keys = keys_[size_t(t)].data();
+    for (int r = 0; r < B; ++r)
+      tile_to_float(base + size_t(kv.view.row(blk, 0, h, r)) * elem, cfg_.dtype, size_t(D), keys + size_t(r) * D);
+    float* lo = d.data + dv.at(blk, h);
+    key_digest(cfg_.eviction.digest, keys, B, D, lo, lo + D);
+  });
+}
+
+PagedSelectionCounts PagedAttention::selection_counts() const {
+  std::lock_guard<std::mutex> g(run_mu_);
+  PagedSelectionCounts c;
+  if (selector_) {
+    c.scored_blocks = selector_->counts().evict_scored_chunks;
+    c.dropped_blocks = selector_->counts().evict_dropped_chunks;
+  }
+  return c;
 }
 
 PagedAttention::~PagedAttention() = default;
@@ -156,14 +238,15 @@ std::shared_ptr<const PagedPlan> PagedAttention::plan(const PagedBatch& b) const
   auto out = std::make_shared<PagedPlan>();
   out->block_size = cfg_.block_size;
   out->num_blocks = b.num_blocks;
-  plan_step(out->plan, in, PlanParams{cfg_.block_size, cfg_.share_threshold});
+  plan_step(out->plan, in, params_);
   return out;
 }
 
 void PagedAttention::write_kv(const PagedKV& kv, const TensorView& k, const TensorView& v,
-                              const int64_t* slot_mapping, int64_t n) {
+                              const int64_t* slot_mapping, int64_t n, const PagedDigests* digests) {
   const PagedConfig& c = cfg_;
   check_kv(kv, c);
+  if (digests) check_digests(*digests, kv);
   check_rows(k, "k", c.dtype, n, c.kv_heads, c.head_dim);
   check_rows(v, "v", c.dtype, n, c.kv_heads, c.head_dim);
   if (!(n == 0 || slot_mapping)) fail("slot_mapping: expected data, got a null pointer");
@@ -191,10 +274,11 @@ void PagedAttention::write_kv(const PagedKV& kv, const TensorView& k, const Tens
     attn_->threads().parallel_for(n, write_row);
   else
     for (int64_t t = 0; t < n; ++t) write_row(t, 0);
+  if (digests) refresh_digests(kv, *digests, slot_mapping, n);
 }
 
 void PagedAttention::run(const PagedPlan& p, const PagedKV& kv, const TensorView& q, const TensorView& out,
-                         const TensorView* lse) {
+                         const TensorView* lse, const PagedDigests* digests) {
   const PagedConfig& c = cfg_;
   if (!(p.block_size == c.block_size)) fail("plan: expected a plan for block_size " + num(c.block_size) + ", got one for " +
                                          num(p.block_size));
@@ -212,6 +296,7 @@ void PagedAttention::run(const PagedPlan& p, const PagedKV& kv, const TensorView
                     (T <= 1 || lse->strides[0] == c.q_heads) && (c.q_heads <= 1 || lse->strides[1] == 1);
     if (!(ok)) fail("lse: expected a C-contiguous float32 tensor of shape [" + num(T) + ", " + num(c.q_heads) + "]");
   }
+  if (digests) check_digests(*digests, kv);
   if (T == 0) return;
 
   LayerArgs a;
@@ -229,7 +314,22 @@ void PagedAttention::run(const PagedPlan& p, const PagedKV& kv, const TensorView
   a.out_row = out.shape[0] > 1 ? out.strides[0] : int64_t(c.q_heads) * c.head_dim;
   a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
   std::lock_guard<std::mutex> g(run_mu_);
-  attn_->run(p.plan, a);
+  const StepPlan* plan = &p.plan;
+  if (digests) {
+    // Decode rows over budget select (SelectionRule: one new row); the rest attend to all.
+    decodes_.resize(p.plan.seqs.size());
+    for (size_t i = 0; i < decodes_.size(); ++i) decodes_[i] = SelectionRule::decodes(p.plan.seqs[i].n_new, false);
+    ScoreArgs sa;
+    sa.digests = digests->data;
+    sa.digest = DigestView{digests->num_blocks, c.kv_heads, c.head_dim};
+    sa.D = c.head_dim;
+    sa.kv_heads = c.kv_heads;
+    sa.group = a.group;
+    sa.kind = c.eviction.digest;
+    scorer_->set(sa, static_cast<const uint8_t*>(q.data), size_t(a.q_row) * dtype_size(c.dtype));
+    if (const StepPlan* kept = selector_->select(0, p.plan, decodes_.data(), q, ExecContext{})) plan = kept;
+  }
+  attn_->run(*plan, a);
 }
 
 }  // namespace chunkvale

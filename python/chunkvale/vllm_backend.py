@@ -11,6 +11,13 @@ several requests of the batch use (a system prompt, few-shot examples, the sibli
 run chunk-first, once for all their query rows; the rest per sequence, causal. Every layer then
 runs ``PagedAttention.run`` on its own KV cache tensor, read in place.
 
+Budgeted attention (chunkvale.vllm_options: an ``eviction`` option): each layer from
+``dense_layers`` on keeps a digest tensor beside its KV cache, float32 [num_blocks, kv_heads, 2,
+head_dim] (1/block_size of an fp32 cache, 2/block_size of a bf16 one), refreshed by
+``write_kv`` as blocks fill; decode rows over budget attend to their sinks, window and top-k
+blocks. vLLM still allocates and keeps every block: this saves attention time on long contexts,
+not memory.
+
 Refused at start-up with a message, never computed differently: sliding windows, ALiBi,
 logit soft-capping, attention sinks, encoder / encoder-decoder attention, quantized (fp8) KV
 caches, head sizes chunkvale has no kernel for, fused output quantization.
@@ -18,13 +25,12 @@ caches, head sizes chunkvale has no kernel for, fused output quantization.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from vllm.config import get_layers_from_vllm_config
+from vllm.config import get_current_vllm_config_or_none, get_layers_from_vllm_config
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
@@ -35,8 +41,10 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm.logger import init_logger
+from vllm.model_executor.models.utils import extract_layer_index
 
 import chunkvale
+from chunkvale.vllm_options import Options, options
 
 logger = init_logger("vllm.chunkvale")  # under vLLM's logger, so its handlers print it
 HEAD_SIZES = [64, 80, 96, 128, 256]
@@ -46,17 +54,26 @@ _lock = threading.Lock()
 _instances: dict = {}
 
 
+def _options() -> Options:
+    """The engine's chunkvale options, read once per process (the builders and impls are made
+    while vLLM's config is current)."""
+    with _lock:
+        if "options" not in _instances:
+            _instances["options"] = options(get_current_vllm_config_or_none())
+        return _instances["options"]
+
+
 def _paged(q_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
            scale: float | None) -> "chunkvale.PagedAttention":
     """One PagedAttention (one thread pool) per shape, shared by the layers of the model."""
+    opts = _options()
     key = (q_heads, kv_heads, head_dim, block_size, dtype, scale)
     with _lock:
         pa = _instances.get(key)
         if pa is None:
-            threshold = int(os.environ.get("CHUNKVALE_VLLM_SHARE_THRESHOLD", "2"))
             pa = chunkvale.PagedAttention(q_heads, kv_heads, head_dim, block_size, dtype=_DTYPES[dtype],
                                           sm_scale=scale, threads=torch.get_num_threads(),
-                                          share_threshold=threshold)
+                                          share_threshold=opts.share_threshold, eviction=opts.eviction)
             _instances[key] = pa
         return pa
 
@@ -116,6 +133,12 @@ class ChunkvaleMetadataBuilder(CPUAttentionMetadataBuilder):
         logger.info("chunkvale attention backend: %d/%d heads of dim %d, block_size %d, %s, %s kernels, %d threads",
                     self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.dtype,
                     chunkvale.kernel_isa(), torch.get_num_threads())
+        ev = _options().eviction
+        if ev is not None:
+            logger.info("chunkvale budgeted attention: decode rows over %d tokens attend to %d sink + %d window + "
+                        "%s top-k blocks (%s digests) from layer %d on; every block stays in vLLM's KV cache",
+                        ev.budget_tokens, ev.sink_chunks, ev.window_chunks,
+                        "the default" if ev.topk_chunks is None else ev.topk_chunks, ev.digest, ev.dense_layers)
 
     def _pool_blocks(self) -> int:
         """Blocks in this group's KV cache tensors (what block ids must stay below), looked up once
@@ -177,6 +200,11 @@ class ChunkvaleAttentionImpl(CPUAttentionBackendImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         self._pa = None
+        self._eviction = _options().eviction
+        self._selects: bool | None = None  # this layer selects (budgeted, past dense_layers); known at first call
+        self._digests: torch.Tensor | None = None
+        self._digests_of = None
+        self._dropped_seen = False
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -189,15 +217,35 @@ class ChunkvaleAttentionImpl(CPUAttentionBackendImpl):
             raise RuntimeError("chunkvale: attention metadata without a plan (built by another backend's builder?)")
         t = plan.num_tokens
         out = output[:t].view(t, self.num_heads, self.head_size)
-        self._paged_for(kv_cache).run(plan, query[:t], kv_cache, out)
+        pa = self._paged_for(kv_cache)
+        pa.run(plan, query[:t], kv_cache, out, digests=self._digests_for(layer, kv_cache))
+        if self._selects and not self._dropped_seen and pa.selection_counts["dropped_blocks"]:
+            self._dropped_seen = True
+            logger.info("chunkvale: first budgeted step dropped blocks in layer %s (%s)", layer.layer_name,
+                        pa.selection_counts)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         n = slot_mapping.shape[0]
-        self._paged_for(kv_cache).write_kv(kv_cache, key[:n], value[:n], slot_mapping)
+        self._paged_for(kv_cache).write_kv(kv_cache, key[:n], value[:n], slot_mapping,
+                                           digests=self._digests_for(layer, kv_cache))
 
     def _paged_for(self, kv_cache) -> "chunkvale.PagedAttention":
         if self._pa is None:
             self._pa = _paged(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2], kv_cache.dtype,
                               self.scale)
         return self._pa
+
+    def _digests_for(self, layer, kv_cache) -> torch.Tensor | None:
+        """This layer's digest tensor, beside its KV cache (None where the layer attends densely)."""
+        if self._selects is None:
+            self._selects = (self._eviction is not None and
+                             extract_layer_index(layer.layer_name) >= self._eviction.dense_layers)
+        if not self._selects:
+            return None
+        # One digest tensor per KV cache tensor: a new cache (vLLM's profiling run uses another)
+        # starts with blocks that have not been filled yet, so fresh digests are right for it.
+        if self._digests is None or self._digests_of != (kv_cache.data_ptr(), kv_cache.shape[0]):
+            self._digests = torch.zeros(self._paged_for(kv_cache).digest_shape(kv_cache.shape[0]), dtype=torch.float32)
+            self._digests_of = (kv_cache.data_ptr(), kv_cache.shape[0])
+        return self._digests

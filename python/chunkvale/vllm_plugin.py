@@ -7,7 +7,9 @@ for all of them). vLLM runs ``register()`` in every process it starts, before it
 
   CHUNKVALE_VLLM=0                  leaves vLLM's own CPU attention in place (so does
                                     VLLM_PLUGINS naming other plugins only)
-  CHUNKVALE_VLLM_SHARE_THRESHOLD=N  query rows a shared block needs to run chunk-first (default 2)
+
+Options (the share threshold, budgeted attention) come from ``--additional-config`` or the
+environment: chunkvale.vllm_options.
 
 Supported vLLM: ``SUPPORTED_VLLM`` (the backend subclasses vLLM's CPU backend classes, whose
 interface changes between minor versions); any other version is refused with a message.

@@ -47,7 +47,7 @@ struct Fixture {
   SequenceTable seqs{tree, C};
   StepPlanner planner{cfg};
   RankingDigests backend;
-  ChunkSelector selector{cfg, &backend, planner.params()};
+  ChunkSelector selector{cfg.eviction, cfg.chunk_size, &backend, planner.params()};
   int32_t next = 0;
   std::function<int32_t()> take = [this] { return next++; };
   int64_t add_committed(int n) {  // n tokens already cached, in private chunks

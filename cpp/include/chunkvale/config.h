@@ -41,6 +41,9 @@ struct EvictionConfig {
   std::string spill_path;     // file for what does not fit in host_bytes; empty = none
 
   int resolved_topk(int chunk_size) const;
+  // The selection's fields (sinks, window, top-k, dense layers, budget) for chunks of
+  // chunk_size tokens; throws ValueError naming the first bad one.
+  void validate_selection(int chunk_size) const;
   bool host_tier() const { return enabled && device_chunks > 0; }
 };
 

@@ -8,11 +8,18 @@
 // chunk-first, once for all its query rows; every other block runs sequence-first, causal;
 // a row's partials merge exactly. It is the planner (plan_builder.h) and the CPU kernels that
 // KVCache uses, without KVCache's state: the caller owns residency, allocation and appends.
+//
+// Budgeted attention (with an eviction config): the caller keeps one digest tensor per layer
+// beside its pool (PagedDigests), which write_kv refreshes as blocks fill; run() given it
+// lets each decode row over budget attend to its sink blocks, its recent window and the
+// top-k blocks by digest score, as KVCache's selection (chunk_selection.h) does. Memory stays
+// the caller's: every block remains resident, only the attention reads fewer.
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "chunkvale/config.h"
 #include "chunkvale/detail/pool_view.h"
@@ -21,6 +28,7 @@
 
 namespace chunkvale {
 
+class ChunkSelector;
 class CpuAttention;
 
 struct PagedConfig {
@@ -33,6 +41,10 @@ struct PagedConfig {
   int threads = 0;              // 0 = all hardware threads
   int share_threshold = 2;      // query rows a shared block needs to run chunk-first
   std::string kernel_isa;       // as CacheConfig::kernel_isa
+  // Budgeted attention (enabled: run() selects where given digests); chunks are blocks.
+  // No host tier (device_chunks, host_bytes, spill_path): the caller owns residency;
+  // dense_layers is the caller's too (it passes no digests for those layers).
+  EvictionConfig eviction;
   // Throws ValueError naming the first bad field.
   void validate() const;
 };
@@ -73,6 +85,20 @@ struct PagedKV {
   static PagedKV vllm_cpu(const TensorView& kv_cache, const char* arg = "kv_cache");
 };
 
+// One layer's block digests, float32 [num_blocks][kv_heads][2][head_dim] contiguous: the two
+// vectors of each (block, KV head) as DigestKind says (docs/API.md). The caller allocates it
+// beside the layer's pool; write_kv keeps it current.
+struct PagedDigests {
+  float* data = nullptr;
+  int64_t num_blocks = 0;
+  int kv_heads = 0, head_dim = 0;
+};
+
+// Blocks scored and dropped by budgeted runs so far (selection counters).
+struct PagedSelectionCounts {
+  int64_t scored_blocks = 0, dropped_blocks = 0;
+};
+
 class PagedAttention {
  public:
   explicit PagedAttention(const PagedConfig& cfg);  // validates cfg
@@ -91,19 +117,36 @@ class PagedAttention {
   // negative slot is padding and skipped. Tiles are K and V [block_size][head_dim] row-major,
   // what run() reads (vLLM's own CPU kernels pack K otherwise: a pool is read by its writer).
   // Every slot is checked before anything is written. Calls are serialised with run().
+  // With `digests` (eviction configs only), each block whose last slot (offset
+  // block_size - 1) this call writes gets its digest recomputed from the pool: rows are
+  // written in order, a block's last row last, as a decoder fills its cache.
   void write_kv(const PagedKV& kv, const TensorView& k, const TensorView& v, const int64_t* slot_mapping,
-                int64_t n);
+                int64_t n, const PagedDigests* digests = nullptr);
 
   // One layer: q [num_tokens, q_heads, head_dim] (rows may be strided, heads and dims
   // contiguous), out the same shape (written), lse optional float32 [num_tokens, q_heads].
   // Checks every argument first (TypeError / ValueError naming it). Calls are serialised.
+  // With `digests` (eviction configs only), decode rows (one new row) of sequences over
+  // budget attend to their selected blocks only; every other row to its whole context.
   void run(const PagedPlan& plan, const PagedKV& kv, const TensorView& q, const TensorView& out,
-           const TensorView* lse = nullptr);
+           const TensorView* lse = nullptr, const PagedDigests* digests = nullptr);
+
+  PagedSelectionCounts selection_counts() const;
 
  private:
+  class Scorer;
+  void check_digests(const PagedDigests& d, const PagedKV& kv) const;
+  void refresh_digests(const PagedKV& kv, const PagedDigests& d, const int64_t* slot_mapping, int64_t n);
+
   PagedConfig cfg_;
   std::unique_ptr<CpuAttention> attn_;
-  std::mutex run_mu_;
+  PlanParams params_;
+  std::unique_ptr<Scorer> scorer_;          // eviction only
+  std::unique_ptr<ChunkSelector> selector_;  // eviction only
+  std::vector<uint8_t> decodes_;
+  std::vector<std::vector<float>> keys_;    // per thread: one K tile as float32
+  std::vector<int64_t> filled_;
+  mutable std::mutex run_mu_;
 };
 
 }  // namespace chunkvale
