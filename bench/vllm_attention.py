@@ -6,7 +6,10 @@ every row of the block table, as vLLM's prefix caching gives them) and own `priv
 each; each backend writes the same K/V into its own cache with its own write op first (vLLM's
 CPU kernels pack K per instruction set). Times one layer's call, min and median of many.
 
-    VLLM_CPU_OMP_THREADS_BIND=0-1 python bench/vllm_attention.py [--json out.json]
+    VLLM_CPU_OMP_THREADS_BIND=0-1 python bench/vllm_attention.py [--long [--budget 2048]] [--json out.json]
+
+--budget adds, on the --long cases, chunkvale's budgeted attention (decode rows attend to sinks,
+window and top-k blocks: a different result, by design, so only its time is shown).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def timed(fn, reps):
     return min(ts), statistics.median(ts)
 
 
-def run_case(hq, hkv, D, dtype, B=32, shared=2048, private=128, block=128, reps=30):
+def run_case(hq, hkv, D, dtype, B=32, shared=2048, private=128, block=128, reps=30, budget=None):
     import chunkvale
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
@@ -106,10 +109,20 @@ def run_case(hq, hkv, D, dtype, B=32, shared=2048, private=128, block=128, reps=
     t_v = timed(vllm_call, reps)
     t_c = timed(chunkvale_call, reps)
     t_p = timed(plan_call, reps)
+    t_b = None
+    if budget:  # budgeted attention: the same pool, digests beside it, decode rows select
+        pb = chunkvale.PagedAttention(hq, hkv, D, block, dtype=str(dtype).split(".")[1], sm_scale=scale,
+                                      threads=torch.get_num_threads(),
+                                      eviction=chunkvale.Eviction(budget_tokens=budget))
+        digests = torch.zeros(pb.digest_shape(N), dtype=torch.float32)
+        pb.write_kv(ours, k, v, slots, digests=digests)
+        out_b = torch.empty((B, hq, D), dtype=dtype)
+        t_b = timed(lambda: pb.run(plan_box["p"], q, ours, out_b, digests=digests), reps)
     err = (out_c.double() - out_v.double()).abs().max().item()
     return {"shape": f"{hq}/{hkv} d{D} {str(dtype).split('.')[1]}", "B": B, "shared": shared, "private": private,
             "block": block, "vllm_isa": isa, "vllm_ms": [x * 1e3 for x in t_v], "chunkvale_ms": [x * 1e3 for x in t_c],
             "plan_ms": [x * 1e3 for x in t_p], "max_abs_diff": err,
+            "budget": budget, "budgeted_ms": [x * 1e3 for x in t_b] if t_b else None,
             "chunk_first_blocks": plan_box["p"].chunk_first_blocks}
 
 
@@ -118,6 +131,8 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--long", action="store_true", help="also a prefix that outgrows the caches (8192 shared)")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="also time budgeted attention (Eviction(budget_tokens=BUDGET), default top-k) on --long")
     args = ap.parse_args()
     import chunkvale
     import vllm
@@ -131,16 +146,18 @@ def main():
     if args.long:
         for dtype in (torch.float32, torch.bfloat16):
             for shared, private in ((8192, 128), (0, 8320)):
-                rows.append(run_case(32, 8, 128, dtype, shared=shared, private=private, reps=max(5, args.reps // 5)))
+                rows.append(run_case(32, 8, 128, dtype, shared=shared, private=private, reps=max(5, args.reps // 5),
+                                     budget=args.budget))
     print(describe(torch.get_num_threads()))
     print(f"vllm {vllm.__version__}, torch {torch.__version__}, chunkvale {chunkvale.__version__} "
           f"({chunkvale.kernel_isa()} kernels), {torch.get_num_threads()} threads; one decode step, one layer")
     print(f"{'shape':<18} {'shared+private':>15} {'vLLM ms (min/med)':>18} {'chunkvale ms':>14} {'plan ms':>8} "
-          f"{'speed-up (med)':>14} {'max |diff|':>10}")
+          f"{'speed-up (med)':>14} {'max |diff|':>10} {'budgeted ms (speed-up)':>24}")
     for r in rows:
         v, c = r["vllm_ms"], r["chunkvale_ms"]
         print(f"{r['shape']:<18} {str(r['shared']) + '+' + str(r['private']):>15} {v[0]:8.3f}/{v[1]:8.3f} "
-              f"{c[0]:6.3f}/{c[1]:6.3f} {r['plan_ms'][1]:8.3f} {v[1] / c[1]:13.2f}x {r['max_abs_diff']:10.2e}")
+              f"{c[0]:6.3f}/{c[1]:6.3f} {r['plan_ms'][1]:8.3f} {v[1] / c[1]:13.2f}x {r['max_abs_diff']:10.2e}"
+              + (f" {r['budgeted_ms'][1]:12.3f} ({v[1] / r['budgeted_ms'][1]:.2f}x)" if r["budgeted_ms"] else ""))
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
 

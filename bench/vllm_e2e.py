@@ -5,7 +5,9 @@ there). Each (workload, backend) runs in a fresh process; the engine start and o
 request are not timed, the prefix cache is reset before the timed batch.
 
   shared   64 requests sharing a 2048-token system prompt, a distinct question each, 128 new
-           tokens each (ignore_eos)
+           tokens each (ignore_eos); the prefix cache starts empty
+  shared_warm  the same, with the system prompt already in vLLM's prefix cache (a server whose
+           system prompt was served before): decode-dominated
   demo     the `chunkvale demo` workload: 16 chats sharing a ~1.5K-token system prompt, 64 new
            tokens, stopping at EOS
   noshare  64 requests of 384 distinct tokens, 128 new tokens each: nothing to share
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WORKLOADS = ("shared", "demo", "noshare")
+WORKLOADS = ("shared", "shared_warm", "demo", "noshare")
 BACKENDS = (("vllm", "0"), ("chunkvale", "1"))  # label, CHUNKVALE_VLLM
 
 
@@ -49,20 +51,20 @@ def _text_tokens(tok, n: int, seed: int | None = None) -> list[int]:
     return ids[:n]
 
 
-def prompts(name: str, tok) -> tuple[list[list[int]], dict]:
-    """(prompt token ids, sampling options) for one workload."""
-    if name == "shared":
+def prompts(name: str, tok) -> tuple[list[list[int]], dict, int]:
+    """(prompt token ids, sampling options, prefix tokens to cache before timing) for one workload."""
+    if name in ("shared", "shared_warm"):
         system = _text_tokens(tok, 2048)
         qs = [tok(f"Question {i}: which product on the list is number {i}, and what does it cost?",
                   add_special_tokens=False)["input_ids"] for i in range(64)]
-        return [system + q for q in qs], {"max_tokens": 128, "ignore_eos": True}
+        return [system + q for q in qs], {"max_tokens": 128, "ignore_eos": True}, len(system) if name == "shared_warm" else 0
     if name == "demo":
         from chunkvale import workload
         from chunkvale.engine import Request, encode_request
         chats = workload.chat_requests(tok, requests=16, system_tokens=1500)
-        return [encode_request(tok, Request(messages=c, max_new_tokens=64)) for c in chats], {"max_tokens": 64}
+        return [encode_request(tok, Request(messages=c, max_new_tokens=64)) for c in chats], {"max_tokens": 64}, 0
     if name == "noshare":
-        return [_text_tokens(tok, 384, i + 1) for i in range(64)], {"max_tokens": 128, "ignore_eos": True}
+        return [_text_tokens(tok, 384, i + 1) for i in range(64)], {"max_tokens": 128, "ignore_eos": True}, 0
     raise ValueError(f"workload: expected one of {', '.join(WORKLOADS)}, got {name!r}")
 
 
@@ -82,6 +84,9 @@ def worker(spec_path: str, out_path: str) -> None:
     llm.generate([TokensPrompt(prompt_token_ids=ps[0][-16:])], SamplingParams(temperature=0.0, max_tokens=4),
                  use_tqdm=False)  # warm-up
     llm.reset_prefix_cache()
+    if spec.get("warm_prefix"):  # the shared prefix served once before (untimed)
+        llm.generate([TokensPrompt(prompt_token_ids=ps[0][: spec["warm_prefix"]])],
+                     SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ps], sp, use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -120,9 +125,10 @@ def main(argv=None) -> int:
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            ps, sampling = prompts(name, tok)
+            ps, sampling, warm = prompts(name, tok)
             spec = Path(tmp) / f"{name}.json"
-            spec.write_text(json.dumps({"prompts": ps, "sampling": sampling, "model": model, "eager": args.eager}))
+            spec.write_text(json.dumps({"prompts": ps, "sampling": sampling, "model": model, "eager": args.eager,
+                                        "warm_prefix": warm}))
             for label, flag in BACKENDS:
                 out = Path(tmp) / f"{name}-{label}.json"
                 print(f"[vllm_e2e] {name} / {label} ...", flush=True)

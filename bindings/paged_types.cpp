@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "arg_checks.h"
 #include "chunkvale/errors.h"
@@ -45,6 +46,16 @@ IntArray int32_array(nb::handle h, const char* name, size_t ndim) {
     throw ValueError(std::string(name) + ": expected a contiguous last dimension, got stride " +
                      std::to_string(r.a.stride(ndim - 1)));
   return r;
+}
+
+// None, or a list / tuple of CPU numbers.
+std::vector<int> cpus_arg(nb::handle h) {
+  std::vector<int> out;
+  if (h.is_none()) return out;
+  if (!nb::isinstance<nb::list>(h) && !nb::isinstance<nb::tuple>(h))
+    throw TypeError("cpus: expected a list of CPU numbers or None, got " + type_label(h));
+  for (nb::handle x : h) out.push_back(int(int_arg(x, "cpus", 0, 1023)));
+  return out;
 }
 
 // chunkvale.Eviction (its to_native() checks every field, naming it) or None.
@@ -111,7 +122,7 @@ void bind_paged_types(nb::module_& m) {
       .def("__init__",
            [](PagedAttention* self, nb::handle q_heads, nb::handle kv_heads, nb::handle head_dim, nb::handle block_size,
               nb::handle dtype, nb::handle sm_scale, nb::handle threads, nb::handle share_threshold,
-              nb::handle kernel_isa, nb::handle eviction) {
+              nb::handle kernel_isa, nb::handle eviction, nb::handle cpus) {
              PagedConfig c;
              c.q_heads = int32_arg(q_heads, "q_heads");
              c.kv_heads = int32_arg(kv_heads, "kv_heads");
@@ -129,17 +140,26 @@ void bind_paged_types(nb::module_& m) {
              c.share_threshold = int32_arg(share_threshold, "share_threshold");
              c.kernel_isa = str_arg(kernel_isa, "kernel_isa");
              c.eviction = eviction_arg(eviction);
+             c.cpus = cpus_arg(cpus);
              new (self) PagedAttention(c);
            },
            "q_heads"_a.none(), "kv_heads"_a.none(), "head_dim"_a.none(), "block_size"_a.none(),
            "dtype"_a.none() = "float32", "sm_scale"_a.none() = nb::none(), "threads"_a.none() = 0,
-           "share_threshold"_a.none() = 2, "kernel_isa"_a.none() = "", "eviction"_a.none() = nb::none())
+           "share_threshold"_a.none() = 2, "kernel_isa"_a.none() = "", "eviction"_a.none() = nb::none(),
+           "cpus"_a.none() = nb::none())
       .def_prop_ro("q_heads", [](const PagedAttention& p) { return p.config().q_heads; })
       .def_prop_ro("kv_heads", [](const PagedAttention& p) { return p.config().kv_heads; })
       .def_prop_ro("head_dim", [](const PagedAttention& p) { return p.config().head_dim; })
       .def_prop_ro("block_size", [](const PagedAttention& p) { return p.config().block_size; })
       .def_prop_ro("dtype", [](const PagedAttention& p) { return std::string(dtype_name(p.config().dtype)); })
       .def_prop_ro("kernel_isa", [](const PagedAttention& p) { return p.config().kernel_isa; })
+      .def_prop_ro("cpus",
+                   [](const PagedAttention& p) {
+                     nb::list l;
+                     for (int c : p.config().cpus) l.append(c);
+                     return l;
+                   },
+                   "CPUs the worker threads are pinned to (empty: the calling thread's affinity).")
       .def_prop_ro("budgeted", [](const PagedAttention& p) { return p.config().eviction.enabled; },
                    "Whether this was made with an eviction config (run() selects where given digests).")
       .def("digest_shape",

@@ -389,7 +389,7 @@ def test_smollm2_greedy_batch_matches_dynamic_cache_and_reuses_the_system_prompt
 def test_sequences_are_released_when_the_cache_goes(llama):
     import gc
 
-    from chunkvale import hf_cache
+    from chunkvale import hf_cache_rows
 
     cache = ChunkvaleCache(llama, chunk_size=16, capacity_tokens=512)
     kv = cache.kv_cache
@@ -408,10 +408,10 @@ def test_sequences_are_released_when_the_cache_goes(llama):
     assert kv.stats().sequences == 2  # not removable yet
     kv.cancel(pending)
     kv.remove(raw)
-    assert len(hf_cache._orphans.get(kv, [])) == 1
+    assert len(hf_cache_rows._orphans.get(kv, [])) == 1
     later = ChunkvaleCache(llama, kv)
     generate(llama, random_prompts(73, [4]), later, do_sample=False, max_new_tokens=2)
-    assert kv not in hf_cache._orphans
+    assert kv not in hf_cache_rows._orphans
     assert kv.stats().sequences == 1  # only the later cache's row
 
 

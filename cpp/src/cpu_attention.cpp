@@ -7,8 +7,9 @@
 
 namespace chunkvale {
 
-CpuAttention::CpuAttention(DType dtype, int head_dim, const std::string& kernel_isa, int threads)
-    : kernels_(kernels_for(dtype, head_dim, kernel_isa)), threads_(threads) {
+CpuAttention::CpuAttention(DType dtype, int head_dim, const std::string& kernel_isa, int threads,
+                           const std::vector<int>& cpus)
+    : kernels_(kernels_for(dtype, head_dim, kernel_isa)), threads_(threads, cpus) {
   if (!kernels_)
     throw ValueError("head_dim: expected 64, 80, 96, 128 or 256, got " + std::to_string(head_dim));
   scratch_.resize(size_t(threads_.size()));

@@ -15,7 +15,8 @@ namespace chunkvale {
 class CpuAttention {
  public:
   // Throws ValueError naming kernel_isa / head_dim when no kernel fits.
-  CpuAttention(DType dtype, int head_dim, const std::string& kernel_isa, int threads);
+  CpuAttention(DType dtype, int head_dim, const std::string& kernel_isa, int threads,
+               const std::vector<int>& cpus = {});
 
   ThreadPool& threads() { return threads_; }
   const KernelTable& kernels() const { return *kernels_; }

@@ -68,6 +68,8 @@ void PagedConfig::validate() const {
   if (!(block_size >= 16 && block_size <= 512 && block_size % 16 == 0)) fail("block_size: expected a multiple of 16 in [16, 512], got " + num(block_size));
   if (!(threads >= 0 && threads <= 1024)) fail("threads: expected 0 (all cores) .. 1024, got " + num(threads));
   if (!(share_threshold >= 1)) fail("share_threshold: expected an integer >= 1, got " + num(share_threshold));
+  for (int cpu : cpus)
+    if (!(cpu >= 0 && cpu < 1024)) fail("cpus: expected CPU numbers in [0, 1024), got " + num(cpu));
   if (!(std::isfinite(sm_scale) && sm_scale >= 0.0f)) fail("sm_scale: expected a finite value > 0 (or None), got " + std::to_string(sm_scale));
   if (eviction.enabled) {
     eviction.validate_selection(block_size);
@@ -131,7 +133,7 @@ PagedKV PagedKV::vllm_cpu(const TensorView& t, const char* arg) {
 
 PagedAttention::PagedAttention(const PagedConfig& cfg) : cfg_(cfg) {
   cfg_.validate();
-  attn_ = std::make_unique<CpuAttention>(cfg_.dtype, cfg_.head_dim, cfg_.kernel_isa, cfg_.threads);
+  attn_ = std::make_unique<CpuAttention>(cfg_.dtype, cfg_.head_dim, cfg_.kernel_isa, cfg_.threads, cfg_.cpus);
   params_ = PlanParams{cfg_.block_size, cfg_.share_threshold};
   if (cfg_.eviction.enabled) {
     scorer_ = std::make_unique<Scorer>(*attn_);

@@ -1,11 +1,51 @@
 #include "thread_pool.h"
 
+#include <cstring>
+#include <string>
+
+#include "chunkvale/errors.h"
+
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
+
 namespace chunkvale {
 
-ThreadPool::ThreadPool(int threads) {
+namespace {
+void pin(std::thread& t, int cpu) {
+#if defined(__linux__)
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  const int err = pthread_setaffinity_np(t.native_handle(), sizeof(set), &set);
+  if (err != 0)
+    throw ValueError("cpus: could not pin a worker thread to CPU " + std::to_string(cpu) + " (" + std::strerror(err) +
+                     ")");
+#else
+  (void)t;
+  throw ValueError("cpus: pinning threads is supported on Linux only, got CPU " + std::to_string(cpu));
+#endif
+}
+}  // namespace
+
+ThreadPool::ThreadPool(int threads, const std::vector<int>& cpus) {
   if (threads <= 0) threads = int(std::thread::hardware_concurrency());
   if (threads <= 0) threads = 1;
-  for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { worker(i); });
+  try {
+    for (int i = 1; i < threads; ++i) {
+      workers_.emplace_back([this, i] { worker(i); });
+      if (!cpus.empty()) pin(workers_.back(), cpus[size_t(i) % cpus.size()]);
+    }
+  } catch (...) {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+    throw;
+  }
 }
 
 ThreadPool::~ThreadPool() {

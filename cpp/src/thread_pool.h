@@ -13,7 +13,12 @@ namespace chunkvale {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int threads);  // total threads including the caller; 0 = all cores
+  // `threads`: total including the caller; 0 = all cores. `cpus`: where the workers run,
+  // worker i (1 .. threads - 1) pinned to cpus[i % cpus.size()] (Linux; a caller that pinned
+  // its own thread, as vLLM's CPU worker does, would otherwise hand its one CPU to every
+  // worker it starts); empty = inherit the caller's affinity. ValueError naming `cpus` when
+  // a pin fails.
+  explicit ThreadPool(int threads, const std::vector<int>& cpus = {});
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;

@@ -24,19 +24,19 @@ How a forward pass runs (nothing of the model is copied or forked):
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 import threading
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import hf
+from . import hf, hf_cache_forward
 from .cache import KVCache
+from .hf_cache_forward import _ForwardContext
+from .hf_cache_rows import _release, _State
 
 _BEAM_MODES = ("beam_search", "beam_sample", "constrained_beam_search", "group_beam_search")
 _DEFAULT_CHUNK_SIZE = 64
@@ -81,80 +81,6 @@ class _ChunkvaleLayer(CacheLayerMixin):
 
     def prefetch(self):
         pass
-
-
-@dataclass
-class _State:
-    """A generation's rows, shared with the finalizer that releases their sequences."""
-
-    seqs: List[Optional[int]] = field(default_factory=list)  # per row; None: no real token yet
-    tokens: List[List[int]] = field(default_factory=list)    # per row, its real tokens so far
-    reused: List[Optional[int]] = field(default_factory=list)  # per row: n_cached of add_sequence
-    retired: List[int] = field(default_factory=list)  # a reset's sequences, removed at the next forward
-    columns: int = 0  # columns of the padded layout processed (what transformers calls the cache length)
-    step: Any = None  # the step of a forward in flight
-
-    def release(self, kv: KVCache) -> None:
-        if self.step is not None:
-            try:
-                kv.cancel(self.step)
-            except (ValueError, KeyError):  # complete (committed) or already ended
-                pass
-            self.step = None
-        seqs = [s for s in self.seqs if s is not None] + self.retired
-        self.seqs, self.tokens, self.reused, self.retired, self.columns = [], [], [], [], 0
-        _remove_all(kv, seqs)
-
-
-# Sequences that could not be removed when their cache was released because another cache's
-# forward on the same KVCache was in flight (a garbage collection can run in the middle of one):
-# the next forward of any ChunkvaleCache on that KVCache removes them.
-_orphans: "weakref.WeakKeyDictionary[KVCache, list]" = weakref.WeakKeyDictionary()
-_orphans_lock = threading.Lock()
-
-
-def _remove_all(kv: KVCache, seqs) -> None:
-    for i, seq in enumerate(seqs):
-        try:
-            kv.remove(seq)
-        except KeyError:
-            pass
-        except ValueError:  # a step of another cache is unfinished: remove them later
-            with _orphans_lock:
-                _orphans.setdefault(kv, []).extend(seqs[i:])
-            return
-
-
-def _remove_orphans(kv: KVCache) -> None:
-    with _orphans_lock:
-        seqs = _orphans.pop(kv, None)
-    if seqs:
-        _remove_all(kv, seqs)
-
-
-def _release(kv: KVCache, state: _State) -> None:  # the finalizer: never raise from GC
-    try:
-        state.release(kv)
-    except Exception:  # noqa: BLE001
-        pass
-
-
-@dataclass
-class _ForwardContext(hf._StepContext):
-    """One forward in flight: the step (for the attention function) and what the post-hook needs."""
-
-    owner: Any = None
-    thread: int = 0
-    batch: int = 0
-    columns: int = 0
-    row_new: List[int] = field(default_factory=list)        # real tokens per row in these columns
-    row_tokens: List[List[int]] = field(default_factory=list)
-    new_seqs: dict = field(default_factory=dict)            # row -> seq added by this forward
-    new_reused: dict = field(default_factory=dict)          # row -> n_cached
-    followers: dict = field(default_factory=dict)           # leader row -> rows with the same prompt
-    extended: bool = False                                  # rows with earlier tokens got new ones
-    logit_map: Any = None                                   # [B * n_cols] rows of the kept logits (+NaN row)
-    logit_cols: int = 0
 
 
 class ChunkvaleCache(Cache):
@@ -247,7 +173,7 @@ class ChunkvaleCache(Cache):
         finalizer = weakref.finalize(self, _release, kv_cache, self._state)
         finalizer.atexit = False
         hf.register()
-        _install(model)
+        hf_cache_forward.install(model)
 
     # -- what transformers asks of a cache --
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -377,7 +303,7 @@ class ChunkvaleCache(Cache):
         local = frame.f_locals
         caller = local.get("self")
         if caller is not None and caller is not self.model:
-            raise ValueError(_other_model_message(self.model, caller))
+            raise ValueError(hf_cache_forward._other_model_message(self.model, caller))
         mode = getattr(local.get("generation_mode"), "value", local.get("generation_mode"))
         config = local.get("generation_config")
         num_beams = getattr(config, "num_beams", 1) or 1
@@ -416,247 +342,6 @@ class ChunkvaleCache(Cache):
                 "output plus new tokens to continue it"
             )
 
-    # -- the forward hooks' work --
-    def _begin_forward(self, module, kw: dict) -> dict:
-        if module is not self.model:
-            raise ValueError(_other_model_message(self.model, module))
-        if self._ctx is not None:
-            if self._ctx.thread != threading.get_ident():
-                raise RuntimeError("past_key_values (cache): this ChunkvaleCache is in a forward pass on another "
-                                   "thread (one forward at a time per cache)")
-            # A forward of this thread that never reached the post-hook (interrupted by a
-            # BaseException torch does not catch): undo it, as the post-hook would have.
-            self._end_forward(self._ctx, None)
-        config = self.model.config
-        for name in ("output_attentions", "output_hidden_states"):
-            value = kw.get(name)
-            if value or (value is None and getattr(config, name, False)):
-                raise ValueError(f"{name}: not available with ChunkvaleCache (chunkvale's attention returns no "
-                                 "weights and runs a packed batch); use DynamicCache for it")
-        if kw.get("labels") is not None:
-            raise ValueError("labels: ChunkvaleCache is for generation; a loss needs transformers' own forward")
-        if kw.get("inputs_embeds") is not None:
-            raise ValueError("inputs_embeds: ChunkvaleCache needs input_ids (the prefix tree is keyed by token ids)")
-        if kw.get("use_cache") is False:
-            raise ValueError("use_cache: ChunkvaleCache needs use_cache=True")
-        ids = kw.get("input_ids")
-        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids: expected a [batch, new tokens] tensor with at least one column, got "
-                             f"{list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
-        B, T = ids.shape
-        st = self._state
-        past = st.columns
-        if st.seqs and B != len(st.seqs):
-            raise ValueError(f"input_ids: {B} rows, but this ChunkvaleCache holds a generation of {len(st.seqs)} "
-                             "rows; call reset() to start a new one")
-        mask = kw.get("attention_mask")
-        device = ids.device
-        parts = [ids.long()]
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
-                raise ValueError("attention_mask: expected the 2-D [batch, past + new columns] padding mask "
-                                 f"(1 token, 0 pad), got {_shape(mask)}")
-            if tuple(mask.shape) != (B, past + T):
-                raise ValueError(f"attention_mask: expected shape [{B}, {past + T}] ({past} cached + {T} new "
-                                 f"columns), got {list(mask.shape)}")
-            mask = mask.to(device)
-            parts.append(mask[:, past:].long())
-            parts.append(mask[:, :past].long().sum(1, keepdim=True))
-        pos = kw.get("position_ids")
-        if pos is not None:
-            if not isinstance(pos, torch.Tensor) or pos.ndim != 2 or pos.shape[1] != T or pos.shape[0] not in (1, B):
-                raise ValueError(f"position_ids: expected shape [{B}, {T}], got {_shape(pos)}")
-            parts.append(pos.to(device).long().expand(B, T))
-        host = torch.cat(parts, dim=1).cpu().tolist()  # one transfer: tokens, mask, past counts, positions
-
-        kv = self.kv_cache
-        row_new, row_tokens, row_ids = [], [], []
-        for b in range(B):
-            row = host[b]
-            if mask is None:
-                n = T
-            else:
-                m = row[T:2 * T]
-                if any(v not in (0, 1) for v in m) or any(m[j] > m[j + 1] for j in range(T - 1)):
-                    raise ValueError(f"attention_mask: row {b} is not left padding (0s, then 1s; got {m}); "
-                                     "ChunkvaleCache needs left-padded batches")
-                n = sum(m)
-                held = len(st.tokens[b]) if st.seqs else 0
-                if row[2 * T] != held:
-                    raise ValueError(f"attention_mask: row {b} marks {row[2 * T]} tokens in the {past} cached "
-                                     f"columns, but the cache holds {held}")
-                if held and n != T:
-                    raise ValueError(f"attention_mask: row {b} has pads after its tokens (only left padding)")
-            row_new.append(n)
-            row_tokens.append(row[T - n:T])
-            row_ids.append(row)
-
-        _remove_orphans(kv)
-        entries, entry_rows, entry_cols = [], [], []  # entry_cols: first computed column of the row
-        new_seqs, new_reused, followers, leaders = {}, {}, {}, {}
-        extended = False
-        try:
-            for b in range(B):
-                n, toks = row_new[b], row_tokens[b]
-                seq = st.seqs[b] if st.seqs else None
-                if seq is None:
-                    if n == 0:
-                        continue
-                    key = tuple(toks)
-                    if key in leaders:  # the same prompt as an earlier new row: prefill once, fork after
-                        followers.setdefault(leaders[key], []).append(b)
-                        continue
-                    leaders[key] = b
-                    seq, cached = kv.add_sequence(toks, self.namespace, max_reuse=n - 1)
-                    new_seqs[b], new_reused[b] = seq, cached
-                    entries.append((seq, n - cached))
-                    entry_cols.append(T - n + cached)
-                else:
-                    entries.append((seq, toks))
-                    entry_cols.append(0)
-                    extended = True
-                entry_rows.append(b)
-            if not entries:
-                raise ValueError("attention_mask: no row has a token in these columns (all pads)")
-            retired, st.retired = st.retired, []  # a reset's: the new prompts have taken what they reuse
-            _remove_all(kv, retired)
-            step = kv.plan(entries)
-        except BaseException:
-            for seq in new_seqs.values():
-                kv.remove(seq)
-            raise
-
-        try:
-            positions = step.positions
-            offsets = step.row_offsets
-            if pos is not None:
-                for i, b in enumerate(entry_rows):
-                    given = host[b][-T:][entry_cols[i]:]
-                    want = positions[offsets[i]:offsets[i + 1]].tolist()
-                    if given != want:
-                        raise ValueError(
-                            f"position_ids: row {b} gives positions {given[:8]}... for its tokens, but they are at "
-                            f"{want[:8]}... in the cache (positions count the row's real tokens from 0, as generate "
-                            "makes them from the attention_mask)")
-            # Packed rows: which packed row holds (row b, column c).
-            packed_of = {}
-            tokens = []
-            for i, b in enumerate(entry_rows):
-                first = entry_cols[i]
-                for j, c in enumerate(range(first, T)):
-                    packed_of[(b, c)] = offsets[i] + j
-                tokens.extend(row_ids[b][first:T])
-            for lead, rows in followers.items():
-                for b in rows:
-                    for c in range(T - row_new[b], T):
-                        packed_of[(b, c)] = packed_of.get((lead, c))
-            cols = _logit_columns(kw.get("logits_to_keep", 0), T)
-            keep = sorted({p for b in range(B) for c in cols if (p := packed_of.get((b, c))) is not None})
-            index_of = {p: k for k, p in enumerate(keep)}
-            nan_row = len(keep)
-            logit_map = [index_of.get(packed_of.get((b, c)), nan_row) for b in range(B) for c in cols]
-
-            ctx = _ForwardContext(
-                cache=kv, step=step, max_position=int(positions.max()), owner=self,
-                thread=threading.get_ident(), batch=B, columns=T, row_new=row_new, row_tokens=row_tokens,
-                new_seqs=new_seqs, new_reused=new_reused, followers=followers, extended=extended,
-                logit_map=torch.tensor(logit_map, dtype=torch.long, device=device), logit_cols=len(cols))
-            kw = dict(kw)
-            kw["input_ids"] = torch.tensor(tokens, dtype=torch.long, device=device).reshape(1, -1)
-            kw["attention_mask"] = hf._NO_MASK
-            kw["position_ids"] = torch.as_tensor(positions, dtype=torch.long).to(device).reshape(1, -1)
-            kw["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=device)
-            kw["use_cache"] = True
-            kw["chunkvale_context"] = ctx
-        except BaseException:
-            kv.cancel(step)
-            for seq in new_seqs.values():
-                kv.remove(seq)
-            raise
-        st.step = step
-        self._ctx = ctx
-        return kw
-
-    def _end_forward(self, ctx: _ForwardContext, result):
-        """The post-hook: commit the rows (and fork identical prompts) after a forward that
-        completed, or undo a forward that raised. Returns the result with [B, cols, vocab] logits."""
-        self._ctx = None
-        st, kv = self._state, self.kv_cache
-        st.step = None
-        complete = ctx.layers_done == self.num_layers
-        if result is None or not complete:
-            if not complete:
-                try:
-                    kv.cancel(ctx.step)
-                except (ValueError, KeyError):
-                    pass
-                _remove_all(kv, list(ctx.new_seqs.values()))
-            else:
-                # Every layer was appended (committed), then something after attention failed.
-                self._undo_committed(ctx)
-            return None
-        B = ctx.batch
-        if not st.seqs:
-            st.seqs, st.tokens, st.reused = [None] * B, [[] for _ in range(B)], [None] * B
-        forked = {}
-        try:
-            for lead, rows in ctx.followers.items():
-                for b, child in zip(rows, kv.fork(ctx.new_seqs[lead], len(rows))):
-                    forked[b] = child
-        except BaseException:
-            for child in forked.values():
-                kv.remove(child)
-            self._undo_committed(ctx)
-            raise
-        for b, seq in list(ctx.new_seqs.items()) + list(forked.items()):
-            st.seqs[b] = seq
-            st.reused[b] = ctx.new_reused.get(b, ctx.row_new[b])
-        for b in range(B):
-            st.tokens[b].extend(ctx.row_tokens[b])
-        st.columns += ctx.columns
-
-        logits = result.logits if not isinstance(result, tuple) else result[0]
-        flat = logits.reshape(-1, logits.shape[-1])
-        flat = torch.cat([flat, flat.new_full((1, flat.shape[-1]), math.nan)])
-        full = flat.index_select(0, ctx.logit_map).reshape(B, ctx.logit_cols, -1)
-        if isinstance(result, tuple):
-            return (full,) + tuple(result[1:])
-        result.logits = full
-        return result
-
-    def _undo_committed(self, ctx: _ForwardContext) -> None:
-        _remove_all(self.kv_cache, list(ctx.new_seqs.values()))
-        if ctx.extended:
-            # Rows that already had tokens advanced in the KVCache, but generate never saw this
-            # forward's output: the cache and the caller disagree from here on.
-            self.release()
-
-
-def _other_model_message(expected, got) -> str:
-    return (f"past_key_values (cache): this ChunkvaleCache was made for {type(expected).__name__} at "
-            f"{id(expected):#x}, "
-            f"but is used with {type(got).__name__} at {id(got):#x}; make a ChunkvaleCache(model) for that model")
-
-
-def _shape(x) -> str:
-    return f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def _logit_columns(logits_to_keep, T: int) -> List[int]:
-    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim == 0:
-        logits_to_keep = int(logits_to_keep)
-    if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool):
-        if logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep: expected an int >= 0, got {logits_to_keep}")
-        return list(range(T)) if logits_to_keep == 0 else list(range(max(T - logits_to_keep, 0), T))
-    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim == 1 and not logits_to_keep.is_floating_point():
-        cols = [c + T if c < 0 else c for c in logits_to_keep.tolist()]
-        if any(not 0 <= c < T for c in cols):
-            raise ValueError(f"logits_to_keep: columns out of range [0, {T}): {logits_to_keep.tolist()}")
-        return cols
-    raise ValueError("logits_to_keep: ChunkvaleCache takes an int or a 1-D tensor of column indices, got "
-                     f"{_shape(logits_to_keep)}")
-
 
 def _check_kv_matches(model, kv: KVCache) -> None:
     want = hf.cache_config(model, chunk_size=kv.config.chunk_size, capacity_chunks=1)
@@ -671,44 +356,3 @@ def _check_kv_matches(model, kv: KVCache) -> None:
     if getattr(have, "eviction", None) is not None:
         raise ValueError("kv_cache: budgeted attention (eviction) attends to part of the context, which is not "
                          "what the model computes; use a KVCache without eviction")
-
-
-# -- hooks --
-_HOOKED_ATTR = "_chunkvale_cache_hooks"
-
-
-def _install(model) -> None:
-    with hf._register_lock:
-        hf._install_config_views(model)
-        if getattr(model, _HOOKED_ATTR, None) is None:
-            pre = model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
-            post = model.register_forward_hook(_post_forward, with_kwargs=True, always_call=True)
-            object.__setattr__(model, _HOOKED_ATTR, (pre, post))
-
-
-def _find_cache(args, kwargs):
-    for key in ("cache", "past_key_values"):
-        if isinstance(kwargs.get(key), ChunkvaleCache):
-            return kwargs[key]
-    for a in args:
-        if isinstance(a, ChunkvaleCache):
-            return a
-    return None
-
-
-def _pre_forward(module, args, kwargs):
-    cache = _find_cache(args, kwargs)
-    if cache is None:
-        return None
-    if args:  # positional arguments (model(ids, ...)): bind them to the forward's names
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        kwargs = dict(bound.arguments)
-        kwargs.update(kwargs.pop("kwargs", {}) or {})
-    return (), cache._begin_forward(module, kwargs)
-
-
-def _post_forward(module, args, kwargs, result):
-    ctx = kwargs.get("chunkvale_context")
-    if not isinstance(ctx, _ForwardContext) or ctx.owner is None or ctx.owner._ctx is not ctx:
-        return None
-    return ctx.owner._end_forward(ctx, result)

@@ -25,6 +25,7 @@ caches, head sizes chunkvale has no kernel for, fused output quantization.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import ClassVar
@@ -63,6 +64,28 @@ def _options() -> Options:
         return _instances["options"]
 
 
+def _worker_cpus(threads: int) -> list[int] | None:
+    """CPUs for PagedAttention's worker threads. vLLM's CPU worker pins each of its OpenMP threads
+    to one CPU, the calling (main) thread included, and a thread inherits its creator's
+    affinity: unpinned, every chunkvale worker would share the main thread's one CPU. So the
+    workers go to the CPUs of the process's other threads (vLLM's OpenMP threads), the calling
+    thread's own first; None when the calling thread may already run on enough CPUs."""
+    own = sorted(os.sched_getaffinity(0))
+    if len(own) >= threads:
+        return None
+    seen = set(own)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            seen |= os.sched_getaffinity(int(tid))
+        except OSError:  # a thread that ended meanwhile
+            pass
+    cpus = own + sorted(seen - set(own))
+    if len(cpus) < threads:
+        logger.warning("chunkvale: %d attention threads share CPUs %s (the threads of this process may run on no "
+                       "others)", threads, cpus)
+    return cpus
+
+
 def _paged(q_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
            scale: float | None) -> "chunkvale.PagedAttention":
     """One PagedAttention (one thread pool) per shape, shared by the layers of the model."""
@@ -71,9 +94,10 @@ def _paged(q_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: t
     with _lock:
         pa = _instances.get(key)
         if pa is None:
+            threads = torch.get_num_threads()
             pa = chunkvale.PagedAttention(q_heads, kv_heads, head_dim, block_size, dtype=_DTYPES[dtype],
-                                          sm_scale=scale, threads=torch.get_num_threads(),
-                                          share_threshold=opts.share_threshold, eviction=opts.eviction)
+                                          sm_scale=scale, threads=threads, share_threshold=opts.share_threshold,
+                                          eviction=opts.eviction, cpus=_worker_cpus(threads))
             _instances[key] = pa
         return pa
 
@@ -130,9 +154,10 @@ class ChunkvaleMetadataBuilder(CPUAttentionMetadataBuilder):
         self._num_blocks = None
         self._planner = _paged(self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.dtype, None)
         self._shared_seen = False
-        logger.info("chunkvale attention backend: %d/%d heads of dim %d, block_size %d, %s, %s kernels, %d threads",
-                    self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.dtype,
-                    chunkvale.kernel_isa(), torch.get_num_threads())
+        logger.info("chunkvale attention backend: %d/%d heads of dim %d, block_size %d, %s, %s kernels, %d threads "
+                    "(workers on CPUs %s)", self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
+                    self.dtype, chunkvale.kernel_isa(), torch.get_num_threads(),
+                    self._planner.cpus or "as the calling thread's")
         ev = _options().eviction
         if ev is not None:
             logger.info("chunkvale budgeted attention: decode rows over %d tokens attend to %d sink + %d window + "

@@ -39,6 +39,10 @@ struct PagedConfig {
   DType dtype = DType::Float32;
   float sm_scale = 0.0f;        // 0 = 1/sqrt(head_dim)
   int threads = 0;              // 0 = all hardware threads
+  // CPUs for the worker threads: worker i (1 .. threads - 1) pinned to cpus[i % size]; the
+  // caller's thread runs part 0 where it is. Empty: they inherit the caller's affinity (a
+  // caller pinned to one CPU, as vLLM's CPU worker is, then gets one CPU for all of them).
+  std::vector<int> cpus;
   int share_threshold = 2;      // query rows a shared block needs to run chunk-first
   std::string kernel_isa;       // as CacheConfig::kernel_isa
   // Budgeted attention (enabled: run() selects where given digests); chunks are blocks.
