@@ -174,6 +174,9 @@ def small(cv):
         (dict(sm_scale=-1.0), ValueError, "sm_scale"),
         (dict(kernel_isa="sse9"), ValueError, "kernel_isa"),
         (dict(q_heads=True), TypeError, "q_heads"),
+        (dict(cpus=3), TypeError, "cpus: expected a list of CPU numbers or None, got int"),
+        (dict(cpus=[-1]), ValueError, "cpus: expected an integer in"),
+        (dict(cpus=[1023], threads=2), ValueError, "cpus: could not pin a worker thread to CPU 1023"),
     ],
 )
 def test_bad_config_is_named(cv, kw, exc, match):
@@ -240,6 +243,26 @@ def test_bad_run_arguments_are_named_and_nothing_is_written(cv, small, torch):
     assert np.isnan(out).all()
     pa.run(plan, q, kv, out)  # the good call runs
     assert np.isfinite(out).all()
+
+
+def test_workers_pinned_to_cpus_give_the_same_results(cv, seed):
+    """cpus pins the worker threads (vLLM pins its own threads, and new ones inherit that)."""
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+    rng = np.random.default_rng(seed)
+    case = (9, 3, 64, 32, "float32", "numpy")
+    pa = cv.PagedAttention(9, 3, 64, 32, threads=2, cpus=cpus)
+    assert pa.cpus == cpus
+    hq, hkv, D, B = case[:4]
+    tables, lens, rows, N = make_tree_batch(rng, B, 6, 20)
+    pool = Pool(rng, N, hkv, B, D, "float32")
+    T = sum(rows)
+    q64 = round_to(rng.uniform(-2, 2, size=(T, hq, D)), "float32")
+    out = np.full((T, hq, D), np.nan, np.float32)
+    pa.run(pa.plan(*pack(tables, lens, rows), N), q64.astype(np.float32), pool.vllm_layout().astype(np.float32), out)
+    ref_o, _, cond = reference(pool, tables, lens, rows, q64)
+    assert_close(out.astype(np.float64), ref_o, 0, 0, "pinned", tol=out_tolerance("float32", ref_o, cond))
 
 
 def test_empty_batch(cv):

@@ -29,6 +29,8 @@ def test_greedy_outputs_identical_to_vllm_cpu_backend(tmp_path, block_size):
     assert "chunkvale attention backend:" in our_log, "the plugin did not take over CPU attention"
     assert "chunkvale attention backend:" not in their_log, "CHUNKVALE_VLLM=0 still ran chunkvale"
     assert "chunkvale: first step with shared blocks" in our_log, "no step shared a block chunk-first"
+    if (os.cpu_count() or 1) > 1:  # vLLM pins its threads; chunkvale's workers must not all share one CPU
+        assert "(workers on CPUs [" in our_log, "chunkvale's attention workers were not spread over vLLM's CPUs"
     for key in ("first", "again", "forks"):
         assert ours[key] == theirs[key], f"{key}: chunkvale's tokens differ from vLLM's own backend"
     assert all(len(t) > 0 for t in ours["first"])
