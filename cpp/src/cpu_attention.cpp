@@ -40,7 +40,8 @@ void CpuAttention::run(const StepPlan& plan, LayerArgs a) {
 
 void CpuAttention::top_chunks(const ScoreArgs& proto, const uint8_t* q, size_t q_row_bytes,
                               const Digests::ScoreRequest* requests, size_t count, int k) {
-  std::vector<size_t> first(count + 1, 0);  // each request's first score
+  std::vector<size_t>& first = score_first_;  // each request's first score
+  first.assign(count + 1, 0);
   for (size_t r = 0; r < count; ++r) first[r + 1] = first[r] + requests[r].n;
   scores_.resize(first[count]);
   const size_t qf = size_t(proto.kv_heads) * (2 * size_t(proto.D) + 1);

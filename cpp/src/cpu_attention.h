@@ -40,6 +40,7 @@ class CpuAttention {
   std::vector<float> part_ml_, part_o_;
   std::vector<std::vector<float>> score_q_;             // per thread: the pooled query
   std::vector<std::pair<size_t, size_t>> score_items_;  // (request, first candidate) pieces
+  std::vector<size_t> score_first_;                     // each request's first score
   std::vector<float> scores_;
   std::vector<uint64_t> heap_;
 };

@@ -241,6 +241,9 @@ std::shared_ptr<const PagedPlan> PagedAttention::plan(const PagedBatch& b) const
   out->block_size = cfg_.block_size;
   out->num_blocks = b.num_blocks;
   plan_step(out->plan, in, params_);
+  out->decodes.resize(out->plan.seqs.size());
+  for (size_t i = 0; i < out->decodes.size(); ++i)
+    out->decodes[i] = SelectionRule::decodes(out->plan.seqs[i].n_new, false);
   return out;
 }
 
@@ -318,9 +321,7 @@ void PagedAttention::run(const PagedPlan& p, const PagedKV& kv, const TensorView
   std::lock_guard<std::mutex> g(run_mu_);
   const StepPlan* plan = &p.plan;
   if (digests) {
-    // Decode rows over budget select (SelectionRule: one new row); the rest attend to all.
-    decodes_.resize(p.plan.seqs.size());
-    for (size_t i = 0; i < decodes_.size(); ++i) decodes_[i] = SelectionRule::decodes(p.plan.seqs[i].n_new, false);
+    // Decode rows over budget select (plan() marked them); the rest attend to all.
     ScoreArgs sa;
     sa.digests = digests->data;
     sa.digest = DigestView{digests->num_blocks, c.kv_heads, c.head_dim};
@@ -329,7 +330,7 @@ void PagedAttention::run(const PagedPlan& p, const PagedKV& kv, const TensorView
     sa.group = a.group;
     sa.kind = c.eviction.digest;
     scorer_->set(sa, static_cast<const uint8_t*>(q.data), size_t(a.q_row) * dtype_size(c.dtype));
-    if (const StepPlan* kept = selector_->select(0, p.plan, decodes_.data(), q, ExecContext{})) plan = kept;
+    if (const StepPlan* kept = selector_->select(0, p.plan, p.decodes.data(), q, ExecContext{})) plan = kept;
   }
   attn_->run(*plan, a);
 }

@@ -55,13 +55,17 @@ _lock = threading.Lock()
 _instances: dict = {}
 
 
-def _options() -> Options:
+def _options_locked() -> Options:
     """The engine's chunkvale options, read once per process (the builders and impls are made
-    while vLLM's config is current)."""
+    while vLLM's config is current). Call with _lock held."""
+    if "options" not in _instances:
+        _instances["options"] = options(get_current_vllm_config_or_none())
+    return _instances["options"]
+
+
+def _options() -> Options:
     with _lock:
-        if "options" not in _instances:
-            _instances["options"] = options(get_current_vllm_config_or_none())
-        return _instances["options"]
+        return _options_locked()
 
 
 def _worker_cpus(threads: int) -> list[int] | None:
@@ -86,20 +90,38 @@ def _worker_cpus(threads: int) -> list[int] | None:
     return cpus
 
 
-def _paged(q_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-           scale: float | None) -> "chunkvale.PagedAttention":
-    """One PagedAttention (one thread pool) per shape, shared by the layers of the model."""
-    opts = _options()
-    key = (q_heads, kv_heads, head_dim, block_size, dtype, scale)
+def _planner(q_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
+             ) -> "chunkvale.PagedAttention":
+    """The builders' PagedAttention: plan() uses no threads and no scale, so one thread, shared."""
+    key = ("planner", q_heads, kv_heads, head_dim, block_size, dtype)
+    with _lock:
+        if key not in _instances:
+            _instances[key] = chunkvale.PagedAttention(q_heads, kv_heads, head_dim, block_size, dtype=_DTYPES[dtype],
+                                                       threads=1, share_threshold=_options_locked().share_threshold)
+        return _instances[key]
+
+
+def _runner(q_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+            scale: float) -> "chunkvale.PagedAttention":
+    """One PagedAttention (one thread pool) per shape and scale, shared by the layers of the model."""
+    key = ("runner", q_heads, kv_heads, head_dim, block_size, dtype, scale)
     with _lock:
         pa = _instances.get(key)
         if pa is None:
+            opts = _options_locked()
             threads = torch.get_num_threads()
             pa = chunkvale.PagedAttention(q_heads, kv_heads, head_dim, block_size, dtype=_DTYPES[dtype],
                                           sm_scale=scale, threads=threads, share_threshold=opts.share_threshold,
                                           eviction=opts.eviction, cpus=_worker_cpus(threads))
             _instances[key] = pa
+            logger.info("chunkvale attention: %d threads (workers on CPUs %s)", threads,
+                        pa.cpus or "as the calling thread's")
         return pa
+
+
+def _runners() -> list:
+    with _lock:
+        return [pa for key, pa in _instances.items() if isinstance(key, tuple) and key[0] == "runner"]
 
 
 def _refuse(what: str) -> None:
@@ -152,13 +174,13 @@ class ChunkvaleMetadataBuilder(CPUAttentionMetadataBuilder):
         if self.window_size != -1:
             _refuse(f"a sliding window ({self.window_size} tokens)")
         self._num_blocks = None
-        self._planner = _paged(self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.dtype, None)
+        self._planner = _planner(self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.dtype)
         self._shared_seen = False
-        logger.info("chunkvale attention backend: %d/%d heads of dim %d, block_size %d, %s, %s kernels, %d threads "
-                    "(workers on CPUs %s)", self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
-                    self.dtype, chunkvale.kernel_isa(), torch.get_num_threads(),
-                    self._planner.cpus or "as the calling thread's")
+        logger.info("chunkvale attention backend: %d/%d heads of dim %d, block_size %d, %s, %s kernels, %d threads",
+                    self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.dtype,
+                    chunkvale.kernel_isa(), torch.get_num_threads())
         ev = _options().eviction
+        self._dropped_seen = ev is None  # budgeted: log the first step that dropped blocks
         if ev is not None:
             logger.info("chunkvale budgeted attention: decode rows over %d tokens attend to %d sink + %d window + "
                         "%s top-k blocks (%s digests) from layer %d on; every block stays in vLLM's KV cache",
@@ -196,6 +218,12 @@ class ChunkvaleMetadataBuilder(CPUAttentionMetadataBuilder):
             self._shared_seen = True
             logger.info("chunkvale: first step with shared blocks: %d chunk-first runs over %d blocks, %d sequences",
                         plan.chunk_first_units, plan.chunk_first_blocks, plan.num_seqs)
+        if not self._dropped_seen:  # once per step, of the steps before this one
+            for pa in _runners():
+                counts = pa.selection_counts
+                if counts["dropped_blocks"]:
+                    self._dropped_seen = True
+                    logger.info("chunkvale: first budgeted step dropped blocks (%s)", counts)
         return ChunkvaleMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len, query_start_loc=query_start_loc,
             max_seq_len=m.max_seq_len, seq_lens=seq_lens, block_table=block_table, slot_mapping=m.slot_mapping,
@@ -229,7 +257,6 @@ class ChunkvaleAttentionImpl(CPUAttentionBackendImpl):
         self._selects: bool | None = None  # this layer selects (budgeted, past dense_layers); known at first call
         self._digests: torch.Tensor | None = None
         self._digests_of = None
-        self._dropped_seen = False
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -242,12 +269,7 @@ class ChunkvaleAttentionImpl(CPUAttentionBackendImpl):
             raise RuntimeError("chunkvale: attention metadata without a plan (built by another backend's builder?)")
         t = plan.num_tokens
         out = output[:t].view(t, self.num_heads, self.head_size)
-        pa = self._paged_for(kv_cache)
-        pa.run(plan, query[:t], kv_cache, out, digests=self._digests_for(layer, kv_cache))
-        if self._selects and not self._dropped_seen and pa.selection_counts["dropped_blocks"]:
-            self._dropped_seen = True
-            logger.info("chunkvale: first budgeted step dropped blocks in layer %s (%s)", layer.layer_name,
-                        pa.selection_counts)
+        self._paged_for(kv_cache).run(plan, query[:t], kv_cache, out, digests=self._digests_for(layer, kv_cache))
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -257,7 +279,7 @@ class ChunkvaleAttentionImpl(CPUAttentionBackendImpl):
 
     def _paged_for(self, kv_cache) -> "chunkvale.PagedAttention":
         if self._pa is None:
-            self._pa = _paged(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2], kv_cache.dtype,
+            self._pa = _runner(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2], kv_cache.dtype,
                               self.scale)
         return self._pa
 

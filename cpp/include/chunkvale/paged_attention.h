@@ -67,6 +67,7 @@ struct PagedBatch {
 // What plan() made of a batch. Immutable; run() takes it for every layer of the step.
 struct PagedPlan {
   StepPlan plan;
+  std::vector<uint8_t> decodes;  // per plan.seqs: a decode row (one new row), which budgeted runs select for
   int block_size = 0;
   int64_t num_blocks = 0;
   int num_seqs() const { return int(plan.seqs.size()); }
@@ -147,7 +148,6 @@ class PagedAttention {
   PlanParams params_;
   std::unique_ptr<Scorer> scorer_;          // eviction only
   std::unique_ptr<ChunkSelector> selector_;  // eviction only
-  std::vector<uint8_t> decodes_;
   std::vector<std::vector<float>> keys_;    // per thread: one K tile as float32
   std::vector<int64_t> filled_;
   mutable std::mutex run_mu_;
