@@ -17,6 +17,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> str:
+    """The CPU flags the kernels choose by (AMX, AVX-512 BF16 / FP16, AVX-512, AVX2), as
+    /proc/cpuinfo lists them; "none of ..." when it lists none of them."""
+    wanted = ("amx_bf16", "amx_fp16", "amx_tile", "avx512_bf16", "avx512_fp16", "avx512f", "avx2")
+    have = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    found = [w for w in wanted if w in have]
+    return " ".join(found) if found else "none of " + " ".join(wanted)
+
+
 def bench_isa():
     """CHUNKVALE_BENCH_ISA (or CHUNKVALE_KERNEL_ISA, which every cache obeys) forces one kernel
     instruction set (any of chunkvale.kernel_isas()); None takes the best."""
