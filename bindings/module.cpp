@@ -32,6 +32,7 @@ using chunkvale::bind::view_of;
 namespace chunkvale {
 const char* kernel_isa();
 std::vector<std::string> kernel_isas();
+std::vector<std::pair<std::string, std::string>> kernel_isa_report();
 bool cuda_backend_built();
 }
 
@@ -108,6 +109,8 @@ NB_MODULE(_native, m) {
         "Instruction set of the CPU kernels chosen at run time.");
   m.def("kernel_isas", [] { return chunkvale::kernel_isas(); },
         "Every instruction set of the CPU kernels this CPU runs, best first.");
+  m.def("kernel_isa_report", [] { return chunkvale::kernel_isa_report(); },
+        "Every instruction set chunkvale knows, best first, with why it does not run here ('' when it does).");
   m.def("cuda_built", [] { return chunkvale::cuda_backend_built(); },
         "Whether this build contains the CUDA backend.");
   m.def("cuda_device_count", [] { return chunkvale::cuda_device_count(); },

@@ -15,6 +15,10 @@ CpuAttention::CpuAttention(DType dtype, int head_dim, const std::string& kernel_
   scratch_.resize(size_t(threads_.size()));
 }
 
+CpuAttention::CpuAttention(const KernelTable& kernels, int threads) : kernels_(&kernels), threads_(threads, {}) {
+  scratch_.resize(size_t(threads_.size()));
+}
+
 void CpuAttention::run(const StepPlan& plan, LayerArgs a) {
   // Every layer of a step shares one cut, and decode steps that only bump the plan keep it.
   if (cuts_.plan_layout != plan.layout || plan.layout == 0)

@@ -17,6 +17,9 @@ class CpuAttention {
   // Throws ValueError naming kernel_isa / head_dim when no kernel fits.
   CpuAttention(DType dtype, int head_dim, const std::string& kernel_isa, int threads,
                const std::vector<int>& cpus = {});
+  // With a kernel table of the caller's (tests: the same kernel source built for an emulated
+  // instruction set).
+  CpuAttention(const KernelTable& kernels, int threads);
 
   ThreadPool& threads() { return threads_; }
   const KernelTable& kernels() const { return *kernels_; }

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "chunkvale/config.h"
@@ -67,10 +68,14 @@ struct KernelTable {
 const KernelTable* kernels_for(DType dtype, int head_dim, const std::string& isa = "");
 const char* kernel_isa();                 // the best this CPU runs
 std::vector<std::string> kernel_isas();   // every one this CPU runs, best first
+// Every instruction set chunkvale knows, best first, with why it does not run here ("" when
+// it does): not built, missing from the CPU, or (AMX) tile state refused by the kernel.
+std::vector<std::pair<std::string, std::string>> kernel_isa_report();
 
 namespace generic { const KernelTable* table(DType dtype, int head_dim); }
 namespace avx2 { const KernelTable* table(DType dtype, int head_dim); }
 namespace avx512 { const KernelTable* table(DType dtype, int head_dim); }
 namespace avx512bf16 { const KernelTable* table(DType dtype, int head_dim); }
+namespace amx_bf16 { const KernelTable* table(DType dtype, int head_dim); }
 
 }  // namespace chunkvale
