@@ -148,6 +148,8 @@ def _cases():
             args = [10, 10, 1]
             args[i] = v
             add(f"request_needs-{arg}-{label}", exc, arg, lambda w, a=tuple(args): w.cache.request_needs(*a))
+    add("request_needs-n-over_fork", ValueError, "n: expected an integer in 1..4097",
+        lambda w: w.cache.request_needs(10, 10, 4098))
 
     # append(layer, step, k, v): layer 1 is the one still to append
     kv_shape = (3, HKV, D)  # replaced by the world's row count at call time
