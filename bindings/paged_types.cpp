@@ -123,6 +123,9 @@ float sm_scale_arg(nb::handle h) {
   throw ValueError("sm_scale: expected a finite value > 0 within float32's range (or None), got " + given);
 }
 
+// Query rows a shared block needs to run chunk-first: an int in [1, 2^31-1].
+int share_threshold_arg(nb::handle h) { return int(int_arg(h, "share_threshold", 1, INT32_MAX)); }
+
 DType dtype_arg(nb::handle h) {
   // "float32", torch.float32, numpy.dtype('float32'): their names, without a "torch." prefix.
   std::string s = nb::isinstance<nb::str>(h) ? str_arg(h, "dtype") : text_of(h);
@@ -133,6 +136,21 @@ DType dtype_arg(nb::handle h) {
 }  // namespace
 
 void bind_paged_types(nb::module_& m) {
+  m.def("check_paged_options",
+        [](nb::handle share_threshold, nb::handle eviction, nb::handle block_size) {
+          PagedConfig c;  // a shape every check accepts: only these options are in question
+          c.q_heads = c.kv_heads = 1;
+          c.head_dim = 64;
+          c.block_size = int32_arg(block_size, "block_size");
+          c.share_threshold = share_threshold_arg(share_threshold);
+          c.eviction = eviction_arg(eviction);
+          c.validate();
+        },
+        "share_threshold"_a.none(), "eviction"_a.none(), "block_size"_a.none(),
+        "Checks PagedAttention's share_threshold and eviction (a chunkvale.Eviction or None) for blocks of "
+        "block_size tokens by the rules PagedAttention(...) applies, without making one (the vLLM options, when "
+        "they are read). TypeError / ValueError naming the field.");
+
   nb::class_<PagedPlan>(m, "PagedPlan",
                         "One step's plan (PagedAttention.plan): immutable, run for every layer of the step.")
       .def_prop_ro("num_seqs", &PagedPlan::num_seqs)
@@ -164,7 +182,7 @@ void bind_paged_types(nb::module_& m) {
              c.dtype = dtype_arg(dtype);
              if (!sm_scale.is_none()) c.sm_scale = sm_scale_arg(sm_scale);
              c.threads = int32_arg(threads, "threads");
-             c.share_threshold = int32_arg(share_threshold, "share_threshold");
+             c.share_threshold = share_threshold_arg(share_threshold);
              c.kernel_isa = str_arg(kernel_isa, "kernel_isa");
              c.eviction = eviction_arg(eviction);
              c.cpus = cpus_arg(cpus);
