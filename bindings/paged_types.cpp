@@ -3,6 +3,8 @@
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -10,6 +12,7 @@
 #include "arg_checks.h"
 #include "chunkvale/errors.h"
 #include "chunkvale/paged_attention.h"
+#include "tensor_args.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -67,19 +70,35 @@ EvictionConfig eviction_arg(nb::handle h) {
   return nb::cast<EvictionConfig>(h.attr("to_native")());
 }
 
+// What messages say an array is: its shape, its strides, its device.
+template <class Array>
+std::string dims_of(const Array& a, bool strides) {
+  std::string s = "(";
+  for (size_t i = 0; i < a.ndim(); ++i)
+    s += (i ? ", " : "") + std::to_string(strides ? int64_t(a.stride(i)) : int64_t(a.shape(i)));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+template <class Array>
+const char* device_of(const Array& a) {
+  return device_name(view_of(AnyArray(a)).device);
+}
+
 // One layer's digests: float32 [num_blocks, kv_heads, 2, head_dim], C-contiguous, on cpu.
 template <class Array>
 PagedDigests digests_arg(nb::handle h, const Array& a) {
   const nb::dlpack::dtype d = a.dtype();
   if (!(d.code == uint8_t(nb::dlpack::dtype_code::Float) && d.bits == 32 && d.lanes == 1))
     throw TypeError("digests: expected a float32 array, got " + type_label(h) + " of dtype " + text_of(h.attr("dtype")));
-  if (a.device_type() != nb::device::cpu::value) throw TypeError("digests: expected an array on cpu");
+  if (a.device_type() != nb::device::cpu::value)
+    throw TypeError(std::string("digests: expected an array on cpu, got one on ") + device_of(a));
   if (a.ndim() != 4 || a.shape(2) != 2)
-    throw ValueError("digests: expected shape [num_blocks, kv_heads, 2, head_dim] (PagedAttention.digest_shape)");
+    throw ValueError("digests: expected shape [num_blocks, kv_heads, 2, head_dim] (PagedAttention.digest_shape), "
+                     "got shape " + dims_of(a, false));
   int64_t want = 1;
   for (int i = 3; i >= 0; --i) {
     if (a.shape(size_t(i)) > 1 && a.stride(size_t(i)) != want)
-      throw ValueError("digests: expected a C-contiguous array");
+      throw ValueError("digests: expected a C-contiguous array, got strides " + dims_of(a, true) + " for shape " +
+                       dims_of(a, false));
     want *= int64_t(a.shape(size_t(i)));
   }
   PagedDigests g;
@@ -89,6 +108,23 @@ PagedDigests digests_arg(nb::handle h, const Array& a) {
   g.head_dim = int(a.shape(3));
   return g;
 }
+
+// A finite float > 0 (an int too, never a bool), within float32's range.
+float sm_scale_arg(nb::handle h) {
+  if (PyBool_Check(h.ptr()) || (!PyFloat_Check(h.ptr()) && !PyLong_Check(h.ptr())))
+    throw TypeError("sm_scale: expected a float or None, got " + type_label(h) + " (" + text_of(h) + ")");
+  const double v = PyFloat_AsDouble(h.ptr());  // an int beyond a double's range: OverflowError
+  if (v == -1.0 && PyErr_Occurred()) PyErr_Clear();
+  else if (std::isfinite(v) && v > 0.0 && v <= double(std::numeric_limits<float>::max()) &&
+           float(v) > 0.0f)
+    return float(v);
+  std::string given = text_of(h);
+  if (given.size() > 40) given = given.substr(0, 37) + "...";
+  throw ValueError("sm_scale: expected a finite value > 0 within float32's range (or None), got " + given);
+}
+
+// Query rows a shared block needs to run chunk-first: an int in [1, 2^31-1].
+int share_threshold_arg(nb::handle h) { return int(int_arg(h, "share_threshold", 1, INT32_MAX)); }
 
 DType dtype_arg(nb::handle h) {
   // "float32", torch.float32, numpy.dtype('float32'): their names, without a "torch." prefix.
@@ -100,6 +136,21 @@ DType dtype_arg(nb::handle h) {
 }  // namespace
 
 void bind_paged_types(nb::module_& m) {
+  m.def("check_paged_options",
+        [](nb::handle share_threshold, nb::handle eviction, nb::handle block_size) {
+          PagedConfig c;  // a shape every check accepts: only these options are in question
+          c.q_heads = c.kv_heads = 1;
+          c.head_dim = 64;
+          c.block_size = int32_arg(block_size, "block_size");
+          c.share_threshold = share_threshold_arg(share_threshold);
+          c.eviction = eviction_arg(eviction);
+          c.validate();
+        },
+        "share_threshold"_a.none(), "eviction"_a.none(), "block_size"_a.none(),
+        "Checks PagedAttention's share_threshold and eviction (a chunkvale.Eviction or None) for blocks of "
+        "block_size tokens by the rules PagedAttention(...) applies, without making one (the vLLM options, when "
+        "they are read). TypeError / ValueError naming the field.");
+
   nb::class_<PagedPlan>(m, "PagedPlan",
                         "One step's plan (PagedAttention.plan): immutable, run for every layer of the step.")
       .def_prop_ro("num_seqs", &PagedPlan::num_seqs)
@@ -129,15 +180,9 @@ void bind_paged_types(nb::module_& m) {
              c.head_dim = int32_arg(head_dim, "head_dim");
              c.block_size = int32_arg(block_size, "block_size");
              c.dtype = dtype_arg(dtype);
-             if (!sm_scale.is_none()) {
-               if (!PyFloat_Check(sm_scale.ptr()) && !PyLong_Check(sm_scale.ptr()))
-                 throw TypeError("sm_scale: expected a float or None, got " + type_label(sm_scale));
-               c.sm_scale = nb::cast<float>(sm_scale);
-               if (!(c.sm_scale > 0.0f)) throw ValueError("sm_scale: expected a finite value > 0 (or None), got " +
-                                                          std::to_string(c.sm_scale));
-             }
+             if (!sm_scale.is_none()) c.sm_scale = sm_scale_arg(sm_scale);
              c.threads = int32_arg(threads, "threads");
-             c.share_threshold = int32_arg(share_threshold, "share_threshold");
+             c.share_threshold = share_threshold_arg(share_threshold);
              c.kernel_isa = str_arg(kernel_isa, "kernel_isa");
              c.eviction = eviction_arg(eviction);
              c.cpus = cpus_arg(cpus);
@@ -216,9 +261,13 @@ void bind_paged_types(nb::module_& m) {
                throw TypeError("slot_mapping: expected an int64 array, got " + type_label(slot_mapping) +
                                " of dtype " + text_of(slot_mapping.attr("dtype")));
              if (sm.device_type() != nb::device::cpu::value)
-               throw TypeError("slot_mapping: expected an array on cpu");
-             if (sm.ndim() != 1 || (sm.shape(0) > 1 && sm.stride(0) != 1))
-               throw ValueError("slot_mapping: expected a contiguous 1-dimensional array");
+               throw TypeError(std::string("slot_mapping: expected an array on cpu (slots are read on the host), "
+                                           "got one on ") + device_of(sm));
+             if (sm.ndim() != 1)
+               throw ValueError("slot_mapping: expected a 1-dimensional array, got shape " + dims_of(sm, false));
+             if (sm.shape(0) > 1 && sm.stride(0) != 1)
+               throw ValueError("slot_mapping: expected a contiguous array, got stride " +
+                                std::to_string(sm.stride(0)));
              const PagedKV kv = PagedKV::vllm_cpu(view_of(AnyArray(ka)), "kv_cache");
              const TensorView kview = view_of(kk), vview = view_of(vv);
              const auto* slots = static_cast<const int64_t*>(sm.data());

@@ -148,6 +148,8 @@ def _cases():
             args = [10, 10, 1]
             args[i] = v
             add(f"request_needs-{arg}-{label}", exc, arg, lambda w, a=tuple(args): w.cache.request_needs(*a))
+    add("request_needs-n-over_fork", ValueError, "n: expected an integer in 1..4097",
+        lambda w: w.cache.request_needs(10, 10, 4098))
 
     # append(layer, step, k, v): layer 1 is the one still to append
     kv_shape = (3, HKV, D)  # replaced by the world's row count at call time
@@ -177,6 +179,20 @@ def _cases():
             lambda w, v=v: w.cache.attention(0, w.step, w.q(), return_lse=v))
     add("attention-q-zero_d-lse", ValueError, "q",
         lambda w: w.cache.attention(0, w.step, np.zeros((), np.float32), return_lse=True))
+    # outputs apart from the input and from each other (the one check PagedAttention runs too);
+    # an lse of the caller's own is passed to the core directly
+    add("attention-out-over_q_shifted", ValueError, "out: expected memory apart from q",
+        lambda w: w.cache.attention(0, w.step, *w.shifted()))
+    for label, lse, exc, arg in [
+            ("over_q", lambda q, out: _within(q, (q.shape[0], HQ)), ValueError, "lse: expected memory apart from q"),
+            ("over_out", lambda q, out: _within(out, (q.shape[0], HQ), 64), ValueError,
+             "lse: expected memory apart from out"),
+            ("float64", lambda q, out: np.zeros((q.shape[0], HQ)), TypeError, "lse: expected dtype float32, got float64"),
+            ("shape", lambda q, out: np.zeros((q.shape[0], HQ + 1), np.float32), ValueError,
+             "lse: expected shape [6, 4], got [6, 5]"),
+            ("noncontig", lambda q, out: np.zeros((HQ, q.shape[0]), np.float32).T, ValueError,
+             "lse: expected a C-contiguous tensor of shape [6, 4] (strides (4, 1)), got strides (1, 6)")]:
+        add(f"attention-lse-{label}", exc, arg, lambda w, lse=lse: w.native_attention(lse))
 
     # cancel(step)
     for label, v in [("int", 5), ("none", None), ("str", "step")]:
@@ -252,9 +268,28 @@ def _out(self, make):
     return q, bad
 
 
+def _within(buf, shape, offset=0):
+    """A float32 array of `shape` over buf's memory from element `offset`."""
+    return buf.reshape(-1)[offset:offset + int(np.prod(shape))].reshape(shape)
+
+
+def _shifted(self):
+    """q and out one row apart in one buffer."""
+    buf = np.zeros((self.n + 1, HQ, D), np.float32)
+    buf[: self.n] = self.q()
+    return buf[: self.n], buf[1:]
+
+
+def _native_attention(self, make_lse):
+    q, out = self.q(), np.zeros((self.n, HQ, D), np.float32)
+    return self.cache._native.attention(0, self.step.id, q, out, make_lse(q, out), 0)
+
+
 World.kv = _kv
 World.fit = _fit
 World.out = _out
+World.shifted = _shifted
+World.native_attention = _native_attention
 World.q = lambda self: _data(1, 0, self.n, HQ)
 
 

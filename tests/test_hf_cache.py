@@ -271,6 +271,10 @@ def test_bad_inputs_raise_and_leave_the_cache_usable(llama):
             llama(ids, attention_mask=mask, position_ids=torch.arange(8).expand(2, 8), cache=cache)
         with pytest.raises(ValueError, match="attention_mask: no row"):
             llama(ids, attention_mask=torch.zeros_like(mask), cache=cache)
+        # Token ids are integers: fractional floats are never truncated (transformers refuses them too).
+        for bad in (ids.float() + 0.5, ids.float(), ids.bool()):
+            with pytest.raises(TypeError, match=f"input_ids: expected an integer tensor of token ids, got dtype {bad.dtype}"):
+                llama(bad, attention_mask=mask, cache=cache)
     assert cache.kv_cache.stats().sequences == 0 and cache.get_seq_length() == 0
     _assert_usable(llama, cache)
     # A different batch size for a held generation.
@@ -306,6 +310,10 @@ def test_models_and_kv_caches_that_do_not_fit_are_refused(llama):
         ChunkvaleCache(llama, chunk_size=16.0)
     with pytest.raises(ValueError, match="chunk_size"):
         ChunkvaleCache(llama, chunk_size=24, capacity_tokens=64)  # not a power of two: the config's check
+    for namespace, exc in (("\ud800", ValueError), ("ns\udfff", ValueError), (3, TypeError), (None, TypeError),
+                           (b"ns", TypeError)):
+        with pytest.raises(exc, match="namespace: expected"):  # at construction, not at every forward
+            ChunkvaleCache(llama, capacity_tokens=64, namespace=namespace)
     # A cache made for one model, used with another (same shapes, different weights).
     twin = tiny_model("llama", initializer_range=0.3)
     cache = ChunkvaleCache(llama, chunk_size=16, capacity_tokens=256)
@@ -322,6 +330,33 @@ def test_models_and_kv_caches_that_do_not_fit_are_refused(llama):
     with pytest.raises(TypeError, match="cannot be copied"):
         copy.deepcopy(cache)
     _assert_usable(llama, cache)
+
+
+def test_two_models_on_one_kv_cache_never_share_their_k_v(llama):
+    """Same shapes, different weights: each model's rows live in its own namespace of the shared
+    KVCache (its fingerprint), so each generates what transformers' own cache gives it; objects
+    holding the same weights share their prefixes."""
+    from chunkvale.engine import Engine, Request
+
+    twin = tiny_model("llama", initializer_range=0.3)
+    prompts = random_prompts(95, [40, 23])
+    want = {id(m): generate(m, prompts, do_sample=False) for m in (llama, twin)}
+    a = ChunkvaleCache(llama, chunk_size=16, capacity_tokens=2048)
+    assert torch.equal(generate(llama, prompts, a, do_sample=False), want[id(llama)])
+    b = ChunkvaleCache(twin, a.kv_cache)
+    assert torch.equal(generate(twin, prompts, b, do_sample=False), want[id(twin)])
+    assert b.reused_tokens == [0, 0]  # used to take 39 of 40 prompt tokens from llama's K/V
+    engine = Engine(twin, cache=a.kv_cache)  # the Engine scopes its requests' namespaces the same way
+    got = engine.generate([Request(token_ids=p, max_new_tokens=12) for p in prompts], progress=False)
+    assert [r.samples[0].token_ids for r in got] == want[id(twin)][:, 40:].tolist()
+    assert [r.metrics.prefix_tokens_reused for r in got] == [39, 22]  # twin's own K/V, from b's rows
+    clone = tiny_model("llama")  # llama's weights in another object: its prefixes are llama's
+    c = ChunkvaleCache(clone, a.kv_cache)
+    assert torch.equal(generate(clone, prompts, c, do_sample=False), want[id(llama)])
+    assert c.reused_tokens == [39, 22]
+    for cache in (a, b, c):
+        cache.release()
+    assert a.kv_cache.stats().sequences == 0
 
 
 def test_engine_still_works_on_a_model_used_with_chunkvale_cache(llama):

@@ -3,6 +3,8 @@ caller-owned pools in vLLM's CPU layout: random prefix trees of shared blocks at
 block sizes, dtypes, head counts, batch orders, strided q/out/pool views, every kernel ISA this
 CPU runs; and every bad argument named, with nothing written."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -235,7 +237,7 @@ def test_bad_run_arguments_are_named_and_nothing_is_written(cv, small, torch):
         with pytest.raises(exc, match=match):
             pa.run(*args)
         assert np.isnan(out).all(), f"{match}: out was written"
-    with pytest.raises(ValueError, match=r"lse: expected a C-contiguous float32 tensor of shape \[3, 4\]"):
+    with pytest.raises(ValueError, match=r"lse: expected shape \[3, 4\], got \[3, 5\]"):
         pa.run(plan, q, kv, out, np.zeros((3, 5), np.float32))
     other = cv.PagedAttention(4, 2, 64, 32)
     with pytest.raises(ValueError, match="plan: expected a plan for block_size 32, got one for 16"):
@@ -271,3 +273,194 @@ def test_empty_batch(cv):
     assert plan.num_tokens == 0
     pa.run(plan, np.zeros((0, 4, 64), np.float32), np.zeros((0, 2, 16, 128), np.float32),
            np.zeros((0, 4, 64), np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# outputs that share memory with an input or with the pool: refused, nothing written
+# --------------------------------------------------------------------------------------------
+
+
+class Aliasing:
+    """A budgeted PagedAttention over one pool of 8 blocks (16 tokens, 2 KV heads of dim 64), its
+    digests, and a one-step batch of 3 query rows; each argument a fresh array the table may
+    replace with a view into another's memory."""
+
+    B, HQ, HKV, D, N, T = 16, 4, 2, 64, 8, 3
+
+    def __init__(self, cv):
+        rng = np.random.default_rng(5)
+        self.pa = cv.PagedAttention(self.HQ, self.HKV, self.D, self.B,
+                                    eviction=cv.Eviction(budget_tokens=4 * self.B, topk_chunks=1))
+        self.kv = rng.standard_normal((self.N, self.HKV, self.B, 2 * self.D)).astype(np.float32)
+        self.digests = rng.standard_normal(self.pa.digest_shape(self.N)).astype(np.float32)
+        self.plan = self.pa.plan(*pack([[0, 1, 2], [0, 1, 3]], [40, 36], [2, 1]), self.N)
+        self.q = rng.standard_normal((self.T, self.HQ, self.D)).astype(np.float32)
+        self.out = np.full((self.T, self.HQ, self.D), 7.0, np.float32)
+        self.lse = np.full((self.T, self.HQ), 7.0, np.float32)
+        self.k = rng.standard_normal((2, self.HKV, self.D)).astype(np.float32)
+        self.v = rng.standard_normal((2, self.HKV, self.D)).astype(np.float32)
+        self.slots = np.array([15, 36], np.int64)  # block 0's last row (its digest), block 2's row 4
+
+    def run(self, digests=True):
+        self.pa.run(self.plan, self.q, self.kv, self.out, self.lse, self.digests if digests else None)
+
+    def write_kv(self):
+        self.pa.write_kv(self.kv, self.k, self.v, self.slots, digests=self.digests)
+
+    def snapshot(self):
+        return [np.array(a, copy=True).tobytes() for a in (self.kv, self.digests, self.q, self.out, self.lse,
+                                                           self.k, self.v, self.slots)]
+
+
+def _view(buf, shape, dtype=np.float32, offset=0):
+    """An array of `shape` over buf's bytes from byte `offset` (the memory of another argument)."""
+    flat = buf.reshape(-1).view(np.uint8)[offset:]
+    return flat[: int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
+
+def _aliasing_cases():
+    """(id, what replaces an argument, the call, the message)."""
+    T, HQ, D, HKV, B = Aliasing.T, Aliasing.HQ, Aliasing.D, Aliasing.HKV, Aliasing.B
+    cases = []
+
+    def add(name, setup, call, match):
+        cases.append(pytest.param(setup, call, match, id=name))
+
+    run, write = Aliasing.run, Aliasing.write_kv
+    add("run-lse-over_q", lambda w: setattr(w, "lse", _view(w.q, (T, HQ))), run, "lse: expected memory apart from q")
+    def lse_over_q_tail(w):  # lse starts inside q's last row
+        buf = np.zeros(w.q.size + T * HQ, np.float32)
+        buf[: w.q.size] = w.q.reshape(-1)
+        w.q, w.lse = buf[: w.q.size].reshape(w.q.shape), buf[w.q.size - 4 : w.q.size - 4 + T * HQ].reshape(T, HQ)
+    add("run-lse-over_q_tail", lse_over_q_tail, run, "lse: expected memory apart from q")
+    add("run-lse-over_out", lambda w: setattr(w, "lse", _view(w.out, (T, HQ))), run,
+        "lse: expected memory apart from out")
+    add("run-out-over_kv_cache", lambda w: setattr(w, "out", _view(w.kv, (T, HQ, D), offset=4096)), run,
+        "out: expected memory apart from kv_cache")
+    add("run-lse-over_kv_cache", lambda w: setattr(w, "lse", _view(w.kv, (T, HQ), offset=w.kv.nbytes - T * HQ * 4)), run,
+        "lse: expected memory apart from kv_cache")
+    add("run-out-over_digests", lambda w: setattr(w, "out", _view(w.digests, (T, HQ, D))), run,
+        "out: expected memory apart from digests")
+    add("run-lse-over_digests", lambda w: setattr(w, "lse", _view(w.digests, (T, HQ), offset=64)), run,
+        "lse: expected memory apart from digests")
+
+    def shifted_q(w):  # q and out one row apart in one buffer
+        buf = np.zeros((T + 1, HQ, D), np.float32)
+        buf[:T] = w.q
+        w.q, w.out = buf[:T], buf[1:]
+    add("run-out-over_q_shifted", shifted_q, run, "out: expected memory apart from q")
+    add("run-out-over_q_dense", shifted_q, lambda w: w.run(digests=False), "out: expected memory apart from q")
+    add("write_kv-digests-over_kv_cache", lambda w: setattr(w, "digests", _view(w.kv, w.digests.shape)), write,
+        "digests: expected memory apart from kv_cache")
+    add("write_kv-digests-over_k", lambda w: setattr(w, "k", _view(w.digests, w.k.shape, offset=256)), write,
+        "digests: expected memory apart from k")
+
+    def k_from_its_slots(w):  # k's row of head 0 is the very pool row write_kv writes it to
+        w.k = _view(w.kv, (1, HKV, D), offset=w.kv[0, 0, 15].ctypes.data - w.kv.ctypes.data)
+        w.v, w.slots = w.v[:1].copy(), np.array([15], np.int64)
+    add("write_kv-k-from_its_own_slot", k_from_its_slots, write, "kv_cache: expected memory apart from k")
+    add("write_kv-v-from_other_blocks", lambda w: setattr(w, "v", _view(w.kv, w.v.shape, offset=5 * 2 * B * 2 * D * 4)),
+        write, "kv_cache: expected memory apart from v")
+    def slots_in_the_pool(w):
+        w.slots = _view(w.kv, (2,), np.int64, offset=8 * 1024)
+        w.slots[:] = [15, 36]
+    add("write_kv-slot_mapping-in_kv_cache", slots_in_the_pool, write, "kv_cache: expected memory apart from slot_mapping")
+    return cases
+
+
+@pytest.mark.parametrize("setup,call,match", _aliasing_cases())
+def test_outputs_over_inputs_or_the_pool_are_refused_and_nothing_changes(cv, setup, call, match):
+    w = Aliasing(cv)
+    setup(w)
+    before = w.snapshot()
+    with pytest.raises(ValueError, match=match):
+        call(w)
+    assert w.snapshot() == before, "the refused call wrote something"
+    fresh = Aliasing(cv)  # the same call with apart arguments runs
+    call(fresh)
+
+
+def test_zero_rows_and_lse_dtypes(cv):
+    pa = cv.PagedAttention(4, 2, 64, 16)
+    plan = pa.plan(np.zeros((0, 4), np.int32), np.zeros(0, np.int32), np.zeros(1, np.int32), 0)
+    lse = np.zeros((0, 4), np.float32)  # numpy gives it strides (0, 0)
+    pa.run(plan, np.zeros((0, 4, 64), np.float32), np.zeros((0, 2, 16, 128), np.float32),
+           np.zeros((0, 4, 64), np.float32), lse)
+    plan = pa.plan(*pack([[0, 1, 2], [0, 1, 3]], [40, 36], [2, 1]), 8)
+    kv, q, out = np.zeros((8, 2, 16, 128), np.float32), np.ones((3, 4, 64), np.float32), np.full((3, 4, 64), 7.0, np.float32)
+    for bad, exc, match in [
+        (np.zeros((3, 4), np.float64), TypeError, "lse: expected dtype float32, got float64"),
+        (np.zeros((3, 4), np.int32), TypeError, "lse: expected dtype float32, got int32"),
+        (np.zeros((3, 5), np.float32), ValueError, r"lse: expected shape \[3, 4\], got \[3, 5\]"),
+        (np.zeros((3, 4, 1), np.float32), ValueError, r"lse: expected shape \[3, 4\], got \[3, 4, 1\]"),
+        (np.zeros((4, 3), np.float32).T, ValueError, r"lse: expected a C-contiguous tensor .* got strides \(1, 3\)"),
+    ]:
+        with pytest.raises(exc, match=match):
+            pa.run(plan, q, kv, out, bad)
+        assert (out == 7.0).all()
+
+
+def test_every_message_about_slots_digests_and_lse_says_what_was_given(cv, torch):
+    """Each names the argument, what was expected and what was given."""
+    ev = cv.Eviction(budget_tokens=64, topk_chunks=1)
+    pa = cv.PagedAttention(4, 2, 64, 16, eviction=ev)
+    plain = cv.PagedAttention(4, 2, 64, 16)
+    kv = np.zeros((8, 2, 16, 128), np.float32)
+    k = np.ones((2, 2, 64), np.float32)
+    d = np.zeros(pa.digest_shape(8), np.float32)
+    plan = pa.plan(*pack([[0, 1, 2], [0, 1, 3]], [40, 36], [2, 1]), 8)
+    q, out = np.ones((3, 4, 64), np.float32), np.zeros((3, 4, 64), np.float32)
+    calls = [
+        (lambda: pa.write_kv(kv, k, k, np.array([1, 2], np.int32)), TypeError, "slot_mapping", "got numpy.ndarray"),
+        (lambda: pa.write_kv(kv, k, k, np.array([[1, 2]], np.int64)), ValueError, "slot_mapping", r"got shape \(1, 2\)"),
+        (lambda: pa.write_kv(kv, k, k, np.array([1, 9, 2, 9], np.int64)[::2]), ValueError, "slot_mapping",
+         "got stride 2"),
+        (lambda: pa.write_kv(kv, k, k, np.array([1, 128], np.int64)), ValueError, "slot_mapping", "got 128 at row 1"),
+        (lambda: pa.write_kv(kv, k, k, np.array([1, 2], np.int64), digests=d.astype(np.float64)), TypeError,
+         "digests", "got numpy.ndarray of dtype float64"),
+        (lambda: pa.write_kv(kv, k, k, np.array([1, 2], np.int64), digests=d.reshape(8, 2, 128)), ValueError,
+         "digests", r"got shape \(8, 2, 128\)"),
+        (lambda: pa.write_kv(kv, k, k, np.array([1, 2], np.int64), digests=np.zeros((8, 2, 2, 128), np.float32)[..., ::2]),
+         ValueError, "digests", r"got strides \(512, 256, 128, 2\)"),
+        (lambda: pa.write_kv(kv, k, k, np.array([1, 2], np.int64), digests=d[:4]), ValueError, "digests",
+         r"got \[4, 2, 2, 64\]"),
+        (lambda: plain.write_kv(kv, k, k, np.array([1, 2], np.int64), digests=d), ValueError, "digests",
+         "got a digest tensor of 8 blocks"),
+        (lambda: pa.run(plan, q, kv, out, np.zeros((3, 4), np.float64)), TypeError, "lse", "got float64"),
+        (lambda: pa.run(plan, q, kv, out, np.zeros((2, 4), np.float32)), ValueError, "lse", r"got \[2, 4\]"),
+        (lambda: pa.run(plan, q, kv, out, torch.zeros((3, 4), dtype=torch.bfloat16)), TypeError, "lse", "got bfloat16"),
+    ]
+    for call, exc, arg, given in calls:
+        with pytest.raises(exc) as ei:
+            call()
+        msg = str(ei.value)
+        assert msg.startswith(arg + ": expected"), msg
+        assert re.search(given, msg), f"{msg!r} does not say what was given ({given!r})"
+    assert not kv.any() and not d.any() and not out.any()
+
+
+@pytest.mark.parametrize("value, exc, match", [
+    (True, TypeError, r"sm_scale: expected a float or None, got bool \(True\)"),
+    (np.True_, TypeError, "sm_scale: expected a float or None, got numpy.bool"),
+    ("0.1", TypeError, "sm_scale: expected a float or None, got str"),
+    (2**1100, ValueError, "sm_scale: expected a finite value > 0 within float32's range"),
+    (1e39, ValueError, "sm_scale: expected a finite value > 0 within float32's range .*got 1e\\+39"),
+    (1e-60, ValueError, "sm_scale: expected a finite value > 0"),
+    (float("nan"), ValueError, "sm_scale"), (-1, ValueError, "sm_scale"), (0, ValueError, "sm_scale"),
+])
+def test_bad_sm_scale_is_named(cv, value, exc, match):
+    with pytest.raises(exc, match=match):
+        cv.PagedAttention(4, 2, 64, 16, sm_scale=value)
+
+
+def test_good_sm_scale_of_other_kinds(cv):
+    outs = []
+    for scale in (0.125, 1 / 8, np.float64(0.125), None):  # 1/sqrt(64) each
+        pa = cv.PagedAttention(4, 2, 64, 16, sm_scale=scale)
+        plan = pa.plan(*pack([[0, 1]], [20], [2]), 2)
+        kv = np.random.default_rng(0).standard_normal((2, 2, 16, 128)).astype(np.float32)
+        out = np.zeros((2, 4, 64), np.float32)
+        pa.run(plan, np.ones((2, 4, 64), np.float32), kv, out)
+        outs.append(out)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])

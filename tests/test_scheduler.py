@@ -346,8 +346,9 @@ def test_request_needs_without_a_host_tier_is_the_pool_rule():
     (81, 4, 1, 64, 6),  # prefill attends to every chunk
     (70, 15, 1, 64, 5),  # decode beyond the budget: the prompt is the longest full step
     (70, 15, 1, 96, 6),  # within the budget: 84 tokens
-    (40, 5, 4, 48, 6),  # 3 chunks next to 3 siblings' partial chunks
+    (40, 5, 4, 48, 6),  # alone: 3 chunks next to 3 siblings' partial chunks (together: 2 + 4)
     (10, 1, 3, 48, 4),  # a fork: the partial chunk, 2 copies and the copy source
+    (70, 4, 3, 64, 5),  # the prefill; the siblings do not exist yet (decode beyond the budget: 3 + 2)
 ])
 def test_request_needs_with_a_host_tier_counts_device_chunks(prompt_tokens, max_new, n, budget, want):
     ev = chunkvale.Eviction(budget_tokens=budget, sink_chunks=1, window_chunks=1, topk_chunks=1, dense_layers=1,
@@ -356,6 +357,47 @@ def test_request_needs_with_a_host_tier_counts_device_chunks(prompt_tokens, max_
                                                     capacity_chunks=64, eviction=ev))
     needs = cache.request_needs(prompt_tokens, max_new, n)
     assert (needs.device_chunks, needs.device_available) == (want, 5)
+
+
+def test_request_needs_is_what_running_the_request_alone_needs(seed):
+    """request_needs(...).fits exactly when the request, run alone by the scheduler (prefill once,
+    fork its other samples, decode them all, backing off to fewer samples when a step does not
+    fit), generates every token; over random prompts, sample counts, budgets and device tiers."""
+    rng = np.random.default_rng(seed)
+    wrong = []
+    for _ in range(40):
+        sink, window, topk = int(rng.integers(0, 3)), int(rng.integers(1, 4)), int(rng.integers(0, 4))
+        budget = int(rng.integers((sink + window + topk) * C, 10 * C + 1))  # room for what a row attends
+        device = int(rng.integers(sink + window + topk, 17))
+        prompt_tokens, max_new, n = int(rng.integers(1, 8 * C + 1)), int(rng.integers(1, 4 * C + 1)), int(rng.integers(1, 6))
+        ev = chunkvale.Eviction(budget_tokens=budget, sink_chunks=sink, window_chunks=window, topk_chunks=topk,
+                                dense_layers=1, device_chunks=device)
+        loop = Loop(capacity_chunks=256, eviction=ev)
+        needs = loop.cache.request_needs(prompt_tokens, max_new, n)
+        loop.submit(prompt(prompt_tokens, int(rng.integers(1 << 30))), max_new, n)
+        (done,) = loop.run().values()
+        if done.error is None:
+            assert [len(s.tokens) for s in done.samples] == [max_new] * n
+        else:
+            assert "raise eviction.device_chunks" in done.error, done.error
+        if needs.fits != (done.error is None):
+            wrong.append((prompt_tokens, max_new, n, ev, needs.device_chunks, done.error))
+        assert_released(loop)
+    assert not wrong, wrong
+
+
+def test_request_needs_is_checked_64_bit_arithmetic():
+    ev = chunkvale.Eviction(budget_tokens=64, sink_chunks=1, window_chunks=1, topk_chunks=1, dense_layers=1,
+                            device_chunks=8)
+    cache = chunkvale.KVCache(chunkvale.CacheConfig(layers=2, q_heads=1, kv_heads=1, head_dim=D, chunk_size=C,
+                                                    capacity_chunks=64, eviction=ev))
+    big = 2**63 - 1
+    needs = cache.request_needs(big, big, 2)  # used to wrap around to a negative device need
+    assert (needs.pool_chunks, needs.device_chunks) == (big // C + 2, big // C + 1) and not needs.fits
+    needs = cache.request_needs(40, big, 3)  # decode far beyond the budget: the steps repeat
+    assert 0 < needs.device_chunks <= 8 and needs.fits
+    with pytest.raises(ValueError, match=r"n: expected an integer in 1\.\.4097 \(the other n - 1 samples are forked"):
+        cache.request_needs(40, 1, 4098)
 
 
 def test_a_step_that_cannot_fit_the_device_tier_alone_names_device_chunks():

@@ -142,31 +142,4 @@ void require(const AdmissionView& v, const StepNeeds& n, Resource r, const char*
   }
 }
 
-StepNeeds request_needs(const CacheConfig& cfg, int64_t capacity, int64_t prompt_tokens, int64_t max_new_tokens,
-                        int n) {
-  if (prompt_tokens < 1)
-    throw ValueError("prompt_tokens: expected an integer >= 1, got " + std::to_string(prompt_tokens));
-  if (max_new_tokens < 1)
-    throw ValueError("max_new_tokens: expected an integer >= 1, got " + std::to_string(max_new_tokens));
-  if (n < 1) throw ValueError("n: expected an integer >= 1, got " + std::to_string(n));
-  const int64_t C = cfg.chunk_size;
-  StepNeeds out;
-  // The first decode step: the prompt's full chunks, and each sample's own partial or new chunk.
-  out.pool_chunks = prompt_tokens / C + n;
-  out.pool_available = capacity;
-  const EvictionConfig& ev = cfg.eviction;
-  if (!ev.host_tier() || ev.dense_layers >= cfg.layers) return out;
-  // The longest sequence a step attends in full: the prompt (prefill), or a decode step's
-  // context (prompt + generated tokens but the last) while within budget_tokens.
-  const int64_t longest = ev.budget_tokens <= prompt_tokens
-                              ? prompt_tokens
-                              : prompt_tokens + std::min(max_new_tokens - 1, ev.budget_tokens - prompt_tokens);
-  // Each other sample keeps its partial chunk on the device.
-  out.device_chunks = (longest + C - 1) / C + n - 1;
-  // fork: the parent's partial chunk, one copy per other sample, and the copy source.
-  if (n > 1) out.device_chunks = std::max<int64_t>(out.device_chunks, int64_t(n) + 1);
-  out.device_available = ev.device_chunks;
-  return out;
-}
-
 }  // namespace chunkvale

@@ -39,7 +39,8 @@ void require(const AdmissionView& v, const StepNeeds& n, Resource r, const char*
 // copy, so they never leave the device.
 StepNeeds tail_needs(const AdmissionView& v, int64_t n, int64_t new_tails);
 
-// KVCache::request_needs.
+// KVCache::request_needs (request_needs.cpp): one request alone in an empty cache, in the order
+// the Engine's scheduler runs it.
 StepNeeds request_needs(const CacheConfig& cfg, int64_t capacity, int64_t prompt_tokens, int64_t max_new_tokens,
                         int n);
 

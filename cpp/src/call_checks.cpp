@@ -3,6 +3,7 @@
 #include <string>
 
 #include "chunkvale/errors.h"
+#include "tensor_checks.h"
 
 namespace chunkvale {
 
@@ -16,22 +17,12 @@ void check_attention_args(const CacheConfig& cfg, TensorView::Device device, int
                           const TensorView& out, const TensorView* lse) {
   check_tensor3(q, "q", device, cfg.dtype, rows, cfg.q_heads, cfg.head_dim);
   check_tensor3(out, "out", device, cfg.dtype, rows, cfg.q_heads, cfg.head_dim);
-  if (out.data == q.data && rows > 0) throw ValueError("out: expected a buffer distinct from q, got the same memory");
-  if (!lse) return;
-  TensorView l3 = *lse;  // check as [rows, q_heads, 1]
-  if (l3.ndim == 2) {
-    l3.ndim = 3;
-    l3.shape[2] = 1;
-    l3.strides[2] = 1;
-  } else {
-    l3.ndim = -1;
-  }
-  try {
-    check_tensor3(l3, "lse", device, DType::Float32, rows, cfg.q_heads, 1);
-  } catch (const ValueError&) {
-    throw ValueError("lse: expected a C-contiguous float32 tensor of shape [" + std::to_string(rows) + ", " +
-                     std::to_string(cfg.q_heads) + "]");
-  }
+  if (lse) check_lse(*lse, device, rows, cfg.q_heads);
+  const size_t elem = dtype_size(cfg.dtype);
+  if (lse)
+    check_apart({span_of("out", out, elem), span_of("lse", *lse, 4)}, {span_of("q", q, elem)});
+  else
+    check_apart({span_of("out", out, elem)}, {span_of("q", q, elem)});
 }
 
 }  // namespace chunkvale

@@ -10,8 +10,8 @@ namespace chunkvale {
 
 // Throws ValueError naming `arg` unless 0 <= v < n (`what`: what the range is).
 void check_index(const char* arg, int64_t v, int64_t n, const char* what);
-// attention's tensors for a step of `rows` rows: q and out [rows, q_heads, head_dim], distinct;
-// lse (optional) float32 [rows, q_heads].
+// attention's tensors for a step of `rows` rows: q and out [rows, q_heads, head_dim]; lse
+// (optional) float32 [rows, q_heads]; out and lse apart from q and from each other.
 void check_attention_args(const CacheConfig& cfg, TensorView::Device device, int64_t rows, const TensorView& q,
                           const TensorView& out, const TensorView* lse);
 

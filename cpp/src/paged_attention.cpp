@@ -12,6 +12,7 @@
 #include "cpu_attention.h"
 #include "key_digest.h"
 #include "plan_builder.h"
+#include "tensor_checks.h"
 
 namespace chunkvale {
 namespace {
@@ -51,11 +52,15 @@ void check_kv(const PagedKV& kv, const PagedConfig& c) {
            num(kv.view.D));
 }
 
-// Bytes [first, last) a rows tensor spans.
-std::pair<const char*, const char*> span_of(const TensorView& t, size_t elem) {
-  const char* p = static_cast<const char*>(t.data);
-  if (t.shape[0] == 0) return {p, p};
-  return {p, p + size_t((t.shape[0] - 1) * t.strides[0] + t.shape[1] * t.shape[2]) * elem};
+// The bytes of the caller's pool (strides non-negative: PagedKV::vllm_cpu checked them).
+ByteSpan pool_span(const PagedKV& kv, size_t elem) {
+  if (kv.num_blocks == 0 || kv.kv_heads == 0) return span_of("kv_cache", kv.data, 0);
+  const int64_t end = kv.view.tile(kv.num_blocks - 1, 1, kv.kv_heads - 1) + kv.view.tile_elems();
+  return span_of("kv_cache", kv.data, size_t(end) * elem);
+}
+
+ByteSpan digest_span(const PagedDigests& d) {
+  return span_of("digests", d.data, size_t(d.num_blocks) * size_t(d.kv_heads) * 2 * size_t(d.head_dim) * sizeof(float));
 }
 
 }  // namespace
@@ -143,7 +148,9 @@ PagedAttention::PagedAttention(const PagedConfig& cfg) : cfg_(cfg) {
 }
 
 void PagedAttention::check_digests(const PagedDigests& d, const PagedKV& kv) const {
-  if (!(cfg_.eviction.enabled)) fail("digests: expected None: this PagedAttention was made without eviction");
+  if (!(cfg_.eviction.enabled))
+    fail("digests: expected None: this PagedAttention was made without eviction; got a digest tensor of " +
+         num(d.num_blocks) + " blocks");
   if (!(d.num_blocks == kv.num_blocks && d.kv_heads == cfg_.kv_heads && d.head_dim == cfg_.head_dim))
     fail("digests: expected shape [num_blocks=" + num(kv.num_blocks) + " (kv_cache's), kv_heads=" + num(cfg_.kv_heads) +
          ", 2, head_dim=" + num(cfg_.head_dim) + "], got [" + num(d.num_blocks) + ", " + num(d.kv_heads) + ", 2, " +
@@ -259,8 +266,16 @@ void PagedAttention::write_kv(const PagedKV& kv, const TensorView& k, const Tens
   for (int64_t t = 0; t < n; ++t)
     if (!(slot_mapping[t] < slots)) fail("slot_mapping: expected slots below num_blocks * block_size = " + num(slots) +
                                       " (or negative for padding), got " + num(slot_mapping[t]) + " at row " + num(t));
-  if (n == 0) return;
   const size_t elem = dtype_size(c.dtype), row_bytes = size_t(c.head_dim) * elem;
+  // What this call writes (the pool, the digests) apart from what it reads: k or v viewed from
+  // the pool itself, even from the very slots they are written to, is refused, not copied.
+  const ByteSpan ks = span_of("k", k, elem), vs = span_of("v", v, elem),
+                 ss = span_of("slot_mapping", slot_mapping, size_t(n) * sizeof(int64_t));
+  if (digests)
+    check_apart({pool_span(kv, elem), digest_span(*digests)}, {ks, vs, ss});
+  else
+    check_apart({pool_span(kv, elem)}, {ks, vs, ss});
+  if (n == 0) return;
   const int64_t k_row = n > 1 ? k.strides[0] : 0, v_row = n > 1 ? v.strides[0] : 0;
   uint8_t* base = static_cast<uint8_t*>(const_cast<void*>(kv.data));
   auto write_row = [&](int64_t t, int) {
@@ -293,15 +308,16 @@ void PagedAttention::run(const PagedPlan& p, const PagedKV& kv, const TensorView
   const int64_t T = p.num_tokens();
   check_rows(q, "q", c.dtype, T, c.q_heads, c.head_dim);
   check_rows(out, "out", c.dtype, T, c.q_heads, c.head_dim);
-  const auto qs = span_of(q, dtype_size(c.dtype)), os = span_of(out, dtype_size(c.dtype));
-  if (!(T == 0 || qs.second <= os.first || os.second <= qs.first)) fail("out: expected memory apart from q, got overlapping tensors");
-  if (lse) {
-    const bool ok = lse->device == TensorView::Device::CPU && lse->dtype_known && lse->dtype == DType::Float32 &&
-                    lse->ndim == 2 && lse->shape[0] == T && lse->shape[1] == c.q_heads &&
-                    (T <= 1 || lse->strides[0] == c.q_heads) && (c.q_heads <= 1 || lse->strides[1] == 1);
-    if (!(ok)) fail("lse: expected a C-contiguous float32 tensor of shape [" + num(T) + ", " + num(c.q_heads) + "]");
-  }
+  if (lse) check_lse(*lse, TensorView::Device::CPU, T, c.q_heads);
   if (digests) check_digests(*digests, kv);
+  // What this call writes (out, lse) apart from what it reads (q, the pool, the digests).
+  const size_t elem = dtype_size(c.dtype);
+  const ByteSpan os = span_of("out", out, elem), qs = span_of("q", q, elem), ps = pool_span(kv, elem),
+                 ds = digests ? digest_span(*digests) : ByteSpan{};
+  if (lse)
+    check_apart({os, span_of("lse", *lse, sizeof(float))}, {qs, ps, ds});
+  else
+    check_apart({os}, {qs, ps, ds});
   if (T == 0) return;
 
   LayerArgs a;

@@ -10,10 +10,11 @@ every step. Metrics are counted in metrics.py.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Iterable, Iterator
 
-from . import hf, requests, sampling
+from . import cache_users, hf, model_identity, requests, sampling
 from .metrics import EngineCounters, EngineMetrics, RequestMetrics, request_metrics  # noqa: F401  (this module's API)
 from .requests import Request, Result, Sample  # noqa: F401  (part of this module's API)
 from .request_state import RequestState, SampleState
@@ -87,8 +88,11 @@ class Engine:
         self.eos_ids = frozenset(int(t) for t in eos)
         self._submitted = 0
         self._counters = EngineCounters(int(stats["chunks_in_use"]))
+        # Requests' namespaces are scoped by the model's fingerprint: another model on the same
+        # cache never reuses this one's K/V (model_identity.py).
         self.scheduler = Scheduler(cache, chunk_size=self.chunk_size, max_batch_size=max_batch_size,
-                                   max_step_tokens=max_step_tokens, counters=self._counters)
+                                   max_step_tokens=max_step_tokens, counters=self._counters,
+                                   namespace_prefix=model_identity.namespace(model, ""))
 
     # -- public API -------------------------------------------------------------------------
 
@@ -103,6 +107,7 @@ class Engine:
         """Stop request ``index`` (waiting or running; between steps): its sequences are released
         and its Result returned at once, with the tokens generated so far and finish_reason
         "cancelled" on unfinished samples. None if it is not queued or running (e.g. finished)."""
+        cache_users.claim(sys._getframe(), "Engine.cancel()", cache_users.of_kv(self.cache))
         req = self.scheduler.cancel(index)
         if req is None:
             return None
@@ -114,7 +119,9 @@ class Engine:
 
     def step(self) -> list[Result]:
         """Run one batched forward pass; returns the requests that finished in it, failed ones
-        included (``Result.error``). A request that cannot run fails alone: the others go on."""
+        included (``Result.error``). A request that cannot run fails alone: the others go on.
+        One thread at a time on the engine's cache (cache_users.py): another's step is refused."""
+        cache_users.claim(sys._getframe(), "Engine.step()", cache_users.of_kv(self.cache))
         self._counters.stepping()
         batch = self.scheduler.schedule()
         if batch is None:  # nothing to run, everything preempted back to the queue, or failed

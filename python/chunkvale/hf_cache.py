@@ -33,8 +33,9 @@ from typing import List, Optional
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import hf, hf_cache_forward
+from . import cache_users, hf, hf_cache_forward, model_identity
 from .cache import KVCache
+from .config import _str
 from .hf_cache_forward import _ForwardContext
 from .hf_cache_rows import _release, _State
 
@@ -131,8 +132,12 @@ class ChunkvaleCache(Cache):
     Not supported, each a clear error before anything is computed: beam search (``num_beams``),
     assisted generation, ``use_cache=False``, ``inputs_embeds`` (the prefix tree is keyed by token
     ids), ``output_attentions`` / ``output_hidden_states``, ``labels``, a model other than
-    ``model``. A KVCache runs one forward at a time: do not run generations on one ``kv_cache``
-    from several threads at once (the continuous-batching ``chunkvale.engine.Engine`` does that).
+    ``model``. One use at a time (cache_users.py): while a generate() or a forward runs on one
+    thread, another thread's generate(), forward, reset() or release() of this cache raises
+    RuntimeError at once, changing nothing; caches sharing a ``kv_cache`` take turns forward by
+    forward (the continuous-batching ``chunkvale.engine.Engine`` batches concurrent requests).
+    Rows live under ``namespace`` scoped by the model's fingerprint (model_identity.py): another
+    model on the same ``kv_cache`` never reuses this one's K/V.
     Logits of pads and of prompt tokens served from the cache are NaN (``generate`` reads only
     the last position). A forward that raises leaves the cache as it was before that forward.
     """
@@ -160,11 +165,15 @@ class ChunkvaleCache(Cache):
                 if value is not None:
                     raise ValueError(f"{name}: set by kv_cache (its config) and cannot be given with it")
             _check_kv_matches(model, kv_cache)
-        if not isinstance(namespace, str):
-            raise TypeError(f"namespace: expected a str, got {type(namespace).__name__}")
+        _str("namespace", namespace)  # a str of valid Unicode, as the KVCache takes it
         self.model = model
         self.kv_cache = kv_cache
         self.namespace = namespace
+        # The KVCache namespace of the rows: the caller's, scoped by the model's fingerprint, so
+        # that another model on the same kv_cache never reuses this one's K/V (model_identity.py).
+        self._kv_namespace = model_identity.namespace(model, namespace)
+        self._users = cache_users.Users("this ChunkvaleCache", "a ChunkvaleCache serves one generation at a "
+                                        "time; give each thread its own ChunkvaleCache (they may share a kv_cache)")
         self.num_layers = model.config.num_hidden_layers
         self._state = _State()
         self._ctx: Optional[_ForwardContext] = None
@@ -231,6 +240,7 @@ class ChunkvaleCache(Cache):
         """Start a new generation: the next ``generate`` call's prompts are new rows. The held
         sequences stay in the KVCache until that call has added its prompts (so it reuses every
         cached token of theirs, partial chunks included), then they are removed."""
+        cache_users.claim(sys._getframe(), "reset()", self._users, cache_users.of_kv(self.kv_cache))
         st = self._state
         if st.step is not None:
             try:
@@ -244,6 +254,7 @@ class ChunkvaleCache(Cache):
     def release(self) -> None:
         """Remove this cache's sequences from the KVCache now (their full chunks stay as LRU
         prefix cache) and start empty."""
+        cache_users.claim(sys._getframe(), "release()", self._users, cache_users.of_kv(self.kv_cache))
         self._state.release(self.kv_cache)
 
     def __copy__(self):
@@ -300,6 +311,8 @@ class ChunkvaleCache(Cache):
         self._user_defined = value
 
     def _check_generate_call(self, frame) -> None:
+        # This generate() call holds the cache until it returns (cache_users.py).
+        cache_users.claim(frame.f_back or frame, "generate()", self._users)
         local = frame.f_locals
         caller = local.get("self")
         if caller is not None and caller is not self.model:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, List
 
 import torch
 
-from . import hf
+from . import cache_users, hf
 from .hf_cache_rows import _remove_all, _remove_orphans
 
 
@@ -35,14 +36,12 @@ class _ForwardContext(hf._StepContext):
 
 
 def begin_forward(cache, module, kw: dict) -> dict:
+    """The pre-hook's work, on a cache this thread has claimed for the forward (cache_users.py)."""
     if module is not cache.model:
         raise ValueError(_other_model_message(cache.model, module))
     if cache._ctx is not None:
-        if cache._ctx.thread != threading.get_ident():
-            raise RuntimeError("past_key_values (cache): this ChunkvaleCache is in a forward pass on another "
-                               "thread (one forward at a time per cache)")
-        # A forward of this thread that never reached the post-hook (interrupted by a
-        # BaseException torch does not catch): undo it, as the post-hook would have.
+        # A forward that never reached the post-hook (interrupted by a BaseException torch does
+        # not catch; its claim lapsed with it): undo it, as the post-hook would have.
         end_forward(cache, cache._ctx, None)
     config = cache.model.config
     for name in ("output_attentions", "output_hidden_states"):
@@ -60,6 +59,9 @@ def begin_forward(cache, module, kw: dict) -> dict:
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected a [batch, new tokens] tensor with at least one column, got "
                          f"{list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        # Never truncated into token ids (transformers' embedding refuses them too).
+        raise TypeError(f"input_ids: expected an integer tensor of token ids, got dtype {ids.dtype}")
     B, T = ids.shape
     st = cache._state
     past = st.columns
@@ -124,7 +126,7 @@ def begin_forward(cache, module, kw: dict) -> dict:
                     followers.setdefault(leaders[key], []).append(b)
                     continue
                 leaders[key] = b
-                seq, cached = kv.add_sequence(toks, cache.namespace, max_reuse=n - 1)
+                seq, cached = kv.add_sequence(toks, cache._kv_namespace, max_reuse=n - 1)
                 new_seqs[b], new_reused[b] = seq, cached
                 entries.append((seq, n - cached))
                 entry_cols.append(T - n + cached)
@@ -303,6 +305,9 @@ def _pre_forward(module, args, kwargs):
     cache = _find_cache(args, kwargs)
     if cache is None:
         return None
+    # The forward holds the cache and its KVCache until it returns (cache_users.py).
+    cache_users.claim(cache_users.forward_frame(sys._getframe()), "forward", cache._users,
+                      cache_users.of_kv(cache.kv_cache))
     if args:  # positional arguments (model(ids, ...)): bind them to the forward's names
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
         kwargs = dict(bound.arguments)

@@ -23,11 +23,14 @@ from .request_state import RequestState, SampleState
 
 class Scheduler:
     """Request state and the cache calls that change it (module docstring). ``counters``: the
-    engine's metrics counters, told of admissions, restarts and preemptions."""
+    engine's metrics counters, told of admissions, restarts and preemptions. ``namespace_prefix``:
+    put before every request's namespace in the cache (the engine's model's, so that models
+    sharing a cache never share prefixes)."""
 
     def __init__(self, cache, *, chunk_size: int, max_batch_size: int, max_step_tokens: int,
-                 counters: EngineCounters):
+                 counters: EngineCounters, namespace_prefix: str = ""):
         self.cache = cache
+        self.namespace_prefix = namespace_prefix
         self.chunk_size = chunk_size
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens
@@ -209,7 +212,7 @@ class Scheduler:
                 continue
             # max_reuse: the last prompt token is always computed, its logits give the first token.
             try:
-                seq, n_cached = self.cache.add_sequence(req.prompt, namespace=req.params.namespace,
+                seq, n_cached = self.cache.add_sequence(req.prompt, namespace=self.namespace_prefix + req.params.namespace,
                                                         max_reuse=len(req.prompt) - 1)
             except (ValueError, TypeError, KeyError) as e:
                 self._fail(req, e)
@@ -225,7 +228,7 @@ class Scheduler:
                     continue
                 full = (len(req.prompt) - 1) // self.chunk_size * self.chunk_size
                 try:
-                    seq, n_cached = self.cache.add_sequence(req.prompt, namespace=req.params.namespace,
+                    seq, n_cached = self.cache.add_sequence(req.prompt, namespace=self.namespace_prefix + req.params.namespace,
                                                             max_reuse=full)
                 except (chunkvale.CapacityError, ValueError, TypeError, KeyError) as e:
                     self._fail(req, e)

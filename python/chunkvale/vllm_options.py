@@ -11,6 +11,13 @@ first ``sink_chunks`` blocks, its last ``window_chunks`` blocks and the ``topk_c
 whose key digest scores highest for its query. vLLM keeps owning residency (every block stays in
 its KV cache), so the host-tier fields (device_chunks, host_bytes, spill_path) are refused. An
 option given both ways is refused rather than one silently winning.
+
+Every option is checked when it is read, by the rules PagedAttention applies
+(``chunkvale._native.check_paged_options``: share_threshold an int in [1, 2^31-1]; every Eviction
+field's type and range, the budget against vLLM's block size), and each error names the
+environment variable or the ``additional_config`` key the value came from. In JSON, integer
+fields take integers only: ``2.0``, ``true``, ``"2"`` and ``null`` are TypeErrors (``null`` is
+allowed where None means something: topk_chunks, the default).
 """
 
 from __future__ import annotations
@@ -20,9 +27,14 @@ import json
 import os
 from dataclasses import dataclass
 
+from . import _native
 from .config import Eviction
 
 _KEYS = ("share_threshold", "eviction")
+_ENV = {"share_threshold": "CHUNKVALE_VLLM_SHARE_THRESHOLD", "eviction": "CHUNKVALE_VLLM_EVICTION"}
+# Without vLLM's config (options(None)) the budget is checked against the smallest block size;
+# the block size vLLM runs with is checked when it is known.
+_SMALLEST_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -37,7 +49,7 @@ def _from_env() -> dict:
         try:
             out["share_threshold"] = int(v)
         except ValueError:
-            raise ValueError(f"CHUNKVALE_VLLM_SHARE_THRESHOLD: expected an integer >= 1, got {v!r}") from None
+            raise ValueError(f"CHUNKVALE_VLLM_SHARE_THRESHOLD: expected an integer in [1, 2^31-1], got {v!r}") from None
     if (v := os.environ.get("CHUNKVALE_VLLM_EVICTION", "").strip()):
         try:
             out["eviction"] = json.loads(v)
@@ -77,21 +89,39 @@ def _eviction(value, where: str) -> Eviction | None:
         if value.get(host) is not None:
             raise ValueError(f"{where}.{host}: expected None (vLLM owns residency: every block stays in its "
                              f"KV cache; only attention is budgeted), got {value[host]!r}")
-    ev = Eviction(**value)
-    ev.to_native()  # every field's type and range, named
-    return ev
+    return Eviction(**value)  # its fields are checked with the rest, in _check
+
+
+def _block_size(vllm_config) -> int | None:
+    size = getattr(getattr(vllm_config, "cache_config", None), "block_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _check(threshold, eviction: Eviction | None, block_size: int | None, where: dict) -> None:
+    """PagedAttention's rules for these options; an error names where the value came from."""
+    try:
+        _native.check_paged_options(threshold, eviction, _SMALLEST_BLOCK if block_size is None else block_size)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        if msg.startswith("share_threshold"):
+            raise type(e)(where["share_threshold"] + msg[len("share_threshold"):]) from None
+        field = msg.removeprefix("eviction.")  # the core names some fields without the prefix
+        if field.split(":")[0] in {f.name for f in dataclasses.fields(Eviction)}:
+            block = "" if block_size is None else f" (vLLM's block_size={block_size}: a chunk is a block)"
+            raise type(e)(f"{where['eviction']}.{field}{block}") from None
+        raise
 
 
 def options(vllm_config=None) -> Options:
-    """This process's options (vllm_config: the engine's, None outside one)."""
+    """This process's options (vllm_config: the engine's, None outside one), checked whole."""
     env, cfg = _from_env(), _from_vllm(vllm_config) if vllm_config is not None else {}
     both = sorted(set(env) & set(cfg))
     if both:
         raise ValueError(f"chunkvale option {', '.join(both)} given both in additional_config['chunkvale'] and in "
                          f"the environment (CHUNKVALE_VLLM_{both[0].upper()}); give it once")
     merged = env | cfg
-    where = "additional_config['chunkvale']['eviction']" if "eviction" in cfg else "CHUNKVALE_VLLM_EVICTION"
+    where = {k: f"additional_config['chunkvale']['{k}']" if k in cfg else _ENV[k] for k in _KEYS}
     threshold = merged.get("share_threshold", 2)
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-        raise ValueError(f"share_threshold: expected an integer >= 1, got {threshold!r}")
-    return Options(share_threshold=threshold, eviction=_eviction(merged.get("eviction"), where))
+    eviction = _eviction(merged.get("eviction"), where["eviction"])
+    _check(threshold, eviction, _block_size(vllm_config), where)
+    return Options(share_threshold=threshold, eviction=eviction)

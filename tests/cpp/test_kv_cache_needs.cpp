@@ -188,7 +188,8 @@ void needs_validates_as_plan() {
   cache.cancel(step);
 }
 
-// The Engine's rules, formerly re-derived in Python (Engine._check_capacity, _check_device_tier).
+// The Engine's rule for one request alone (its exactness against the scheduler's run is
+// tests/test_scheduler.py's): the pool until every sample decoded once, the device tier's peak.
 void request_needs_is_the_engine_rule() {
   {
     KVCache cache(base(10));
@@ -197,26 +198,34 @@ void request_needs_is_the_engine_rule() {
     CHECK(n.device_chunks == 0 && n.device_available == 0 && n.host_blocks == 0 && n.fits());
     n = cache.request_needs(150, 1, 2);  // 9 full chunks + one per sample
     CHECK(n.pool_chunks == 11 && !n.fits());
+    n = cache.request_needs(160, 1, 2);  // whole chunks and no decode step: no chunk of their own
+    CHECK(n.pool_chunks == 10 && n.fits());
+    CHECK(cache.request_needs(160, 2, 2).pool_chunks == 12);  // the first decode step opens one each
     CHECK_THROWS(cache.request_needs(0, 1, 1), ValueError, "prompt_tokens");
     CHECK_THROWS(cache.request_needs(1, 0, 1), ValueError, "max_new_tokens");
     CHECK_THROWS(cache.request_needs(1, 1, 0), ValueError, "n: expected");
+    CHECK_THROWS(cache.request_needs(1, 1, kMaxForkChildren + 2), ValueError, "n: expected an integer in 1..4097");
   }
-  KVCache cache(host_tier(100, 8, 0));  // budget 64 tokens = 4 chunks
-  const int64_t C = 16;
-  for (int prompt_i : {1, 15, 16, 40, 63, 64, 65, 200})
-    for (int64_t max_new : {int64_t(1), int64_t(2), int64_t(30), int64_t(1000), std::numeric_limits<int64_t>::max()})
+  KVCache cache(host_tier(100, 8, 0));  // budget 64 tokens = 4 chunks; sink 1, window 1, top-k 1
+  const int64_t C = 16, big = std::numeric_limits<int64_t>::max();
+  struct Case { int64_t prompt, max_new; int n; int64_t device; };
+  for (const Case& c : {Case{40, 1, 1, 3},     // prefill: 3 chunks
+                        Case{40, 30, 1, 4},    // decode within the budget to 64 tokens, then 1 + 1 + 1
+                        Case{200, 30, 1, 13},  // the prefill; decode beyond the budget needs 3
+                        Case{40, 1, 5, 6},     // the fork: the partial chunk, 4 copies and the source
+                        Case{48, 1, 5, 3},     // whole chunks: nothing to copy
+                        Case{40, 5, 3, 5},     // 2 shared + 3 own at once
+                        Case{40, 30, 3, 6}}) { // past 48 tokens, the oldest alone (4) beside 2 partial
+    const StepNeeds r = cache.request_needs(c.prompt, c.max_new, c.n);
+    EXPECT(r.device_chunks == c.device && r.device_available == 8, "prompt %lld max_new %lld n %d: device %lld, want %lld",
+           (long long)c.prompt, (long long)c.max_new, c.n, (long long)r.device_chunks, (long long)c.device);
+  }
+  for (int64_t prompt : {int64_t(1), int64_t(40), int64_t(63), int64_t(64), int64_t(1000), big})
+    for (int64_t max_new : {int64_t(1), int64_t(2), int64_t(30), int64_t(1000), big})
       for (int n : {1, 2, 5, 9}) {
-        const int64_t prompt = prompt_i;
-        const StepNeeds r = cache.request_needs(prompt, max_new, n);
-        // engine.py's rule, spelled as it was there (with Python's big ints: no overflow).
-        const long double ctx = std::min<long double>((long double)prompt + (long double)max_new - 1, 64);
-        const int64_t longest = std::max<int64_t>(prompt, int64_t(ctx));
-        int64_t need = (longest + C - 1) / C + n - 1;
-        if (n > 1) need = std::max<int64_t>(need, n + 1);
-        EXPECT(r.device_chunks == need && r.device_available == 8,
-               "prompt %lld max_new %lld n %d: device %lld, want %lld", (long long)prompt, (long long)max_new, n,
-               (long long)r.device_chunks, (long long)need);
-        CHECK(r.pool_chunks == prompt / C + n && r.pool_available == 100);
+        const StepNeeds r = cache.request_needs(prompt, max_new, n);  // checked arithmetic: never negative
+        CHECK(r.pool_chunks >= prompt / C && r.device_chunks >= prompt / C);
+        CHECK(r.device_chunks > 0 && r.fits() == (r.pool_chunks <= 100 && r.device_chunks <= 8));
       }
   // No layer evicts (every layer dense): no device rule.
   CacheConfig dense = host_tier(100, 8, 0);

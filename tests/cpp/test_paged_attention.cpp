@@ -1,6 +1,6 @@
 // PagedAttention from C++, as a serving stack embeds it: its own pool in vLLM's CPU layout, page
 // tables per step, write_kv then plan/run; dense and budgeted rows against attention computed
-// here in double; bad input named with nothing written.
+// here in double; bad input (outputs over inputs or the pool too) named with nothing written.
 #include "chunkvale/paged_attention.h"
 
 #include <cmath>
@@ -200,6 +200,28 @@ void bad_input_is_named_and_nothing_is_written() {
   PagedConfig e = c;
   e.eviction.enabled = true, e.eviction.budget_tokens = 8 * B, e.eviction.device_chunks = 16;
   CHECK_THROWS(PagedAttention{e}, ValueError, "eviction.device_chunks: expected None");
+
+  // Outputs apart from inputs and the pool (the check KVCache::attention runs too).
+  const int32_t one_table[2] = {0, 1};
+  b.block_table = one_table;
+  const auto plan = pa.plan(b);
+  std::vector<float> q(size_t(HQ) * D, 0.5f), lse(HQ, 7.0f);
+  const PagedKV kv = PagedKV::vllm_cpu(pool.view());
+  const TensorView qv = tensor_view(q.data(), DType::Float32, 1, HQ, D);
+  const TensorView in_pool = tensor_view(pool.data.data(), DType::Float32, 1, HQ, D);  // out over the pool
+  TensorView lv = tensor_view(q.data(), DType::Float32, 1, HQ, 1);  // lse over q's first floats
+  lv.ndim = 2;
+  CHECK_THROWS(pa.run(*plan, kv, qv, in_pool, nullptr), ValueError, "out: expected memory apart from kv_cache");
+  std::vector<float> out(q.size(), 7.0f);
+  CHECK_THROWS(pa.run(*plan, kv, qv, tensor_view(out.data(), DType::Float32, 1, HQ, D), &lv), ValueError,
+               "lse: expected memory apart from q");
+  const int64_t row3[1] = {3};
+  CHECK_THROWS(pa.write_kv(kv, tensor_view(pool.data.data() + 3 * 2 * D, DType::Float32, 1, HKV, D),  // k from slot 3
+                           tensor_view(k.data(), DType::Float32, 1, HKV, D), row3, 1),
+               ValueError, "kv_cache: expected memory apart from k");
+  bool unchanged = q == std::vector<float>(q.size(), 0.5f) && out == std::vector<float>(out.size(), 7.0f);
+  for (float x : pool.data) unchanged = unchanged && x == 0.0f;
+  CHECK(unchanged);
 }
 }  // namespace
 
