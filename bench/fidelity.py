@@ -113,7 +113,6 @@ def main(argv=None):
           f"({loaded.name}, kernels {chunkvale.kernel_isa()})", flush=True)
 
     started = time.perf_counter()
-    capacity = args.context // min(args.chunks) + 4
     with torch.inference_mode():
         full_cfg = hf.cache_config(model, chunk_size=64, capacity_chunks=args.context // 16 + 4)
         _, steps = engine_run(model, tok, full_cfg, prompt, 1, record=True)
