@@ -3,7 +3,8 @@
 A random 5-digit pass key is hidden at a relative position inside filler text of about
 CONTEXT tokens; the model is asked to repeat it (greedy). Every configuration runs the same
 prompts in one process: the full cache, budgeted attention at each budget for each digest
-kind, and a sink + window only baseline (StreamingLLM-style) at the same budget.
+kind, and a sink + window only baseline (StreamingLLM-style) at the same budget: every budgeted
+configuration attends to the same number of tokens, ``budget_tokens`` in whole chunks.
 
     python bench/passkey.py --contexts 2048 4096 8184 --positions 10 --seeds 2
 
@@ -29,7 +30,8 @@ import time
 
 import chunkvale
 from chunkvale import hf, sampling
-from chunkvale.engine import Engine, Request
+from chunkvale.engine import Engine
+from replay import PrefillRecorder, engine_run, feed_prefill  # noqa: F401  (bench/: the script's directory)
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
@@ -60,6 +62,8 @@ def passkey_prompt(tokenizer, context: int, position: float, key: str) -> list[i
 
 
 def configurations(budgets, digests, chunk, dense_layers):
+    """(name, Eviction or None): the full cache, then per budget each digest kind and a sink + window
+    baseline, every one attending to the same ``budget`` tokens (whole chunks) once it selects."""
     yield "full cache", None
     for b in budgets:
         for d in digests:
@@ -70,50 +74,6 @@ def configurations(budgets, digests, chunk, dense_layers):
             dense_layers=dense_layers)
 
 
-class PrefillRecorder:
-    """Stands in for a KVCache during one single-request Engine run: passes every call through,
-    and keeps each prompt step's K/V per layer (rows at positions < ``prompt_len``).
-
-    ``steps``: one ``(n_tokens, [k per layer], [v per layer])`` per prefill step, in order.
-    """
-
-    def __init__(self, cache, prompt_len: int):
-        self._cache = cache
-        self._prompt_len = prompt_len
-        self._open = None  # step id being recorded
-        self.steps = []
-
-    def __getattr__(self, name):
-        return getattr(self._cache, name)
-
-    def append(self, layer, step, k, v):
-        self._cache.append(layer, step, k, v)
-        if int(step.positions.max()) >= self._prompt_len:
-            if int(step.positions.min()) < self._prompt_len:
-                raise ValueError("a step mixes prompt and decode rows; record one request at a time")
-            return
-        if self._open != step.id:
-            if layer != 0:
-                raise ValueError(f"layer {layer} appended before layer 0 of step {step.id}")
-            self._open = step.id
-            self.steps.append((step.num_tokens, [], []))
-        n, ks, vs = self.steps[-1]
-        if layer != len(ks):
-            raise ValueError(f"layer {layer} appended out of order (expected {len(ks)})")
-        ks.append(k.detach().clone())
-        vs.append(v.detach().clone())
-
-
-def engine_run(model, tokenizer, cfg, prompt, max_new_tokens, record=False, **engine_kw):
-    """Greedy tokens of the plain Engine on a fresh cache; with ``record``, also the prefill steps."""
-    cache = chunkvale.KVCache(cfg)
-    recorder = PrefillRecorder(cache, len(prompt)) if record else None
-    engine = Engine(model, tokenizer, cache=recorder or cache, **engine_kw)
-    out = engine.generate([Request(token_ids=prompt, max_new_tokens=max_new_tokens)], progress=False)[0]
-    tokens = out.samples[0].token_ids
-    return (tokens, recorder.steps) if record else tokens
-
-
 def decode_from_prefill(model, cfg, prompt, steps, first_token, max_new_tokens, eos_ids=frozenset(),
                         max_context=None):
     """Greedy tokens when ``steps`` (a :class:`PrefillRecorder`'s) are fed into a fresh cache made from
@@ -121,15 +81,7 @@ def decode_from_prefill(model, cfg, prompt, steps, first_token, max_new_tokens, 
     tokens and the cache's stats."""
     cache = chunkvale.KVCache(cfg)
     runner = hf.ModelRunner(model, cache)
-    seq, n_cached = cache.add_sequence(prompt)
-    if n_cached:
-        raise RuntimeError(f"fresh cache reused {n_cached} tokens")
-    if sum(n for n, _, _ in steps) != len(prompt):
-        raise ValueError(f"steps hold {sum(n for n, _, _ in steps)} tokens, the prompt {len(prompt)}")
-    for n, ks, vs in steps:
-        step = cache.plan([(seq, n)])  # the next plan commits and ends the previous step
-        for layer, (k, v) in enumerate(zip(ks, vs)):
-            cache.append(layer, step, k, v)
+    seq = feed_prefill(cache, prompt, steps)
     tokens = [first_token]
     length = len(prompt)
     while True:

@@ -127,7 +127,13 @@ void bind_config(nb::module_& m) {
       .def_rw("dense_layers", &EvictionConfig::dense_layers)
       .def_rw("device_chunks", &EvictionConfig::device_chunks)
       .def_rw("host_bytes", &EvictionConfig::host_bytes)
-      .def_rw("spill_path", &EvictionConfig::spill_path);
+      .def_rw("spill_path", &EvictionConfig::spill_path)
+      // The selection checked for chunks of chunk_size tokens (ValueError naming the field),
+      // then the tokens a budgeted row attends at most.
+      .def("attended_tokens", [](const EvictionConfig& e, int chunk_size) {
+        e.validate_selection(chunk_size);
+        return e.attended_tokens(chunk_size);
+      }, nb::arg("chunk_size"));
   nb::class_<CacheConfig>(m, "CacheConfig")
       .def(nb::init<>())
       .def_rw("layers", &CacheConfig::layers)

@@ -345,7 +345,7 @@ def test_bad_config_field_is_named(cv, field, value, exc):
 @pytest.mark.parametrize("field,value,exc,named", [
     ("sink_chunks", 2**31 - 1, ValueError, "eviction.budget_tokens"),  # (sink + window) * C used to wrap
     ("window_chunks", 2**31 - 1, ValueError, "eviction.budget_tokens"),
-    ("topk_chunks", 2**31 - 2, ValueError, "eviction.device_chunks"),  # sink + window + top-k used to wrap
+    ("topk_chunks", 2**31 - 2, ValueError, "eviction.topk_chunks"),  # sink + window + top-k used to wrap
     ("sink_chunks", 2**31, ValueError, "eviction.sink_chunks"),
     ("budget_tokens", 2**63, ValueError, "eviction.budget_tokens"),
     ("budget_tokens", 96.0, TypeError, "eviction.budget_tokens"),

@@ -209,7 +209,12 @@ def test_planted_key_is_found_among_many_chunks(cv, seed):
 
 def test_bad_eviction_config_is_rejected(cv):
     with pytest.raises(ValueError, match="eviction.budget_tokens"):
-        cv.KVCache(_cfg(cv, budget=40))  # below (sink + window + 1) chunks
+        cv.KVCache(_cfg(cv, budget=40, topk=None))  # below (sink + window + 1) chunks
+    # Sinks + window + top-k whole chunks must fit the budget: (1 + 2 + 3) * 16 = 96 > 95.
+    with pytest.raises(ValueError, match=r"eviction.topk_chunks: .*<= budget_tokens = 95.* = 96"):
+        cv.KVCache(_cfg(cv, budget=95, topk=3))
+    with pytest.raises(ValueError, match="eviction.topk_chunks"):
+        cv.KVCache(_cfg(cv, budget=256, topk=2**31 - 1))
     with pytest.raises(ValueError, match="digest"):
         cv.KVCache(_cfg(cv, budget=96, digest="octahedron"))
     with pytest.raises(ValueError, match="host_bytes"):

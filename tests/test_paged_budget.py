@@ -207,7 +207,8 @@ def test_digests_need_an_eviction_config(cv):
     (dict(device_chunks=8), "eviction.device_chunks: expected None"),
     (dict(host_bytes=1 << 20, device_chunks=8), "eviction.device_chunks: expected None"),
     (dict(window_chunks=0), "eviction.window_chunks"),
-    (dict(budget_tokens=16), "eviction.budget_tokens: expected at least"),
+    (dict(budget_tokens=16, topk_chunks=None), "eviction.budget_tokens: expected at least"),
+    (dict(budget_tokens=64), r"eviction.topk_chunks: expected \(sink_chunks \+ window_chunks \+ topk_chunks\)"),
 ])
 def test_bad_eviction_configs_are_named(cv, kw, match):
     args = dict(budget_tokens=256, topk_chunks=2) | kw

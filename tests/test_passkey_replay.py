@@ -3,6 +3,7 @@ prefill K/V. That shortcut is only honest if it gives exactly the tokens the pla
 under each configuration; checked here on a tiny random-weight Llama (fp32, GQA)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ CHUNK = 16
 
 
 def _load_passkey():
-    path = Path(__file__).resolve().parents[1] / "bench" / "passkey.py"
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:  # passkey.py imports its neighbour replay.py, as when run as a script
+        sys.path.insert(0, str(bench))
+    path = bench / "passkey.py"
     spec = importlib.util.spec_from_file_location("bench_passkey", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

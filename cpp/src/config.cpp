@@ -44,8 +44,14 @@ DigestKind parse_digest(const std::string& name) {
 
 int EvictionConfig::resolved_topk(int chunk_size) const {
   if (topk_chunks >= 0) return topk_chunks;
-  int64_t tokens = std::min<int64_t>(1280, budget_tokens / 2);
-  return int(std::max<int64_t>(1, tokens / chunk_size));
+  // What the budget leaves after the sinks and the window, in whole chunks (at least one:
+  // validate_selection refuses a budget without room for it).
+  const int64_t left = budget_tokens / chunk_size - int64_t(sink_chunks) - int64_t(window_chunks);
+  return int(std::clamp<int64_t>(left, 1, int64_t(1) << 30));
+}
+
+int64_t EvictionConfig::attended_tokens(int chunk_size) const {
+  return (int64_t(sink_chunks) + int64_t(window_chunks) + int64_t(resolved_topk(chunk_size))) * chunk_size;
 }
 
 namespace {
@@ -179,15 +185,24 @@ void EvictionConfig::validate_selection(int chunk_size) const {
   need(e.topk_chunks >= EvictionConfig::kTopkDefault, got("eviction.topk_chunks", "an integer >= 0 (or None)", e.topk_chunks));
   need(e.dense_layers >= 0, got("eviction.dense_layers", "an integer >= 0", e.dense_layers));
   need(e.budget_tokens >= 1, got("eviction.budget_tokens", "an integer >= 1", e.budget_tokens));
+  // A budgeted row attends to sinks + window + top-k whole chunks: that must fit the budget.
   // 64-bit sums: chunk counts near 2^31 must not wrap around and pass the checks below.
   const int64_t fixed = (int64_t(e.sink_chunks) + int64_t(e.window_chunks)) * chunk_size;
-  // Room for the sinks, the window and (unless top-k is off) one selected chunk.
-  const int64_t least = fixed + (e.topk_chunks == 0 ? 0 : chunk_size);
-  need(e.budget_tokens >= least,
-       got("eviction.budget_tokens",
-           ("at least (sink_chunks + window_chunks" + std::string(e.topk_chunks == 0 ? "" : " + 1") +
-            ") * chunk_size = " + std::to_string(least)).c_str(),
-           e.budget_tokens));
+  if (e.topk_chunks == EvictionConfig::kTopkDefault) {
+    // Default top-k: the rest of the budget, at least one chunk.
+    const int64_t least = fixed + chunk_size;
+    need(e.budget_tokens >= least,
+         got("eviction.budget_tokens",
+             ("at least (sink_chunks + window_chunks + 1) * chunk_size = " + std::to_string(least)).c_str(),
+             e.budget_tokens));
+    return;
+  }
+  const int64_t attended = fixed + int64_t(e.topk_chunks) * chunk_size;
+  need(attended <= e.budget_tokens,
+       "eviction.topk_chunks: expected (sink_chunks + window_chunks + topk_chunks) * chunk_size <= budget_tokens = " +
+           std::to_string(e.budget_tokens) + " (the tokens a budgeted row attends), got (" +
+           std::to_string(e.sink_chunks) + " + " + std::to_string(e.window_chunks) + " + " +
+           std::to_string(e.topk_chunks) + ") * " + std::to_string(chunk_size) + " = " + std::to_string(attended));
 }
 
 }  // namespace chunkvale

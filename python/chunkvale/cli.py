@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                     "(chunkvale.Eviction; docs/API.md). Every flag below needs --kv-budget.")
     ev.add_argument("--kv-budget", type=_int_at_least(1), default=None, metavar="TOKENS",
                     help="turn eviction on: a decoding sequence longer than this attends to its sink, window "
-                         "and top-k chunks only (eviction.budget_tokens)")
+                         "and top-k chunks only, whole chunks of at most this many tokens in all "
+                         "(eviction.budget_tokens)")
     ev.add_argument("--digest", default=None, choices=["cuboid_max", "cuboid_mean", "sphere"],
                     help="chunk key digest that scores chunks for top-k (default cuboid_max)")
     ev.add_argument("--sink-chunks", type=_int_at_least(0), default=None, metavar="N",
@@ -121,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--window-chunks", type=_int_at_least(0), default=None, metavar="N",
                     help="last chunks always attended (default 2)")
     ev.add_argument("--topk-chunks", type=_int_at_least(0), default=None, metavar="N",
-                    help="best-scoring chunks attended (default min(1280, budget/2) tokens; 0: none)")
+                    help="best-scoring chunks attended (default: what the budget leaves after the sink and window "
+                         "chunks; 0: none); sink + window + top-k chunks must fit in --kv-budget")
     ev.add_argument("--dense-layers", type=_int_at_least(0), default=None, metavar="N",
                     help="first layers that attend to everything and keep every chunk (default 2)")
     ev.add_argument("--device-kv-tokens", type=_int_at_least(1), default=None, metavar="TOKENS",

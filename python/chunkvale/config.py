@@ -48,9 +48,11 @@ class Eviction:
     During decode, a sequence longer than ``budget_tokens`` attends, in each layer from
     ``dense_layers`` on, only to its first ``sink_chunks`` chunks, its last ``window_chunks``
     chunks and the ``topk_chunks`` chunks whose key digest scores highest for its query
-    (default: ArkVale's min(1280, budget/2) tokens, in chunks; 0: none, a StreamingLLM-style
-    sink + window baseline). Prefill and extend attend to
-    everything. ``digest``: "cuboid_max" (Quest's min/max bound), "cuboid_mean" (ArkVale's
+    (default: what the budget leaves, ``budget_tokens // chunk_size - sink_chunks -
+    window_chunks``; 0: none, a StreamingLLM-style sink + window baseline). Those whole chunks
+    never exceed ``budget_tokens`` (``attended_tokens``); a config whose sinks + window + top-k
+    would is refused, ``ValueError`` naming ``eviction.topk_chunks``. Prefill and extend attend
+    to everything. ``digest``: "cuboid_max" (Quest's min/max bound), "cuboid_mean" (ArkVale's
     centre + mean deviation) or "sphere" (centre + radius).
 
     Host tier (bounded memory): with ``device_chunks`` set, each layer from
@@ -71,6 +73,11 @@ class Eviction:
     host_bytes: Optional[int] = None
     spill_path: Optional[str] = None
     device_chunks: Optional[int] = None  # last: positional calls written before it still mean the same
+
+    def attended_tokens(self, chunk_size: int) -> int:
+        """Tokens a budgeted decode row attends at most with chunks of ``chunk_size``: (sinks +
+        window + top-k) whole chunks, <= ``budget_tokens`` (the core's rule; checked there)."""
+        return self.to_native().attended_tokens(_int("chunk_size", chunk_size, 1))
 
     def to_native(self):
         """The core's EvictionConfig, every field's type and range checked (errors name it)."""
@@ -135,6 +142,11 @@ class CacheConfig:
     sm_scale: Optional[float] = None
     eviction: Optional[Eviction] = None
     kernel_isa: Optional[str] = None  # CPU kernels: None = $CHUNKVALE_KERNEL_ISA, else the best; or one of chunkvale.kernel_isas()
+
+    def attended_tokens(self, chunk_size: int) -> int:
+        """Tokens a budgeted decode row attends at most with chunks of ``chunk_size``: (sinks +
+        window + top-k) whole chunks, <= ``budget_tokens`` (the core's rule; checked there)."""
+        return self.to_native().attended_tokens(_int("chunk_size", chunk_size, 1))
 
     def to_native(self):
         """The core's CacheConfig, every field's type and range checked (errors name it)."""

@@ -24,11 +24,13 @@ DigestKind parse_digest(const std::string& name);
 // its sink chunks, its recent window and the top-k chunks its query scores highest.
 struct EvictionConfig {
   bool enabled = false;
-  int64_t budget_tokens = 0;  // per sequence and layer
+  int64_t budget_tokens = 0;  // per sequence and layer: past it a decode row selects, and attends at most this many tokens
   int sink_chunks = 1;
   int window_chunks = 2;
-  // Chunks selected by digest score. kTopkDefault: ArkVale's rule, min(1280, budget / 2)
-  // tokens in chunks; 0: none (sink + window only, StreamingLLM-style). Python: None / 0.
+  // Chunks selected by digest score. kTopkDefault: what the budget leaves after the sinks
+  // and the window, budget_tokens / chunk_size - sink_chunks - window_chunks; 0: none (sink +
+  // window only, StreamingLLM-style). Python: None / 0. A budgeted row attends to
+  // (sink_chunks + window_chunks + topk_chunks) whole chunks, never more than budget_tokens.
   static constexpr int kTopkDefault = -1;
   int topk_chunks = kTopkDefault;
   DigestKind digest = DigestKind::CuboidMax;
@@ -41,8 +43,11 @@ struct EvictionConfig {
   std::string spill_path;     // file for what does not fit in host_bytes; empty = none
 
   int resolved_topk(int chunk_size) const;
+  // Tokens a budgeted row attends at most: (sinks + window + top-k) whole chunks.
+  int64_t attended_tokens(int chunk_size) const;
   // The selection's fields (sinks, window, top-k, dense layers, budget) for chunks of
-  // chunk_size tokens; throws ValueError naming the first bad one.
+  // chunk_size tokens; throws ValueError naming the first bad one, and eviction.topk_chunks
+  // when sinks + window + top-k whole chunks exceed budget_tokens.
   void validate_selection(int chunk_size) const;
   bool host_tier() const { return enabled && device_chunks > 0; }
 };

@@ -1,0 +1,151 @@
+"""Fidelity of budgeted attention: how far its next-token distributions drift from the full cache's.
+
+Long natural text (default: the GNU GPL version 3 that Debian's base-files package ships as
+/usr/share/common-licenses/GPL-3), teacher-forced on the embedded SmolLM2-135M-Instruct: the
+first CONTEXT - POSITIONS tokens are prefilled, then the last POSITIONS tokens are decoded one at
+a time, each step fed the text's true token. At every decoded position the budgeted run's
+next-token distribution is compared with the full cache's: mean and p99 KL(full || budgeted),
+top-1 agreement, and the perplexity of both on the text.
+
+    python bench/fidelity.py --context 4096 --positions 512 --budgets 256 512 1024 2048 --chunks 16 32 64
+
+Rows: per chunk size, per budget, each digest kind and a sink + window (StreamingLLM) baseline,
+every one attending to the same ``budget`` tokens in whole chunks (``Eviction.attended_tokens``).
+The prompt is prefilled once, by the plain Engine with the full cache, which records its K/V
+(bench/replay.py, as bench/passkey.py does); every configuration is fed those K/V in a fresh
+KVCache and decodes from there. The full cache is decoded the same way once per chunk size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import chunkvale
+from chunkvale import hf
+from passkey import configurations  # bench/: the script's directory
+from replay import engine_run, feed_prefill
+
+DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
+
+
+def text_tokens(tokenizer, path: str, n: int) -> list[int]:
+    """The first ``n`` tokens of the text at ``path`` (no special tokens)."""
+    ids = tokenizer(Path(path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    if len(ids) < n:
+        sys.exit(f"--text {path}: {len(ids)} tokens, fewer than the {n} needed (--context + 1)")
+    return ids[:n]
+
+
+def teacher_forced(model, cfg, prompt, steps, fed):
+    """Log-probabilities [len(fed), vocab] (float32) of the next token after each of ``fed``, decoded
+    one token a step after the recorded prefill ``steps`` of ``prompt``; and the cache's stats."""
+    import torch
+
+    cache = chunkvale.KVCache(cfg)
+    runner = hf.ModelRunner(model, cache)
+    seq = feed_prefill(cache, prompt, steps)
+    rows = []
+    for token in fed:
+        step = cache.plan([(seq, [token])])
+        rows.append(torch.log_softmax(runner.forward(step, [token], [0])[0].float(), dim=-1))
+    stats = cache.stats()
+    cache.remove(seq)
+    return torch.stack(rows), stats
+
+
+def compare(full, other, targets) -> dict:
+    """KL(full || other) per position (mean, p99), top-1 agreement, and the perplexity of each on
+    ``targets`` (the true next tokens). ``full``, ``other``: log-probabilities [positions, vocab]."""
+    import torch
+
+    full, other = full.double(), other.double()
+    kl = (full.exp() * (full - other)).sum(dim=-1).clamp_min(0.0)  # >= 0 up to rounding
+    rows = torch.arange(len(targets))
+    t = torch.as_tensor(targets)
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(torch.quantile(kl, 0.99)),
+        "top1": float((full.argmax(-1) == other.argmax(-1)).double().mean()),
+        "ppl_full": float(torch.exp(-full[rows, t].mean())),
+        "ppl": float(torch.exp(-other[rows, t].mean())),
+    }
+
+
+def print_table(rows, context):
+    print("| chunk | budget (share of context) | selection | attended tokens | top-1 agreement | mean KL | "
+          "p99 KL | perplexity (full cache) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        m = r["metrics"]
+        print(f"| {r['chunk']} | {r['budget']} ({r['budget'] / context:.1%}) | {r['selection']} | "
+              f"{r['attended']} | {m['top1']:.2%} | {m['kl_mean']:.4f} | {m['kl_p99']:.4f} | "
+              f"{m['ppl']:.3f} ({m['ppl_full']:.3f}) |", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--text", default=DEFAULT_TEXT, help="a UTF-8 text file of natural language")
+    ap.add_argument("--context", type=int, default=4096, help="tokens of the text: prefill + decoded positions")
+    ap.add_argument("--positions", type=int, default=512, help="last positions decoded one token at a time")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument("--digests", nargs="+", default=["cuboid_max", "cuboid_mean", "sphere"])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--dense-layers", type=int, default=2)
+    args = ap.parse_args(argv)
+    if not 0 < args.positions < args.context:
+        ap.error(f"--positions: expected 1 .. --context - 1 = {args.context - 1}, got {args.positions}")
+
+    import torch
+
+    from chunkvale.models import load_model
+
+    loaded = load_model()
+    model, tok = loaded.model, loaded.tokenizer
+    if args.context > model.config.max_position_embeddings:
+        ap.error(f"--context: the model's window is {model.config.max_position_embeddings} tokens")
+    ids = text_tokens(tok, args.text, args.context + 1)
+    n_prompt = args.context - args.positions
+    prompt, fed, targets = ids[:n_prompt], ids[n_prompt:args.context], ids[n_prompt + 1:args.context + 1]
+    print(f"text {args.text}: prefill {n_prompt} tokens, then {args.positions} positions teacher-forced "
+          f"({loaded.name}, kernels {chunkvale.kernel_isa()})", flush=True)
+
+    started = time.perf_counter()
+    with torch.inference_mode():
+        full_cfg = hf.cache_config(model, chunk_size=64, capacity_chunks=args.context // 16 + 4)
+        _, steps = engine_run(model, tok, full_cfg, prompt, 1, record=True)
+        print(f"prefill (Engine, full cache, recorded): {time.perf_counter() - started:.0f} s", flush=True)
+        rows = []
+        for chunk in args.chunks:
+            capacity = args.context // chunk + 4
+            full = None
+            for name, ev in configurations(args.budgets, args.digests, chunk, args.dense_layers):
+                cfg = hf.cache_config(model, chunk_size=chunk, capacity_chunks=capacity)
+                cfg.eviction = ev
+                t0 = time.perf_counter()
+                logprobs, stats = teacher_forced(model, cfg, prompt, steps, fed)
+                if ev is None:
+                    full = logprobs
+                    m = compare(full, full, targets)
+                    print(f"chunk {chunk}, full cache: perplexity {m['ppl']:.3f} "
+                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                    continue
+                budget, selection = name.removeprefix("budget ").split(", ")
+                row = {"chunk": chunk, "budget": int(budget), "selection": selection,
+                       "attended": ev.attended_tokens(chunk), "metrics": compare(full, logprobs, targets),
+                       "dropped": int(stats["evict_dropped_chunks"])}
+                if row["dropped"] == 0:
+                    raise RuntimeError(f"chunk {chunk}, {name}: no chunk was dropped; the budget never applied")
+                rows.append(row)
+                print_table([row], args.context)
+                print(f"  ({time.perf_counter() - t0:.0f} s, {row['dropped']} chunks dropped)", flush=True)
+    print(f"\nwall time {time.perf_counter() - started:.0f} s\n")
+    print_table(rows, args.context)
+    print(f"\n{args.positions} teacher-forced positions after a {n_prompt}-token prefill of {Path(args.text).name}; "
+          f"dense_layers {args.dense_layers}; {loaded.name}; fp32; KL(full || budgeted) in nats.")
+
+
+if __name__ == "__main__":
+    main()
