@@ -129,6 +129,25 @@ def worker(spec_path: str, out_path: str) -> None:
                "amx": amx, "attention": attn}, open(out_path, "w"))
 
 
+def run_worker(cmd: list[str], env: dict) -> None:
+    """Runs one worker in a process group of its own; vLLM's engine-core and worker processes
+    are stopped with it however this run ends (an interrupted run would otherwise leave them
+    spinning on the cores the next run measures)."""
+    import signal
+
+    p = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        if p.wait() != 0:
+            raise subprocess.CalledProcessError(p.returncode, cmd)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(2)
+
+
 def _csv(ap, flag: str, value: str, allowed: tuple) -> list[str]:
     items = [w.strip() for w in value.split(",") if w.strip()]
     bad = [w for w in items if w not in allowed]
@@ -215,8 +234,8 @@ def main(argv=None) -> int:
                     for label, flag in BACKENDS:
                         out = Path(tmp) / f"{name}-{mode}-{dtype}-{label}.json"
                         print(f"[vllm_e2e] {name} / {mode} / {dtype} / {label} ...", flush=True)
-                        subprocess.run([sys.executable, __file__, "--worker", str(spec), str(out)],
-                                       env=dict(env, CHUNKVALE_VLLM=flag), check=True)
+                        run_worker([sys.executable, __file__, "--worker", str(spec), str(out)],
+                                   dict(env, CHUNKVALE_VLLM=flag))
                         results.setdefault((mode, dtype), {}).setdefault(name, {})[label] = json.loads(out.read_text())
 
     any_run = next(iter(next(iter(results.values())).values()))
