@@ -40,9 +40,10 @@ class VllmServer:
         self.proc: subprocess.Popen | None = None
         self._deadline = 0.0
 
-    def log_tail(self, chars: int = 6000) -> str:
+    def log_tail(self, chars: int | None = 6000) -> str:
+        """The last `chars` characters of the server's log (None: all of it)."""
         try:
-            return self.log_path.read_text(errors="replace")[-chars:]
+            return self.log_path.read_text(errors="replace")[-chars if chars else 0:]
         except OSError:
             return ""
 
