@@ -11,6 +11,7 @@ from offline_runner import prompts
 # runner never warms up, so the last stage has no intermediate-tensor buffer: an AssertionError
 # in sync_and_gather_intermediate_tensors, with vLLM's own attention too). One Dynamo trace with
 # the eager backend warms it up without compiling anything.
+SHARE_THRESHOLD = 3  # not the default: every rank must read the engine's options
 SIZES = {"tp": {"tensor_parallel_size": 2, "enforce_eager": True},
          "pp": {"pipeline_parallel_size": 2, "enforce_eager": False,
                 "compilation_config": {"mode": 2, "backend": "eager"}}}  # 2: CompilationMode.DYNAMO_TRACE_ONCE
@@ -22,7 +23,7 @@ def main():
 
     llm = LLM(model=model, dtype="float32", enable_prefix_caching=True, max_model_len=512, block_size=32,
               max_num_seqs=16, seed=0, worker_extension_cls="chunkvale.vllm_stats.WorkerStats",
-              **SIZES[mode])
+              additional_config={"chunkvale": {"share_threshold": SHARE_THRESHOLD}}, **SIZES[mode])
     greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     first = llm.generate(prompts(), greedy, use_tqdm=False)
     again = llm.generate(prompts(), greedy, use_tqdm=False)  # from vLLM's prefix cache

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from offline_runner import prompts
+from parallel_runner import SHARE_THRESHOLD
 from tiny_llama import HEADS, KV_HEADS, save_tiny_llama
 
 HERE = Path(__file__).resolve().parent
@@ -26,7 +27,8 @@ NEW_TOKENS = 16
 def rank_env(chunkvale_on: bool) -> dict:
     env = dict(os.environ, CHUNKVALE_VLLM="1" if chunkvale_on else "0", VLLM_CPU_OMP_THREADS_BIND="0|1",
                VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("CHUNKVALE_VLLM_EVICTION", None)
+    for option in ("CHUNKVALE_VLLM_EVICTION", "CHUNKVALE_VLLM_SHARE_THRESHOLD"):  # the runner gives its own
+        env.pop(option, None)
     return env
 
 
@@ -53,11 +55,12 @@ def run_offline_both(tmp_path, mode: str, model: str) -> tuple[dict, dict]:
 
 
 def check_ranks(ranks: list, q_heads: int, kv_heads: int) -> None:
-    """Each rank ran chunkvale on its own CPU, one thread, with the heads it holds, and planned
-    shared blocks chunk-first."""
+    """Each rank ran chunkvale on its own CPU, one thread, with the heads it holds and the engine's
+    options, and planned shared blocks chunk-first."""
     assert len(ranks) == 2, ranks
     for i, r in enumerate(sorted(ranks, key=lambda r: r["rank"])):
         assert r["backend"], f"rank {i} did not run chunkvale's backend"
+        assert r["share_threshold"] == SHARE_THRESHOLD, f"rank {i} missed additional_config: {r['share_threshold']}"
         assert r["affinity"] == [i], f"rank {i} runs on CPUs {r['affinity']}, expected [{i}]"
         shapes = {(x["q_heads"], x["kv_heads"], x["threads"], tuple(x["cpus"])) for x in r["runners"]}
         assert shapes == {(q_heads, kv_heads, 1, ())}, f"rank {i}: runners {r['runners']}"
