@@ -133,9 +133,45 @@ DType dtype_arg(nb::handle h) {
   return parse_dtype(s);
 }
 
+// One step's batch from the caller's arrays, planned by plan_paged (PagedAttention.plan and
+// the free chunkvale.plan_paged share it).
+std::shared_ptr<const PagedPlan> plan_arrays(nb::handle block_table, nb::handle seq_lens, nb::handle query_start_loc,
+                                             nb::handle num_blocks, int block_size, int share_threshold) {
+  const IntArray bt = int32_array(block_table, "block_table", 2);
+  const IntArray sl = int32_array(seq_lens, "seq_lens", 1);
+  const IntArray qs = int32_array(query_start_loc, "query_start_loc", 1);
+  const int64_t n = sl.shape(0);
+  if (bt.shape(0) != n)
+    throw ValueError("block_table: expected one row per sequence (" + std::to_string(n) + "), got " +
+                     std::to_string(bt.shape(0)));
+  if (qs.shape(0) != n + 1)
+    throw ValueError("query_start_loc: expected num_seqs + 1 = " + std::to_string(n + 1) +
+                     " offsets, got " + std::to_string(qs.shape(0)));
+  if (n >= INT32_MAX) throw ValueError("seq_lens: expected fewer than 2^31 sequences");
+  PagedBatch b;
+  b.num_seqs = int32_t(n);
+  b.block_table = bt.data();
+  b.table_width = bt.shape(1);
+  b.row_stride = n > 1 ? int64_t(bt.a.stride(0)) : bt.shape(1);
+  b.seq_lens = sl.data();
+  b.query_start_loc = qs.data();
+  b.num_blocks = int_arg(num_blocks, "num_blocks", 0, INT32_MAX);
+  nb::gil_scoped_release r;
+  return plan_paged(b, block_size, share_threshold);
+}
+
 }  // namespace
 
 void bind_paged_types(nb::module_& m) {
+  m.def("plan_paged",
+        [](nb::handle block_table, nb::handle seq_lens, nb::handle query_start_loc, nb::handle num_blocks,
+           nb::handle block_size, nb::handle share_threshold) {
+          return plan_arrays(block_table, seq_lens, query_start_loc, num_blocks,
+                             int(int_arg(block_size, "block_size", 16, 512)), share_threshold_arg(share_threshold));
+        },
+        "block_table"_a.none(), "seq_lens"_a.none(), "query_start_loc"_a.none(), "num_blocks"_a.none(), nb::kw_only(),
+        "block_size"_a.none(), "share_threshold"_a.none() = nb::int_(2),
+        "PagedAttention.plan without a PagedAttention: the plan depends only on block_size and share_threshold.");
   m.def("check_paged_options",
         [](nb::handle share_threshold, nb::handle eviction, nb::handle block_size) {
           PagedConfig c;  // a shape every check accepts: only these options are in question
@@ -233,27 +269,8 @@ void bind_paged_types(nb::module_& m) {
       .def("plan",
            [](const PagedAttention& pa, nb::handle block_table, nb::handle seq_lens, nb::handle query_start_loc,
               nb::handle num_blocks) {
-             const IntArray bt = int32_array(block_table, "block_table", 2);
-             const IntArray sl = int32_array(seq_lens, "seq_lens", 1);
-             const IntArray qs = int32_array(query_start_loc, "query_start_loc", 1);
-             const int64_t n = sl.shape(0);
-             if (bt.shape(0) != n)
-               throw ValueError("block_table: expected one row per sequence (" + std::to_string(n) + "), got " +
-                                std::to_string(bt.shape(0)));
-             if (qs.shape(0) != n + 1)
-               throw ValueError("query_start_loc: expected num_seqs + 1 = " + std::to_string(n + 1) +
-                                " offsets, got " + std::to_string(qs.shape(0)));
-             if (n >= INT32_MAX) throw ValueError("seq_lens: expected fewer than 2^31 sequences");
-             PagedBatch b;
-             b.num_seqs = int32_t(n);
-             b.block_table = bt.data();
-             b.table_width = bt.shape(1);
-             b.row_stride = n > 1 ? int64_t(bt.a.stride(0)) : bt.shape(1);
-             b.seq_lens = sl.data();
-             b.query_start_loc = qs.data();
-             b.num_blocks = int_arg(num_blocks, "num_blocks", 0, INT32_MAX);
-             nb::gil_scoped_release r;
-             return pa.plan(b);
+             return plan_arrays(block_table, seq_lens, query_start_loc, num_blocks, pa.config().block_size,
+                                pa.config().share_threshold);
            },
            "block_table"_a.none(), "seq_lens"_a.none(), "query_start_loc"_a.none(), "num_blocks"_a.none(),
            "Checks the whole batch, then plans it: block_table int32 [num_seqs, max_blocks], seq_lens int32 "

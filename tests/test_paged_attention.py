@@ -157,6 +157,44 @@ def test_one_plan_serves_every_layer(cv, seed):
         assert_close(out, ref_o, 0, 0, f"layer {layer}", tol=out_tolerance(dtype, ref_o, cond))
 
 
+def test_plan_paged_needs_no_paged_attention(cv, seed):
+    """A metadata builder plans with the free function; runners with other head counts, dtypes
+    and threads run that plan like their own (the plan depends on block_size and
+    share_threshold only)."""
+    rng = np.random.default_rng(seed)
+    B = 32
+    tables, lens, rows, N = make_tree_batch(rng, B, 6, 30)
+    args = (*pack(tables, lens, rows), N)
+    for threshold in (1, 2, 4):
+        free = cv.plan_paged(*args, block_size=B, share_threshold=threshold)
+        own = cv.PagedAttention(9, 3, 64, B, share_threshold=threshold).plan(*args)
+        for f in ("num_seqs", "num_tokens", "chunk_first_units", "chunk_first_blocks", "seq_blocks",
+                  "chunk_first_seq_blocks", "chunk_first_row_blocks"):
+            assert getattr(free, f) == getattr(own, f), (f, threshold)
+    plan = cv.plan_paged(*args, block_size=B)  # share_threshold 2, PagedAttention's default
+    T = sum(rows)
+    for hq, hkv, D, dtype in ((9, 3, 64, "float32"), (8, 2, 128, "bfloat16")):
+        pool = Pool(rng, N, hkv, B, D, dtype)
+        q64 = round_to(rng.uniform(-2, 2, size=(T, hq, D)), dtype)
+        K = Kind("torch" if dtype == "bfloat16" else "numpy", dtype)
+        out = K.poison((T, hq, D))
+        cv.PagedAttention(hq, hkv, D, B, dtype=dtype, threads=2).run(plan, K.make(q64), K.make(pool.vllm_layout()), out)
+        ref_o, _, cond = reference(pool, tables, lens, rows, q64)
+        assert_close(K.to64(out), ref_o, 0, 0, f"plan_paged {hq}/{hkv} d{D} {dtype}",
+                     tol=out_tolerance(dtype, ref_o, cond))
+    with pytest.raises(ValueError, match="plan: expected a plan for block_size 64, got one for 32"):
+        cv.PagedAttention(9, 3, 64, 64).run(plan, np.zeros((T, 9, 64), np.float32),
+                                            np.zeros((N, 3, 64, 128), np.float32), np.zeros((T, 9, 64), np.float32))
+    for kw, match in (({"block_size": 24}, r"block_size: expected a multiple of 16 in \[16, 512\], got 24"),
+                      ({"block_size": 1024}, r"block_size: expected an integer in .*16.*512.*got 1024"),
+                      ({"block_size": B, "share_threshold": 0}, r"share_threshold: expected an integer in \[1, "),
+                      ({"block_size": B, "share_threshold": 1.5}, "share_threshold")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            cv.plan_paged(*args, **kw)
+    with pytest.raises(TypeError):
+        cv.plan_paged(*args)  # block_size has no default: a plan is for one block size
+
+
 # --------------------------------------------------------------------------------------------
 # bad input: a clear error naming the argument, nothing written
 # --------------------------------------------------------------------------------------------

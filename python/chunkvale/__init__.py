@@ -1,13 +1,13 @@
 """chunkvale: a prefix-sharing, chunked KV-cache engine for LLM inference."""
 from . import _native
-from ._native import CacheStats, PagedAttention, PagedPlan, StepNeeds
+from ._native import CacheStats, PagedAttention, PagedPlan, StepNeeds, plan_paged
 from .errors import CapacityError
 from .cache import KVCache, Step
 from .config import CacheConfig, Eviction
 
 __version__ = "0.1.0"
 __all__ = ["CacheConfig", "CacheStats", "CapacityError", "Eviction", "KVCache", "PagedAttention", "PagedPlan",
-           "Step", "StepNeeds",
+           "Step", "StepNeeds", "plan_paged",
            "cuda_available", "cuda_built", "kernel_isa", "kernel_isa_report", "kernel_isas"]
 
 

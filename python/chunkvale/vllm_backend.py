@@ -61,17 +61,35 @@ logger = init_logger("vllm.chunkvale")  # under vLLM's logger, so its handlers p
 HEAD_SIZES = [64, 80, 96, 128, 256]
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
+@dataclass(frozen=True)
+class _RunnerKey:
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    scale: float
+
+
+@dataclass
+class _ProcessState:
+    """This process's plugin state: the engine's options (read once, while vLLM's config is
+    current) and one PagedAttention per attention shape, shared by the model's layers."""
+
+    options: Options | None = None
+    runners: dict = dataclasses.field(default_factory=dict)  # _RunnerKey -> PagedAttention
+    threads: dict = dataclasses.field(default_factory=dict)  # _RunnerKey -> the threads it was made with
+
+
 _lock = threading.Lock()
-_instances: dict = {}
-_runner_threads: dict = {}  # runner key -> the threads it was made with
+_state = _ProcessState()
 
 
 def _options_locked() -> Options:
-    """The engine's chunkvale options, read once per process (the builders and impls are made
-    while vLLM's config is current). Call with _lock held."""
-    if "options" not in _instances:
-        _instances["options"] = options(get_current_vllm_config_or_none())
-    return _instances["options"]
+    """Call with _lock held."""
+    if _state.options is None:
+        _state.options = options(get_current_vllm_config_or_none())
+    return _state.options
 
 
 def _options() -> Options:
@@ -101,51 +119,37 @@ def _worker_cpus(threads: int) -> list[int] | None:
     return cpus
 
 
-def _planner(q_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
-             ) -> "chunkvale.PagedAttention":
-    """The builders' PagedAttention: plan() uses no threads and no scale, so one thread, shared."""
-    key = ("planner", q_heads, kv_heads, head_dim, block_size, dtype)
-    with _lock:
-        if key not in _instances:
-            _instances[key] = chunkvale.PagedAttention(q_heads, kv_heads, head_dim, block_size, dtype=_DTYPES[dtype],
-                                                       threads=1, share_threshold=_options_locked().share_threshold)
-        return _instances[key]
-
-
-def _runner(q_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-            scale: float) -> "chunkvale.PagedAttention":
+def _runner(key: _RunnerKey) -> "chunkvale.PagedAttention":
     """One PagedAttention (one thread pool) per shape and scale, shared by the layers of the model."""
-    key = ("runner", q_heads, kv_heads, head_dim, block_size, dtype, scale)
     with _lock:
-        pa = _instances.get(key)
+        pa = _state.runners.get(key)
         if pa is None:
             opts = _options_locked()
             threads = torch.get_num_threads()
-            pa = chunkvale.PagedAttention(q_heads, kv_heads, head_dim, block_size, dtype=_DTYPES[dtype],
-                                          sm_scale=scale, threads=threads, share_threshold=opts.share_threshold,
-                                          eviction=opts.eviction, cpus=_worker_cpus(threads))
-            _instances[key] = pa
-            _runner_threads[key] = threads
+            pa = chunkvale.PagedAttention(key.q_heads, key.kv_heads, key.head_dim, key.block_size,
+                                          dtype=_DTYPES[key.dtype], sm_scale=key.scale, threads=threads,
+                                          share_threshold=opts.share_threshold, eviction=opts.eviction,
+                                          cpus=_worker_cpus(threads))
+            _state.runners[key] = pa
+            _state.threads[key] = threads
             logger.info("chunkvale attention: %d threads (workers on CPUs %s)", threads,
                         pa.cpus or "as the calling thread's")
         return pa
 
 
-def _runner_items() -> list:
-    with _lock:
-        return [(key, pa) for key, pa in _instances.items() if isinstance(key, tuple) and key[0] == "runner"]
-
-
-def _runners() -> list:
-    return [pa for _, pa in _runner_items()]
-
-
 def runner_state() -> dict:
-    """This process's runners and options (chunkvale.vllm_stats reports them per rank)."""
-    runners = [{"q_heads": pa.q_heads, "kv_heads": pa.kv_heads, "head_dim": pa.head_dim, "dtype": pa.dtype,
-                "threads": _runner_threads[key], "cpus": list(pa.cpus), "budgeted": pa.budgeted}
-               for key, pa in _runner_items()]
-    opts = _instances.get("options")
+    """This process's runners and options (chunkvale.vllm_stats reports them per rank); a budgeted
+    runner adds its selection counts (blocks scored and dropped so far)."""
+    with _lock:
+        items = list(_state.runners.items())
+        opts = _state.options
+    runners = []
+    for key, pa in items:
+        r = {"q_heads": pa.q_heads, "kv_heads": pa.kv_heads, "head_dim": pa.head_dim, "dtype": pa.dtype,
+             "threads": _state.threads[key], "cpus": list(pa.cpus), "budgeted": pa.budgeted}
+        if pa.budgeted:
+            r["selection_counts"] = pa.selection_counts
+        runners.append(r)
     return {"runners": runners,
             "share_threshold": opts.share_threshold if opts else None,
             "eviction": dataclasses.asdict(opts.eviction) if opts and opts.eviction else None}
@@ -216,18 +220,18 @@ class ChunkvaleMetadataBuilder(CPUAttentionMetadataBuilder):
             _refuse(f"a sliding window ({self.window_size} tokens)")
         _check_parallel(vllm_config.parallel_config, _options())
         self._num_blocks = None
-        self._planner = _planner(self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.dtype)
+        self._share_threshold = _options().share_threshold
         self._shared_seen = False
         logger.info("chunkvale attention backend: %d/%d heads of dim %d, block_size %d, %s, %s kernels, %d threads",
                     self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.dtype,
                     chunkvale.kernel_isa(), torch.get_num_threads())
         ev = _options().eviction
-        self._dropped_seen = ev is None  # budgeted: log the first step that dropped blocks
         if ev is not None:
             logger.info("chunkvale budgeted attention: decode rows over %d tokens attend to %d sink + %d window + "
                         "%s top-k blocks (%s digests) from layer %d on; every block stays in vLLM's KV cache",
                         ev.budget_tokens, ev.sink_chunks, ev.window_chunks,
                         "the default" if ev.topk_chunks is None else ev.topk_chunks, ev.digest, ev.dense_layers)
+            logger.info("chunkvale: blocks scored and dropped so far are in chunkvale.vllm_stats (per rank)")
 
     def _pool_blocks(self) -> int:
         """Blocks in this group's KV cache tensors (what block ids must stay below), looked up once
@@ -255,18 +259,13 @@ class ChunkvaleMetadataBuilder(CPUAttentionMetadataBuilder):
         block_table = m.block_table_tensor[:n]
         seq_lens = m.seq_lens[:n]
         query_start_loc = m.query_start_loc[: n + 1]
-        plan = self._planner.plan(block_table, seq_lens, query_start_loc, self._pool_blocks())
+        plan = chunkvale.plan_paged(block_table, seq_lens, query_start_loc, self._pool_blocks(),
+                                    block_size=self.block_size, share_threshold=self._share_threshold)
         COUNTS.add(plan)
         if plan.chunk_first_units and not self._shared_seen:
             self._shared_seen = True
             logger.info("chunkvale: first step with shared blocks: %d chunk-first runs over %d blocks, %d sequences",
                         plan.chunk_first_units, plan.chunk_first_blocks, plan.num_seqs)
-        if not self._dropped_seen:  # once per step, of the steps before this one
-            for pa in _runners():
-                counts = pa.selection_counts
-                if counts["dropped_blocks"]:
-                    self._dropped_seen = True
-                    logger.info("chunkvale: first budgeted step dropped blocks (%s)", counts)
         return ChunkvaleMetadata(
             num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len, query_start_loc=query_start_loc,
             max_seq_len=m.max_seq_len, seq_lens=seq_lens, block_table=block_table, slot_mapping=m.slot_mapping,
@@ -322,8 +321,8 @@ class ChunkvaleAttentionImpl(CPUAttentionBackendImpl):
 
     def _paged_for(self, kv_cache) -> "chunkvale.PagedAttention":
         if self._pa is None:
-            self._pa = _runner(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2], kv_cache.dtype,
-                              self.scale)
+            self._pa = _runner(_RunnerKey(self.num_heads, self.num_kv_heads, self.head_size, int(kv_cache.shape[2]),
+                                          kv_cache.dtype, float(self.scale)))
         return self._pa
 
     def _digests_for(self, layer, kv_cache) -> torch.Tensor | None:

@@ -1,6 +1,6 @@
 """Budgeted attention inside vLLM and in chunkvale's own Engine, on the same prompts and the same
 selection policy (blocks = chunks of 32 tokens): argv = [out.json, "vllm" | "engine"]. Writes the
-greedy tokens (and, for vLLM, nothing else: its log says what the backend did)."""
+greedy tokens (and, for vLLM, the plugin's per-rank state: chunkvale.vllm_stats)."""
 import json
 import sys
 
@@ -29,10 +29,11 @@ def run_vllm(model_dir):
 
     ps = prompts(AutoTokenizer.from_pretrained(model_dir))
     llm = LLM(model=model_dir, dtype="float32", enable_prefix_caching=True, max_model_len=2048, block_size=BLOCK,
-              max_num_seqs=8, seed=0, enforce_eager=True, additional_config={"chunkvale": {"eviction": EVICTION}})
+              max_num_seqs=8, seed=0, enforce_eager=True, additional_config={"chunkvale": {"eviction": EVICTION}},
+              worker_extension_cls="chunkvale.vllm_stats.WorkerStats")
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ps],
                         SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs], [len(p) for p in ps]
+    return [list(o.outputs[0].token_ids) for o in outs], [len(p) for p in ps], llm.collective_rpc("chunkvale_stats")
 
 
 def run_engine(model_dir):
@@ -46,7 +47,7 @@ def run_engine(model_dir):
                     eviction=chunkvale.Eviction(**EVICTION))
     res = engine.generate([Request(token_ids=p, max_new_tokens=NEW_TOKENS, ignore_eos=True) for p in ps],
                           progress=False)
-    return [r.samples[0].token_ids for r in res], [len(p) for p in ps]
+    return [r.samples[0].token_ids for r in res], [len(p) for p in ps], None
 
 
 def main():
@@ -54,8 +55,8 @@ def main():
     from chunkvale.models import embedded_model_dir
 
     model_dir = str(embedded_model_dir())
-    tokens, lens = (run_vllm if which == "vllm" else run_engine)(model_dir)
-    json.dump({"tokens": tokens, "prompt_lens": lens}, open(out_path, "w"))
+    tokens, lens, ranks = (run_vllm if which == "vllm" else run_engine)(model_dir)
+    json.dump({"tokens": tokens, "prompt_lens": lens, "ranks": ranks}, open(out_path, "w"))
 
 
 if __name__ == "__main__":  # vLLM starts its engine core with spawn: keep the module importable

@@ -83,6 +83,11 @@ struct PagedPlan {
   int64_t chunk_first_row_blocks() const { return plan.chunk_first_row_chunks; }
 };
 
+// Checks the whole batch, then plans it (what PagedAttention::plan does with its config's
+// block_size and share_threshold; the plan depends on nothing else). ValueError naming the
+// argument (block_table, seq_lens, query_start_loc, num_blocks, block_size, share_threshold).
+std::shared_ptr<const PagedPlan> plan_paged(const PagedBatch& batch, int block_size, int share_threshold = 2);
+
 // One layer of the caller's pool: K tile and V tile of block_size rows x head_dim elements
 // per (block, KV head), where the view's strides say.
 struct PagedKV {
