@@ -26,8 +26,6 @@ inline int32_t int32_arg(nanobind::handle h, const std::string& name) {
 }
 // A step id (what plan() returned): a non-negative int64.
 uint64_t step_arg(nanobind::handle h, const std::string& name);
-// A bool (True/False or numpy.bool_), nothing else.
-bool bool_arg(nanobind::handle h, const std::string& name);
 // A str whose text is valid Unicode (UTF-8 encodable: no lone surrogates).
 std::string str_arg(nanobind::handle h, const std::string& name);
 // A list or tuple of int32 token ids.

@@ -74,14 +74,24 @@ std::vector<chunkvale::PlanEntry> parse_entries(nb::handle entries) {
 }
 
 // chunkvale.CapacityError is a Python class (python/chunkvale/errors.py), so Python code can
-// raise it too; it is looked up when raised, by then the package is imported.
+// raise it too. The package hands it in when it is imported (set_capacity_error_type): the
+// module never imports the package above it. Until then, a RuntimeError with the same text.
+nb::object& capacity_error_type() {
+  static nb::object* cls = new nb::object();  // never destroyed: the interpreter may outlive statics
+  return *cls;
+}
+
 void set_capacity_error(const chunkvale::CapacityError& e) {
+  nb::object& cls = capacity_error_type();
+  if (!cls.is_valid()) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return;
+  }
   try {
-    nb::object cls = nb::module_::import_("chunkvale.errors").attr("CapacityError");
     nb::object exc = cls(e.what(), chunkvale::resource_name(e.resource), e.needed, e.available);
     PyErr_SetObject(cls.ptr(), exc.ptr());
   } catch (nb::python_error& err) {
-    err.restore();  // the package is broken: its import error says why
+    err.restore();  // the class refused its fields: its own error says why
   }
 }
 
@@ -115,6 +125,13 @@ NB_MODULE(_native, m) {
         "Whether this build contains the CUDA backend.");
   m.def("cuda_device_count", [] { return chunkvale::cuda_device_count(); },
         "CUDA devices usable at run time (0 without the CUDA backend, a driver or a GPU).");
+
+  m.def("set_capacity_error_type", [](nb::handle cls) {
+        if (!PyType_Check(cls.ptr()) || !PyType_IsSubtype((PyTypeObject*)cls.ptr(), (PyTypeObject*)PyExc_RuntimeError))
+          throw chunkvale::TypeError("cls: expected a subclass of RuntimeError, got " + chunkvale::bind::type_label(cls));
+        capacity_error_type() = nb::borrow(cls);
+      }, "cls"_a.none(), "The class KVCache raises for CapacityError(message, resource, needed, available) "
+      "(chunkvale.errors sets it when imported).");
 
   chunkvale::bind::bind_cache_types(m);
   chunkvale::bind::bind_paged_types(m);

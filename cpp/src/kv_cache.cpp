@@ -11,7 +11,7 @@
 #include "backend_factory.h"
 #include "call_checks.h"
 #include "chunk_selection.h"
-#include "chunk_store.h"
+#include "chunk_store_factory.h"
 #include "part_counts.h"
 #include "sequence_table.h"
 #include "step.h"

@@ -3,19 +3,20 @@
 // file), or to both (residency.h). Append writes in device slots, then backs the filled
 // chunks up (asynchronously, by the backend's copy engine); attention recalls what the
 // plan attends, evicting the least recently used chunks that have a host copy. The dense
-// layers below are plain DeviceStore layers.
+// layers below are plain ChunkStore layers.
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <vector>
 
+#include "chunk_selection.h"
 #include "chunk_store.h"
 #include "host_tier.h"
 #include "residency.h"
 
 namespace chunkvale {
 
-class TieredStore final : public DeviceStore {
+class TieredStore final : public ChunkStore {
  public:
   // The backend has a copy engine (KVCache checked).
   TieredStore(const CacheConfig& cfg, Backend& backend, ChunkPool& pool, PrefixTree& tree, ChunkSelector& selector);

@@ -81,11 +81,15 @@ class KVCache:
     when it raises.
     """
 
-    def __init__(self, config: CacheConfig):
+    def __init__(self, config: CacheConfig, *, test_hooks: Optional[dict] = None):
+        """``test_hooks`` (tests only): ``{"backup_delay_us": int, "faults": str}``, see docs/API.md."""
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config: expected chunkvale.CacheConfig, got {type(config).__name__}")
         self.config = config
-        self._native = _native.KVCache(config.to_native())
+        native = config.to_native()
+        if test_hooks is not None:
+            native.test_hooks = _test_hooks(test_hooks)
+        self._native = _native.KVCache(native)
 
     # -- sequences --
     def add_sequence(self, token_ids, namespace: str = "", max_reuse: Optional[int] = None) -> Tuple[int, int]:
@@ -217,3 +221,24 @@ def _step_id(step) -> int:
     if isinstance(step, Step):
         return step.id
     raise TypeError(f"step: expected the Step returned by plan(), got {type(step).__name__}")
+
+
+def _test_hooks(hooks) -> "_native.TestHooks":
+    """Test-only hooks of a cache: every host-tier backup delayed (``backup_delay_us``) and
+    injected storage faults (``faults``); docs/API.md. Never for production."""
+    if not isinstance(hooks, dict):
+        raise TypeError(f"test_hooks: expected a dict or None, got {type(hooks).__name__}")
+    unknown = set(hooks) - {"backup_delay_us", "faults"}
+    if unknown:
+        raise ValueError(f"test_hooks: expected the keys backup_delay_us and faults, got {sorted(unknown)}")
+    native = _native.TestHooks()
+    delay = hooks.get("backup_delay_us", 0)
+    if isinstance(delay, bool) or not isinstance(delay, numbers.Integral):
+        raise TypeError(f"test_hooks.backup_delay_us: expected an int, got {type(delay).__name__}")
+    if not 0 <= delay <= 10**7:
+        raise ValueError(f"test_hooks.backup_delay_us: expected microseconds in [0, 10^7], got {delay}")
+    faults = hooks.get("faults", "")
+    if not isinstance(faults, str):
+        raise TypeError(f"test_hooks.faults: expected a str, got {type(faults).__name__}")
+    native.backup_delay_us, native.faults = int(delay), faults
+    return native

@@ -75,9 +75,9 @@ std::vector<float> drive(KVCache& cache, std::atomic<bool>* done) {
 }
 
 void readers_do_not_disturb_the_driver() {
-  setenv("CHUNKVALE_TEST_BACKUP_DELAY_US", "300", 1);
-  KVCache quiet(config()), busy(config());
-  unsetenv("CHUNKVALE_TEST_BACKUP_DELAY_US");
+  CacheConfig slow = config();
+  slow.test_hooks.backup_delay_us = 300;
+  KVCache quiet(slow), busy(slow);
   const std::vector<float> want = drive(quiet, nullptr);
   std::atomic<bool> done{false};
   std::atomic<int64_t> reads{0};

@@ -17,16 +17,10 @@
 #include "chunkvale/errors.h"
 #include "chunkvale/prefix_tree.h"
 #include "chunkvale/step_plan.h"
+#include "chunkvale/step_request.h"
 #include "chunkvale/tensor.h"
 
 namespace chunkvale {
-
-// One batch entry of plan(): the next `count` pending prompt tokens, or explicit tokens.
-struct PlanEntry {
-  int64_t seq = 0;
-  int64_t count = 0;              // used when `tokens` is empty
-  std::vector<int32_t> tokens;    // tokens beyond the prompt (decode)
-};
 
 // What a caller needs of a planned step: its rows and their positions.
 struct StepInfo {
@@ -36,28 +30,13 @@ struct StepInfo {
   std::vector<int64_t> positions;    // per packed row, for RoPE
 };
 
-// What a step needs of each resource, against what it can have now (CapacityError's units:
-// pool chunks; device chunks per evicting layer, both 0 without a host tier; host blocks,
-// both 0 without one, host_available INT64_MAX when a spill file makes it unbounded).
-struct StepNeeds {
-  int64_t pool_chunks = 0, pool_available = 0;
-  int64_t device_chunks = 0, device_available = 0;
-  int64_t host_blocks = 0, host_available = 0;
-  bool fits() const {
-    return pool_chunks <= pool_available && device_chunks <= device_available && host_blocks <= host_available;
-  }
-};
-
 // The parts behind the front (cpp/src).
 class SequenceTable;
 class Step;
 class StepPlanner;
 class ChunkSelector;
-class DeviceStore;
+class ChunkStore;
 struct AdmissionView;
-
-// The most children one fork() call makes (each copies its parent's token ids).
-constexpr int kMaxForkChildren = 4096;
 
 class KVCache {
  public:
@@ -134,7 +113,7 @@ class KVCache {
   std::unique_ptr<SequenceTable> seqs_;
   std::unique_ptr<StepPlanner> planner_;
   std::unique_ptr<ChunkSelector> selector_;
-  std::unique_ptr<DeviceStore> store_;  // the host tier, or every chunk on the device
+  std::unique_ptr<ChunkStore> store_;   // the host tier, or every chunk on the device
   std::unique_ptr<Step> step_;          // the open step, if any
   int64_t reused_prompt_tokens_ = 0;
   mutable std::mutex mu_;
