@@ -90,6 +90,8 @@ class Run:
                 c.append(layer, s, k.to(dev), v.to(dev))
                 poisoned = torch.full_like(q, float("nan"), device=dev)
                 o.append(c.attention(layer, s, q.to(dev), out=poisoned).cpu())
+        for s in steps:
+            s.commit()
         return st, qs, outs
 
     def decode(self, seqs):

@@ -195,6 +195,8 @@ class FaultRun:
             self.ref.append(layer, rs, k, v)
             got = self.call(self.host.attention, layer, st, q, same_stats=same_stats)
             np.testing.assert_array_equal(got, self.ref.attention(layer, rs, q), err_msg=f"layer {layer}")
+        st.commit()
+        rs.commit()
 
     def workload(self, same_stats=True):
         seqs = [self.add(n) for n in (150, 120, 90)]

@@ -19,14 +19,14 @@ int32_t ChunkStore::take_chunk() {
 
 void ChunkStore::free_chunk(int32_t chunk) { pool_.free(chunk); }
 
-void ChunkStore::append(int layer, const Step& step, const TensorView& k, const TensorView& v,
+void ChunkStore::append(int layer, const PlannedStep& step, const TensorView& k, const TensorView& v,
                          const ExecContext& ctx) {
   backend_.append(layer, step.plan, k, v, ctx);
   if (digests_)  // chunks this step fills get their digests while their keys are hot
     digests_->update_digests(layer, step.filled.data(), step.filled.data(), step.filled.size(), ctx);
 }
 
-void ChunkStore::attention(int layer, const Step&, const StepPlan& plan, const TensorView& q, const TensorView& out,
+void ChunkStore::attention(int layer, const PlannedStep&, const StepPlan& plan, const TensorView& q, const TensorView& out,
                             const TensorView* lse, const ExecContext& ctx) {
   backend_.attention(layer, plan, q, out, lse, ctx);
 }

@@ -28,14 +28,14 @@ class ChunkStore {
   virtual void free_chunk(int32_t chunk);
 
   // One layer of a step. `plan` is the step's or its layer's selection (chunk ids).
-  virtual void append(int layer, const Step& step, const TensorView& k, const TensorView& v, const ExecContext& ctx);
-  virtual void attention(int layer, const Step& step, const StepPlan& plan, const TensorView& q,
+  virtual void append(int layer, const PlannedStep& step, const TensorView& k, const TensorView& v, const ExecContext& ctx);
+  virtual void attention(int layer, const PlannedStep& step, const StepPlan& plan, const TensorView& q,
                          const TensorView& out, const TensorView* lse, const ExecContext& ctx);
   // The first n_tokens tokens of chunk src into chunk dst, every layer (on the default stream).
   virtual void copy_chunk(int32_t src, int32_t dst, int32_t n_tokens);
 
   // The host tier's hooks; nothing to do without it.
-  virtual void cancelled(const Step&) {}         // its filled chunks' copies are stale
+  virtual void cancelled(const PlannedStep&) {}         // its filled chunks' copies are stale
   virtual void check() {}                        // a failed spill-file write since the last call
   virtual void check_copies(int32_t) {}          // a copy source's host copies can be read
   virtual int evict_from() const { return cfg_.layers; }  // first layer that evicts

@@ -48,7 +48,7 @@ void TieredStore::drop_host_copies(int32_t chunk) {
   }
 }
 
-void TieredStore::cancelled(const Step& step) {
+void TieredStore::cancelled(const PlannedStep& step) {
   for (int32_t c : step.filled) drop_host_copies(c);
 }
 
@@ -105,7 +105,7 @@ int64_t TieredStore::take_host_block() {
   return b;
 }
 
-const StepPlan& TieredStore::to_device_slots(int layer, const Step& step, const StepPlan& plan, bool for_append,
+const StepPlan& TieredStore::to_device_slots(int layer, const PlannedStep& step, const StepPlan& plan, bool for_append,
                                              const ExecContext& ctx) {
   auto t0 = std::chrono::steady_clock::now();
   const uint64_t stamp = ++clock_;
@@ -140,7 +140,7 @@ const StepPlan& TieredStore::to_device_slots(int layer, const Step& step, const 
   return device_plan_;
 }
 
-void TieredStore::backup_filled(int layer, const Step& step, const ExecContext& ctx) {
+void TieredStore::backup_filled(int layer, const PlannedStep& step, const ExecContext& ctx) {
   const std::vector<int32_t>& f = step.filled;
   fill_slots_.resize(f.size());
   for (size_t i = 0; i < f.size(); ++i) fill_slots_[i] = res_->slot(layer, f[i]);
@@ -156,14 +156,14 @@ void TieredStore::backup_filled(int layer, const Step& step, const ExecContext& 
   }
 }
 
-void TieredStore::append(int layer, const Step& step, const TensorView& k, const TensorView& v,
+void TieredStore::append(int layer, const PlannedStep& step, const TensorView& k, const TensorView& v,
                          const ExecContext& ctx) {
   if (!cfg_.evicts_to_host(layer)) return ChunkStore::append(layer, step, k, v, ctx);
   backend_.append(layer, to_device_slots(layer, step, step.plan, true, ctx), k, v, ctx);
   backup_filled(layer, step, ctx);  // digests, then the asynchronous copies to the host tier
 }
 
-void TieredStore::attention(int layer, const Step& step, const StepPlan& plan, const TensorView& q,
+void TieredStore::attention(int layer, const PlannedStep& step, const StepPlan& plan, const TensorView& q,
                             const TensorView& out, const TensorView* lse, const ExecContext& ctx) {
   if (!cfg_.evicts_to_host(layer)) return ChunkStore::attention(layer, step, plan, q, out, lse, ctx);
   // Recall what the selection needs, evicting what no sequence of the step selected.
