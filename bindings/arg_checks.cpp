@@ -69,13 +69,6 @@ int64_t int_arg(nb::handle h, const std::string& name, int64_t lo, int64_t hi) {
   return v;
 }
 
-uint64_t step_arg(nb::handle h, const std::string& name) { return uint64_t(int_arg(h, name, 0, INT64_MAX)); }
-
-bool bool_arg(nb::handle h, const std::string& name) {
-  if (!is_bool(h)) throw TypeError(name + ": expected a bool, got " + type_label(h));
-  return PyObject_IsTrue(h.ptr()) == 1;
-}
-
 std::string str_arg(nb::handle h, const std::string& name) {
   if (!PyUnicode_Check(h.ptr())) throw TypeError(name + ": expected a str, got " + type_label(h));
   Py_ssize_t n = 0;

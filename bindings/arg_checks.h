@@ -24,10 +24,6 @@ int64_t int_arg(nanobind::handle h, const std::string& name, int64_t lo, int64_t
 inline int32_t int32_arg(nanobind::handle h, const std::string& name) {
   return int32_t(int_arg(h, name, INT32_MIN, INT32_MAX));
 }
-// A step id (what plan() returned): a non-negative int64.
-uint64_t step_arg(nanobind::handle h, const std::string& name);
-// A bool (True/False or numpy.bool_), nothing else.
-bool bool_arg(nanobind::handle h, const std::string& name);
 // A str whose text is valid Unicode (UTF-8 encodable: no lone surrogates).
 std::string str_arg(nanobind::handle h, const std::string& name);
 // A list or tuple of int32 token ids.

@@ -134,6 +134,11 @@ void bind_config(nb::module_& m) {
         e.validate_selection(chunk_size);
         return e.attended_tokens(chunk_size);
       }, nb::arg("chunk_size"));
+  nb::class_<TestHooks>(m, "TestHooks", "Test-only hooks of a cache (KVCache(config, test_hooks=...)).")
+      .def(nb::init<>())
+      .def_rw("backup_delay_us", &TestHooks::backup_delay_us)
+      .def_rw("faults", &TestHooks::faults);
+
   nb::class_<CacheConfig>(m, "CacheConfig")
       .def(nb::init<>())
       .def_rw("layers", &CacheConfig::layers)
@@ -151,7 +156,8 @@ void bind_config(nb::module_& m) {
       .def_rw("sm_scale", &CacheConfig::sm_scale)
       .def_rw("device", &CacheConfig::device)
       .def_rw("kernel_isa", &CacheConfig::kernel_isa)
-      .def_rw("eviction", &CacheConfig::eviction);
+      .def_rw("eviction", &CacheConfig::eviction)
+      .def_rw("test_hooks", &CacheConfig::test_hooks);
 }
 
 void bind_step_needs(nb::module_& m) {

@@ -14,6 +14,7 @@
 #include "arg_checks.h"
 #include "cache_types.h"
 #include "paged_types.h"
+#include "step_type.h"
 #include "tensor_args.h"
 
 namespace nb = nanobind;
@@ -74,14 +75,24 @@ std::vector<chunkvale::PlanEntry> parse_entries(nb::handle entries) {
 }
 
 // chunkvale.CapacityError is a Python class (python/chunkvale/errors.py), so Python code can
-// raise it too; it is looked up when raised, by then the package is imported.
+// raise it too. The package hands it in when it is imported (set_capacity_error_type): the
+// module never imports the package above it. Until then, a RuntimeError with the same text.
+nb::object& capacity_error_type() {
+  static nb::object* cls = new nb::object();  // never destroyed: the interpreter may outlive statics
+  return *cls;
+}
+
 void set_capacity_error(const chunkvale::CapacityError& e) {
+  nb::object& cls = capacity_error_type();
+  if (!cls.is_valid()) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return;
+  }
   try {
-    nb::object cls = nb::module_::import_("chunkvale.errors").attr("CapacityError");
     nb::object exc = cls(e.what(), chunkvale::resource_name(e.resource), e.needed, e.available);
     PyErr_SetObject(cls.ptr(), exc.ptr());
   } catch (nb::python_error& err) {
-    err.restore();  // the package is broken: its import error says why
+    err.restore();  // the class refused its fields: its own error says why
   }
 }
 
@@ -116,7 +127,15 @@ NB_MODULE(_native, m) {
   m.def("cuda_device_count", [] { return chunkvale::cuda_device_count(); },
         "CUDA devices usable at run time (0 without the CUDA backend, a driver or a GPU).");
 
+  m.def("set_capacity_error_type", [](nb::handle cls) {
+        if (!PyType_Check(cls.ptr()) || !PyType_IsSubtype((PyTypeObject*)cls.ptr(), (PyTypeObject*)PyExc_RuntimeError))
+          throw chunkvale::TypeError("cls: expected a subclass of RuntimeError, got " + chunkvale::bind::type_label(cls));
+        capacity_error_type() = nb::borrow(cls);
+      }, "cls"_a.none(), "The class KVCache raises for CapacityError(message, resource, needed, available) "
+      "(chunkvale.errors sets it when imported).");
+
   chunkvale::bind::bind_cache_types(m);
+  chunkvale::bind::bind_step(m);
   chunkvale::bind::bind_paged_types(m);
 
   nb::class_<KVCache>(m, "KVCache")
@@ -135,7 +154,7 @@ NB_MODULE(_native, m) {
              auto parsed = parse_entries(entries);
              nb::gil_scoped_release r;
              return c.plan(parsed);
-           }, "entries"_a.none())
+           }, "entries"_a.none(), nb::keep_alive<0, 1>())  // the Step keeps its cache alive
       .def("needs", [](KVCache& c, nb::handle entries) {
              auto parsed = parse_entries(entries);
              nb::gil_scoped_release r;
@@ -148,23 +167,10 @@ NB_MODULE(_native, m) {
                                     int(int_arg(n, "n", 1, INT32_MAX)));
            },
            "prompt_tokens"_a.none(), "max_new_tokens"_a.none(), "n"_a.none())
-      .def("step_info",
-           [](KVCache& c, nb::handle step) {
-             chunkvale::StepInfo p = c.step_info(step_arg(step, "step"));
-             nb::dict d;
-             d["num_tokens"] = p.num_tokens;
-             d["seq_ids"] = p.seq_ids;
-             d["row_offsets"] = p.row_offsets;
-             auto* pos = new std::vector<int64_t>(std::move(p.positions));
-             nb::capsule owner(pos, [](void* v) noexcept { delete static_cast<std::vector<int64_t>*>(v); });
-             d["positions"] = nb::ndarray<nb::numpy, int64_t, nb::ndim<1>>(pos->data(), {pos->size()}, owner);
-             return d;
-           },
-           "step"_a.none())
       .def("append",
            [](KVCache& c, nb::handle layer, nb::handle step, nb::handle k, nb::handle v, nb::handle stream) {
              const int l = int32_arg(layer, "layer");
-             const uint64_t s = step_arg(step, "step");
+             const chunkvale::Step& s = step_arg(step, "step");
              AnyArray ka = in_array(k, "k"), va = in_array(v, "v");
              const auto st = uintptr_t(int_arg(stream, "stream", 0, INT64_MAX));
              nb::gil_scoped_release r;
@@ -175,7 +181,7 @@ NB_MODULE(_native, m) {
            [](KVCache& c, nb::handle layer, nb::handle step, nb::handle q, nb::handle out, nb::handle lse,
               nb::handle stream) {
              const int l = int32_arg(layer, "layer");
-             const uint64_t s = step_arg(step, "step");
+             const chunkvale::Step& s = step_arg(step, "step");
              AnyArray qa = in_array(q, "q");
              OutArray oa = out_array(out, "out");
              std::optional<OutArray> la;
@@ -189,7 +195,7 @@ NB_MODULE(_native, m) {
            },
            "layer"_a.none(), "step"_a.none(), "q"_a.none(), "out"_a.none(), "lse"_a.none(), "stream"_a.none() = 0)
       .def("cancel", [](KVCache& c, nb::handle step) {
-             const uint64_t s = step_arg(step, "step");
+             const chunkvale::Step& s = step_arg(step, "step");
              nb::gil_scoped_release r;
              c.cancel(s);
            }, "step"_a.none())

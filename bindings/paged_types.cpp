@@ -61,13 +61,15 @@ std::vector<int> cpus_arg(nb::handle h) {
   return out;
 }
 
-// chunkvale.Eviction (its to_native() checks every field, naming it) or None.
+// chunkvale.Eviction (its to_native() checks every field, naming it, and gives the native
+// EvictionConfig) or None. Known by what it gives, so the module never imports the package.
 EvictionConfig eviction_arg(nb::handle h) {
   if (h.is_none()) return EvictionConfig{};
-  nb::object eviction_type = nb::module_::import_("chunkvale.config").attr("Eviction");
-  if (!nb::isinstance(h, eviction_type))
-    throw TypeError("eviction: expected a chunkvale.Eviction or None, got " + type_label(h));
-  return nb::cast<EvictionConfig>(h.attr("to_native")());
+  const auto refuse = [&] { return TypeError("eviction: expected a chunkvale.Eviction or None, got " + type_label(h)); };
+  if (PyType_Check(h.ptr()) || !nb::hasattr(h, "to_native")) throw refuse();
+  EvictionConfig e;
+  if (!nb::try_cast<EvictionConfig>(h.attr("to_native")(), e)) throw refuse();
+  return e;
 }
 
 // What messages say an array is: its shape, its strides, its device.

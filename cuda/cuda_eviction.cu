@@ -169,7 +169,7 @@ void CudaBackend::open_host_tier() {
   CV_CUDA(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking), "cudaStreamCreate (copy stream)");
   CV_CUDA(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming), "cudaEventCreate");
   // Test-only: delays every backup on the copy stream, so tests can catch a slot reused early.
-  if (const char* d = std::getenv("CHUNKVALE_TEST_BACKUP_DELAY_US")) backup_delay_us_ = std::max(0, std::atoi(d));
+  backup_delay_us_ = cfg_.test_hooks.backup_delay_us;
 }
 
 HostMemory CudaBackend::host_memory() const {

@@ -411,10 +411,11 @@ class Shadow:
     under pressure; the model checks n_cached / chunks_in_use against lower and upper bounds.
     memory="off": only attention is checked (n_cached is taken from the cache).
 
-    Step semantics modelled: a step whose every layer was appended is committed (its tokens
-    count in sequence_length / tokens_cached, its full chunks join the tree) as soon as the
-    cache is looked at; the step ends (a deduplicated chunk's private copy is freed, the step
-    handle goes stale) at the next plan / add_sequence / fork / remove / clear.
+    Step semantics modelled: a step is committed (its tokens count in sequence_length /
+    tokens_cached, its full chunks join the tree) by ``step.commit()`` once every layer was
+    appended, or, when nobody committed it, by the next plan / add_sequence / fork / remove /
+    clear; reads (stats, sequence_length, ...) never commit. The step ends (a deduplicated
+    chunk's private copy is freed, the step handle goes stale) at that next call.
     Reuse sources modelled: full chunks of the tree (live or cached), a partial match into
     the first tokens of a tree chunk, and a partial match into a live sequence's committed
     private tail that continues the same path (both copied: copy-on-diverge).
@@ -442,6 +443,7 @@ class Shadow:
         self.nodes: dict = {}  # key (prefix hash at chunk end) -> Node
         self.children: dict = {}  # parent key -> {chunk tuple: key}
         self.open: OpenStep | None = None
+        self.ended: OpenStep | None = None  # the step the last call ended
         self.deferred = [0, 0]  # private copies of deduplicated chunks held until the step ends:
         #                         [into live nodes, into cached nodes (maybe evicted: "bounds")]
         self.reused = 0
@@ -535,9 +537,11 @@ class Shadow:
         )
 
     def check_stats(self, where=""):
-        st = self.cache.stats()
-        self._commit_if_complete()  # stats() looked at the cache
+        st = self.cache.stats()  # a read: it commits nothing
         ctx = f"stats after {where}: {st}"
+        if self.ended is not None:  # the call that ended it committed it, and its Step says so
+            assert self.ended.step.committed and not self.ended.step.cancelled, ctx
+            self.ended = None
         assert st["capacity_chunks"] == self.capacity, ctx
         assert st["chunks_in_use"] + st["chunks_free"] == st["capacity_chunks"], ctx
         assert st["peak_chunks"] >= st["chunks_in_use"], ctx
@@ -607,10 +611,12 @@ class Shadow:
         op.committed = True
 
     def _end_step(self):
-        """What plan/add_sequence/fork/remove/clear do first. False: the step is incomplete."""
+        """What plan/add_sequence/fork/remove/clear do first: commit a complete step nobody
+        committed, then end it. False: the step is incomplete."""
         self._commit_if_complete()
         if self.open is not None and not self.open.committed:
             return False
+        self.ended = self.open  # its Step must say committed once the call ran (check_stats)
         self.open = None
         self.deferred = [0, 0]
         return True
@@ -688,11 +694,23 @@ class Shadow:
             self._drop_node(key)
         self.check_stats("clear()")
 
+    def commit(self):
+        """``step.commit()``: every layer appended (the test's job), the step committed once."""
+        self.log.append(("commit",))
+        op = self.open
+        assert len(op.appended) == self.layers, "test bug: commit an incomplete step"
+        op.step.commit()
+        self._commit_if_complete()
+        assert op.step.committed and not op.step.cancelled
+        self.check_stats("commit()")
+
     def cancel(self):
+        """Drops the open step, which was not committed (complete or not)."""
         self.log.append(("cancel",))
         op = self.open
-        assert not op.committed and len(op.appended) < self.layers, "test bug: cancel a complete step"
+        assert not op.committed, "test bug: cancel a committed step"
         self.cache.cancel(op.step)
+        assert op.step.cancelled and not op.step.committed
         for sid, _ in op.entries:
             sm = self.seqs[sid]
             sm.reserved = 0
@@ -814,8 +832,10 @@ class Shadow:
         self.open.attended.add(layer)
         return got
 
-    def run_step(self, entries, order="interleaved", return_lse=None, use_out=None):
-        """plan + append + attention for every layer, checked against the reference."""
+    def run_step(self, entries, order="interleaved", return_lse=None, use_out=None, commit=None):
+        """plan + append + attention for every layer, checked against the reference; then
+        ``step.commit()`` (commit=True), or left to the next call that starts new work
+        (False; None: either, drawn)."""
         step = self.plan(entries)
         layers = list(range(self.layers))
         rl = return_lse if return_lse is not None else bool(self.rng.integers(2))
@@ -831,6 +851,8 @@ class Shadow:
                 self.attend(layer, return_lse=rl, use_out=uo)
         else:
             raise ValueError(order)
+        if commit if commit is not None else bool(self.rng.integers(2)):
+            self.commit()
         self.steps_run += 1
         return step
 

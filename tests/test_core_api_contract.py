@@ -282,7 +282,7 @@ def _shifted(self):
 
 def _native_attention(self, make_lse):
     q, out = self.q(), np.zeros((self.n, HQ, D), np.float32)
-    return self.cache._native.attention(0, self.step.id, q, out, make_lse(q, out), 0)
+    return self.cache._native.attention(0, self.step, q, out, make_lse(q, out), 0)
 
 
 World.kv = _kv
@@ -384,6 +384,7 @@ def test_fork_beyond_the_pool_is_all_or_nothing(cv):
     k = _data(0, 0, 20, HKV)
     for layer in range(2):
         cache.append(layer, st, k, k)
+    st.commit()
     before = cache.stats()
     with pytest.raises(cv.CapacityError, match="fork"):
         cache.fork(s, 4096)

@@ -385,7 +385,7 @@ def test_capacity_error_keeps_the_open_step(cv, seed):
     sh = Shadow(cv, layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D, chunk_size=C, seed=seed,
                 capacity_chunks=4)
     a, _ = sh.add(_fresh(rng, 4 * C - 4))
-    sh.run_step([(a, 4 * C - 4)])  # 4 slots, all a's; the step is complete and still open
+    sh.run_step([(a, 4 * C - 4)], commit=True)  # 4 slots, all a's; the step is committed and still open
     toks = sh.seqs[a].tokens
     before = sh.cache.stats()
     with pytest.raises(cv.CapacityError):

@@ -94,6 +94,8 @@ class TreeMachine(RuleBasedStateMachine):
                     sh.append(layer)
                 for layer in range(sh.layers):
                     sh.attend(layer)
+            if data.draw(st.booleans()):  # step.commit(); else the next call that starts work commits it
+                sh.commit()
             sh.steps_run += 1
             for sid, _ in entries:
                 self.corpus.append(list(sh.seqs[sid].tokens))
@@ -171,7 +173,10 @@ class PressureTree(TreeMachine):
 
     def _guard(self, fn, need):
         sh = self.sh
-        sh.check_stats("sync")  # the core commits a complete step whenever it is looked at
+        op = sh.open  # a complete step is committed first, so a call that fails has no commit to make
+        if op is not None and not op.committed and len(op.appended) == sh.layers:
+            sh.commit()
+        sh.check_stats("sync")
         snap = sh.snapshot()
         before = sh.cache.stats()
         avail = sh.available_slots()  # free + cached (evictable) + deferred copies

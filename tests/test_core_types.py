@@ -23,6 +23,7 @@ def test_stats_is_a_typed_read_only_mapping():
     k = np.random.default_rng(0).standard_normal((40, 2, 64)).astype(np.float32)
     for layer in range(2):
         cache.append(layer, step, k, k)
+    step.commit()
     st = cache.stats()
     assert isinstance(st, _native.CacheStats) and isinstance(st, Mapping)
     assert st.chunks_in_use == st["chunks_in_use"] == 3 and st.tokens_cached == 40

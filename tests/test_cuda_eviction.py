@@ -90,6 +90,8 @@ class Run:
                 c.append(layer, s, k.to(dev), v.to(dev))
                 poisoned = torch.full_like(q, float("nan"), device=dev)
                 o.append(c.attention(layer, s, q.to(dev), out=poisoned).cpu())
+        for s in steps:
+            s.commit()
         return st, qs, outs
 
     def decode(self, seqs):
@@ -270,19 +272,17 @@ def _check_tiles(cache, run, seq, layers):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]], ids=lambda s: "h{}-{}-d{}-c{}".format(*s))
-def test_host_tier_is_bit_identical_to_a_resident_cache(seed, dtype, shape, monkeypatch, tmp_path):
+def test_host_tier_is_bit_identical_to_a_resident_cache(seed, dtype, shape, tmp_path):
     """Small device budget, pinned host memory, a spill file past host_bytes, and (every
     other seed) slow backups: nothing may differ from keeping every chunk on the device."""
     rng = np.random.default_rng(seed)
     c = shape[3]
     slow = seed % 2 == 0
-    if slow:
-        monkeypatch.setenv("CHUNKVALE_TEST_BACKUP_DELAY_US", "2000")
     block = 2 * shape[1] * c * shape[2] * 2
     budget, topk = 6 * c, 3
     host = chunkvale.KVCache(_cfg(shape, dtype, budget=budget, topk=topk, device_chunks=20, host_bytes=40 * block,
-                                  spill_path=str(tmp_path / "spill.bin")))
-    monkeypatch.delenv("CHUNKVALE_TEST_BACKUP_DELAY_US", raising=False)
+                                  spill_path=str(tmp_path / "spill.bin")),
+                             test_hooks={"backup_delay_us": 2000 if slow else 0})
     resident = chunkvale.KVCache(_cfg(shape, dtype, budget=budget, topk=topk))
     run = Run(rng, [host, resident], shape, dtype)
     prefix = _prompt(2 * c + c // 2)

@@ -71,6 +71,8 @@ class Run:
                 c.append(layer, s, k, v)
                 poisoned = np.full_like(q, np.nan)
                 o.append(c.attention(layer, s, q, out=poisoned))
+        for s in steps:
+            s.commit()
         return st, qs, outs
 
 

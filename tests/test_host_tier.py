@@ -226,13 +226,12 @@ def _alternating_workload(cv, rng, host, n_steps=10):
     return run, seqs
 
 
-def test_slow_backups_never_let_a_slot_be_reused_early(cv, seed, monkeypatch):
+def test_slow_backups_never_let_a_slot_be_reused_early(cv, seed):
     """With every backup delayed (test-only hook), slots filled a moment ago are evicted or
     freed while their backups are still queued: the cache must wait, or a recall would bring
     back the slot's next contents and the outputs would differ."""
-    monkeypatch.setenv("CHUNKVALE_TEST_BACKUP_DELAY_US", "2000")
     rng = np.random.default_rng(seed)
-    host = cv.KVCache(_cfg(cv, device_chunks=14))
+    host = cv.KVCache(_cfg(cv, device_chunks=14), test_hooks={"backup_delay_us": 2000})
     run, seqs = _alternating_workload(cv, rng, host, n_steps=6)
     for s in seqs:
         _check_tiles(host, run, s)

@@ -1,8 +1,8 @@
 """The host tier's spill file: owned by one cache only (in this process or another), every
 block checked on the way back (a file changed behind the cache's back is an error, never
 K/V), its space reserved by plan (a full disk is a CapacityError before anything changes),
-and injected storage faults (CHUNKVALE_TEST_FAULTS, docs/API.md) surfacing as clear errors at
-the next call while no sequence's K/V is ever replaced by another's."""
+and injected storage faults (``KVCache(..., test_hooks={"faults": ...})``, docs/API.md) surfacing
+as clear errors at the next call while no sequence's K/V is ever replaced by another's."""
 
 from __future__ import annotations
 
@@ -195,6 +195,8 @@ class FaultRun:
             self.ref.append(layer, rs, k, v)
             got = self.call(self.host.attention, layer, st, q, same_stats=same_stats)
             np.testing.assert_array_equal(got, self.ref.attention(layer, rs, q), err_msg=f"layer {layer}")
+        st.commit()
+        rs.commit()
 
     def workload(self, same_stats=True):
         seqs = [self.add(n) for n in (150, 120, 90)]
@@ -224,12 +226,9 @@ class FaultRun:
     ("fallocate=EIO@1x1", OSError, "reserving"),
     ("alloc=ENOMEM@3x2", "capacity", "could not allocate"),
 ])
-def test_injected_storage_faults_surface_at_the_next_call_and_lose_nothing(cv, seed, tmp_path, monkeypatch,
-                                                                            spec, exc, needle):
-    monkeypatch.setenv("CHUNKVALE_TEST_FAULTS", spec)
-    monkeypatch.setenv("CHUNKVALE_TEST_BACKUP_DELAY_US", "200")
-    host = cv.KVCache(_spill_cfg(cv, tmp_path / "spill.bin", host_blocks=4))
-    monkeypatch.delenv("CHUNKVALE_TEST_FAULTS")
+def test_injected_storage_faults_surface_at_the_next_call_and_lose_nothing(cv, seed, tmp_path, spec, exc, needle):
+    host = cv.KVCache(_spill_cfg(cv, tmp_path / "spill.bin", host_blocks=4),
+                      test_hooks={"faults": spec, "backup_delay_us": 200})
     if exc == "capacity":
         exc = cv.CapacityError
     fr = FaultRun(cv, np.random.default_rng(seed), host, ((exc,), needle))
@@ -238,18 +237,15 @@ def test_injected_storage_faults_surface_at_the_next_call_and_lose_nothing(cv, s
     assert host.stats()["evict_spill_bytes_in_use"] > 0
 
 
-def test_injected_read_faults_are_errors_never_other_kv(cv, seed, tmp_path, monkeypatch):
+def test_injected_read_faults_are_errors_never_other_kv(cv, seed, tmp_path):
     """A failed read during attention may have recalled other chunks already (residency
     counters move), but no device slot ever holds bytes that were not verified."""
-    monkeypatch.setenv("CHUNKVALE_TEST_FAULTS", "read=EIO@3x4")
-    host = cv.KVCache(_spill_cfg(cv, tmp_path / "spill.bin", host_blocks=2))
-    monkeypatch.delenv("CHUNKVALE_TEST_FAULTS")
+    host = cv.KVCache(_spill_cfg(cv, tmp_path / "spill.bin", host_blocks=2), test_hooks={"faults": "read=EIO@3x4"})
     fr = FaultRun(cv, np.random.default_rng(seed), host, ((OSError,), "eviction.spill_path: reading block"))
     fr.workload(same_stats=False)
     assert len(fr.errors) == 4
 
 
-def test_a_bad_fault_spec_names_the_variable(cv, tmp_path, monkeypatch):
-    monkeypatch.setenv("CHUNKVALE_TEST_FAULTS", "write=EIO")
-    with pytest.raises(ValueError, match="CHUNKVALE_TEST_FAULTS"):
-        cv.KVCache(_spill_cfg(cv, tmp_path / "spill.bin"))
+def test_a_bad_fault_spec_names_the_hook(cv, tmp_path):
+    with pytest.raises(ValueError, match="test_hooks.faults"):
+        cv.KVCache(_spill_cfg(cv, tmp_path / "spill.bin"), test_hooks={"faults": "write=EIO"})

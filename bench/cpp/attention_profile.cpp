@@ -78,13 +78,13 @@ int main(int argc, char** argv) {
       step_entries.push_back({sid, n, {}});
       continue;
     }
-    uint64_t st = cache.plan({{sid, n, {}}});
+    Step st = cache.plan({{sid, n, {}}});
     auto k = random_rows(n, cfg.kv_heads);
     cache.append(0, st, view(k, n, cfg.kv_heads), view(k, n, cfg.kv_heads));
     step_entries.push_back({sid, 0, {7}});
   }
-  uint64_t st = cache.plan(step_entries);
-  const int64_t rows = cache.step_info(st).num_tokens;
+  Step st = cache.plan(step_entries);
+  const int64_t rows = st.num_tokens();
   auto k = random_rows(rows, cfg.kv_heads);
   cache.append(0, st, view(k, rows, cfg.kv_heads), view(k, rows, cfg.kv_heads));
   auto q = random_rows(rows, cfg.q_heads);

@@ -6,7 +6,8 @@
 #include <vector>
 
 #include "chunkvale/config.h"
-#include "chunkvale/kv_cache.h"
+#include "chunkvale/errors.h"
+#include "chunkvale/step_request.h"
 #include "sequence_table.h"
 
 namespace chunkvale {

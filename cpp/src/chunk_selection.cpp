@@ -28,7 +28,7 @@ void ChunkSelector::top_requests(int layer, const TensorView& q, const ExecConte
   counts_.evict_score_ns += ns_since(t0);
 }
 
-const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(int layer, const Step& step, const TensorView& q,
+const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(int layer, const PlannedStep& step, const TensorView& q,
                                                                       const ExecContext& ctx) {
   const StepPlan& plan = step.plan;
   unselected_.clear();
@@ -55,7 +55,7 @@ const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(int layer, c
   return unselected_;
 }
 
-const StepPlan* ChunkSelector::select(int layer, const Step& step, const TensorView& q, const ExecContext& ctx) {
+const StepPlan* ChunkSelector::select(int layer, const PlannedStep& step, const TensorView& q, const ExecContext& ctx) {
   decodes_.resize(step.plan.seqs.size());
   for (size_t i = 0; i < decodes_.size(); ++i) decodes_[i] = step.decodes(i);
   return select(layer, step.plan, decodes_.data(), q, ctx);

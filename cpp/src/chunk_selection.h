@@ -25,10 +25,10 @@ class ChunkSelector {
   // (SelectionRule::decodes).
   const StepPlan* select(int layer, const StepPlan& plan, const uint8_t* decodes, const TensorView& q,
                          const ExecContext& ctx);
-  const StepPlan* select(int layer, const Step& step, const TensorView& q, const ExecContext& ctx);
+  const StepPlan* select(int layer, const PlannedStep& step, const TensorView& q, const ExecContext& ctx);
   // The chunks (ids) of prefill / extend rows, over budget from their next decode step on,
   // that their last prompt token would not select.
-  const std::vector<int32_t>& unselected_after_prefill(int layer, const Step& step, const TensorView& q,
+  const std::vector<int32_t>& unselected_after_prefill(int layer, const PlannedStep& step, const TensorView& q,
                                                       const ExecContext& ctx);
 
   const CacheStats& counts() const { return counts_; }  // part_counts.h

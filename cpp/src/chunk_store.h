@@ -1,8 +1,9 @@
 // Where chunks' K/V live, between the core and the backend. The core names chunks by id
 // (ChunkPool slots, what tree nodes and sequences hold); the store runs each layer's append,
-// attention and copies on the backend in device slots. DeviceStore: every chunk resident in
-// every layer (id = slot). TieredStore (tiered_store.h): the host tier. The front calls the
-// same methods either way and never branches on which.
+// attention and copies on the backend in device slots. ChunkStore itself keeps every chunk
+// resident in every layer (id = slot); TieredStore (tiered_store.h) derives from it for the
+// host tier, and make_chunk_store (chunk_store_factory.h) picks one. The front calls the same
+// methods either way and never branches on which.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -12,15 +13,14 @@
 #include "chunkvale/cache_stats.h"
 #include "chunkvale/chunk_pool.h"
 #include "chunkvale/prefix_tree.h"
-#include "chunk_selection.h"
 #include "step.h"
 
 namespace chunkvale {
 
-class DeviceStore {
+class ChunkStore {
  public:
-  DeviceStore(const CacheConfig& cfg, Backend& backend, ChunkPool& pool, PrefixTree& tree);
-  virtual ~DeviceStore() = default;
+  ChunkStore(const CacheConfig& cfg, Backend& backend, ChunkPool& pool, PrefixTree& tree);
+  virtual ~ChunkStore() = default;
 
   // A free chunk id, reclaiming the least recently used cached prefix chunk if need be;
   // admission made sure there is one (std::logic_error otherwise).
@@ -28,14 +28,14 @@ class DeviceStore {
   virtual void free_chunk(int32_t chunk);
 
   // One layer of a step. `plan` is the step's or its layer's selection (chunk ids).
-  virtual void append(int layer, const Step& step, const TensorView& k, const TensorView& v, const ExecContext& ctx);
-  virtual void attention(int layer, const Step& step, const StepPlan& plan, const TensorView& q,
+  virtual void append(int layer, const PlannedStep& step, const TensorView& k, const TensorView& v, const ExecContext& ctx);
+  virtual void attention(int layer, const PlannedStep& step, const StepPlan& plan, const TensorView& q,
                          const TensorView& out, const TensorView* lse, const ExecContext& ctx);
   // The first n_tokens tokens of chunk src into chunk dst, every layer (on the default stream).
   virtual void copy_chunk(int32_t src, int32_t dst, int32_t n_tokens);
 
   // The host tier's hooks; nothing to do without it.
-  virtual void cancelled(const Step&) {}         // its filled chunks' copies are stale
+  virtual void cancelled(const PlannedStep&) {}         // its filled chunks' copies are stale
   virtual void check() {}                        // a failed spill-file write since the last call
   virtual void check_copies(int32_t) {}          // a copy source's host copies can be read
   virtual int evict_from() const { return cfg_.layers; }  // first layer that evicts
@@ -53,8 +53,5 @@ class DeviceStore {
   ChunkPool& pool_;
   PrefixTree& tree_;
 };
-
-std::unique_ptr<DeviceStore> make_chunk_store(const CacheConfig& cfg, Backend& backend, ChunkPool& pool,
-                                              PrefixTree& tree, ChunkSelector& selector);
 
 }  // namespace chunkvale

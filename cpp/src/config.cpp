@@ -4,7 +4,7 @@
 #include "chunkvale/config.h"
 #include "chunkvale/errors.h"
 #include "chunkvale/tensor.h"
-#include "kernels.h"
+#include "test_faults.h"
 
 namespace chunkvale {
 
@@ -124,7 +124,9 @@ void CacheConfig::validate() const {
   }
   if (device != "cpu" && device != "cuda")
     throw ValueError("device: expected 'cpu' or 'cuda', got '" + device + "'");
-  kernels_for(dtype, head_dim, kernel_isa);  // names kernel_isa if this CPU cannot run it
+  need(test_hooks.backup_delay_us >= 0 && test_hooks.backup_delay_us <= 10'000'000,
+       got("test_hooks.backup_delay_us", "microseconds in [0, 10^7]", test_hooks.backup_delay_us));
+  TestFaults::parse(test_hooks.faults);  // names test_hooks.faults
 }
 
 size_t CacheConfig::bytes_per_chunk() const {

@@ -25,11 +25,7 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
     throw CapacityError(Resource::PoolChunks, slots, 0, "capacity: could not allocate " + std::to_string(total) +
                         " bytes of KV pool memory");
   if (cfg.eviction.enabled) digests_.assign(size_t(DigestView{slots, cfg.kv_heads, cfg.head_dim}.layer(cfg.layers)), 0.0f);
-  if (cfg.eviction.host_tier()) {
-    // Test-only: slows every backup so tests can catch a slot reused before its backup.
-    const char* d = std::getenv("CHUNKVALE_TEST_BACKUP_DELAY_US");
-    backups_ = std::make_unique<CpuBackupWorker>(d ? std::atoi(d) : 0);
-  }
+  if (cfg.eviction.host_tier()) backups_ = std::make_unique<CpuBackupWorker>(cfg.test_hooks.backup_delay_us);
 }
 
 CpuBackend::~CpuBackend() {

@@ -13,7 +13,7 @@ namespace chunkvale {
 
 class CpuBackupWorker {
  public:
-  // delay_us: test-only slowdown of every copy (CHUNKVALE_TEST_BACKUP_DELAY_US), so tests
+  // delay_us: test-only slowdown of every copy (CacheConfig::test_hooks.backup_delay_us), so tests
   // can prove that nothing reuses memory a backup still reads.
   explicit CpuBackupWorker(int delay_us);
   ~CpuBackupWorker();

@@ -1,7 +1,8 @@
 // KVCache: the locked front. It validates each call, runs the guard every call that starts
-// new work shares (start_work), and delegates: the sequence table (sequence_table.h), the
-// step and its plan (step.h), admission (admission.h), chunk selection (chunk_selection.h)
-// and where chunks live (chunk_store.h: on the device, or the host tier).
+// new work shares (start_work, kv_cache_steps.cpp with the rest of a step's life), and
+// delegates: the sequence table (sequence_table.h), the step and its plan (step.h), admission
+// (admission.h), chunk selection (chunk_selection.h) and where chunks live (chunk_store.h: on
+// the device, or the host tier).
 #include "chunkvale/kv_cache.h"
 
 #include <algorithm>
@@ -11,7 +12,7 @@
 #include "backend_factory.h"
 #include "call_checks.h"
 #include "chunk_selection.h"
-#include "chunk_store.h"
+#include "chunk_store_factory.h"
 #include "part_counts.h"
 #include "sequence_table.h"
 #include "step.h"
@@ -30,46 +31,12 @@ KVCache::KVCache(const CacheConfig& config)
 }
 
 KVCache::~KVCache() {
+  if (handle_) {  // its Step outlives the cache: an uncommitted step is gone with it
+    if (!step_->committed) handle_->state = Step::State::Cancelled;
+    handle_->cache = nullptr;
+  }
   // The backend first: it drains queued backups, which still write into the store's host blocks.
   backend_.reset();
-}
-
-// ---- the step's lifecycle ----
-
-// A step whose every layer was appended is committed the first time any call looks at the
-// cache; it stays open for attention until a call that starts new work ends it.
-void KVCache::commit_if_complete() {
-  if (step_ && !step_->committed && step_->layers_appended == cfg_.layers) step_->commit(*seqs_);
-}
-
-void KVCache::refuse_open(const char* caller) const {
-  if (step_ && !step_->committed)
-    throw ValueError(std::string(caller) + ": step " + std::to_string(step_->id) + " is still open (appended in " +
-                     std::to_string(step_->layers_appended) + " of " + std::to_string(cfg_.layers) +
-                     " layers); append every layer or cancel(step) first");
-}
-
-void KVCache::start_work(const char* caller, const std::function<void()>& room) {
-  commit_if_complete();
-  refuse_open(caller);
-  room();
-  end_step();
-}
-
-void KVCache::end_step() {
-  if (!step_) return;
-  for (int32_t c : step_->deferred_free) store_->free_chunk(c);
-  planner_->recycle(*step_);
-  step_.reset();
-}
-
-const Step& KVCache::open_step(uint64_t step, const char* arg) const {
-  if (!step_ || step_->id != step) {
-    std::string open = step_ ? "step " + std::to_string(step_->id) + " is open" : "no step is open";
-    throw ValueError(std::string(arg) + ": expected the open step, got step " + std::to_string(step) + " (" + open +
-                     "; a plan is valid for its own step only)");
-  }
-  return *step_;
 }
 
 AdmissionView KVCache::admission() const {
@@ -83,16 +50,6 @@ AdmissionView KVCache::admission() const {
   v.evict_from = store_->evict_from();
   v.host_free = store_->host_free();
   return v;
-}
-
-void KVCache::require_step(const StepNeeds& n) {
-  const AdmissionView v = admission();
-  require(v, n, Resource::PoolChunks, "plan");
-  store_->check();
-  if (!v.evicts()) return;
-  require(v, n, Resource::DeviceChunks, "plan");
-  store_->reserve_host(std::min(n.host_blocks, v.host_free));  // memory for the backups, before anything changes
-  require(v, n, Resource::HostBlocks, "plan");
 }
 
 // ---- public API ----
@@ -137,71 +94,8 @@ std::pair<int64_t, int64_t> KVCache::add_sequence(const std::vector<int32_t>& to
   return {id, cached};
 }
 
-StepNeeds KVCache::needs(const std::vector<PlanEntry>& entries) {
-  std::lock_guard<std::mutex> g(mu_);
-  commit_if_complete();  // validation reads committed lengths
-  const int64_t need = check_entries(*seqs_, entries, cfg_.chunk_size);
-  refuse_open("plan");  // as plan() would; the step is not ended: asking changes nothing
-  return step_needs(admission(), entries, need);
-}
-
 StepNeeds KVCache::request_needs(int64_t prompt_tokens, int64_t max_new_tokens, int n) const {
   return chunkvale::request_needs(cfg_, pool_.capacity(), prompt_tokens, max_new_tokens, n);
-}
-
-uint64_t KVCache::plan(const std::vector<PlanEntry>& entries) {
-  std::lock_guard<std::mutex> g(mu_);
-  commit_if_complete();  // validation reads committed lengths
-  const int64_t need = check_entries(*seqs_, entries, cfg_.chunk_size);
-  start_work("plan", [&] { require_step(step_needs(admission(), entries, need)); });
-  step_ = planner_->build(entries, *seqs_, tree_, [this] { return store_->take_chunk(); });
-  return step_->id;
-}
-
-void KVCache::append(int layer, uint64_t step, const TensorView& k, const TensorView& v, const ExecContext& ctx) {
-  std::lock_guard<std::mutex> g(mu_);
-  check_index("layer", layer, cfg_.layers, "a layer");
-  const Step& st = open_step(step, "step");
-  if (st.appended[size_t(layer)])
-    throw ValueError("layer: layer " + std::to_string(layer) + " was already appended in step " + std::to_string(step));
-  const int rows = st.plan.num_tokens;
-  check_tensor3(k, "k", device_, cfg_.dtype, rows, cfg_.kv_heads, cfg_.head_dim);
-  check_tensor3(v, "v", device_, cfg_.dtype, rows, cfg_.kv_heads, cfg_.head_dim);
-  store_->check();
-  store_->append(layer, st, k, v, ctx);
-  step_->appended[size_t(layer)] = 1;
-  ++step_->layers_appended;
-}
-
-void KVCache::attention(int layer, uint64_t step, const TensorView& q, const TensorView& out, const TensorView* lse,
-                        const ExecContext& ctx) {
-  std::lock_guard<std::mutex> g(mu_);
-  check_index("layer", layer, cfg_.layers, "a layer");
-  const Step& st = open_step(step, "step");
-  if (!st.appended[size_t(layer)])
-    throw ValueError("layer: attention for layer " + std::to_string(layer) + " of step " + std::to_string(step) +
-                     " needs append(layer, step, k, v) first");
-  check_attention_args(cfg_, device_, st.plan.num_tokens, q, out, lse);
-  store_->check();
-  const StepPlan* plan = &st.plan;
-  if (cfg_.eviction.enabled && layer >= cfg_.eviction.dense_layers)
-    if (const StepPlan* kept = selector_->select(layer, st, q, ctx)) plan = kept;
-  store_->attention(layer, st, *plan, q, out, lse, ctx);
-}
-
-void KVCache::cancel(uint64_t step) {
-  std::lock_guard<std::mutex> g(mu_);
-  open_step(step, "step");
-  commit_if_complete();
-  if (step_->committed)
-    throw ValueError("step: step " + std::to_string(step) +
-                     " was appended in every layer and is committed; it can no longer be cancelled");
-  store_->cancelled(*step_);
-  std::vector<int32_t> freed;
-  step_->cancel(*seqs_, freed);
-  for (int32_t c : freed) store_->free_chunk(c);
-  planner_->recycle(*step_);
-  step_.reset();
 }
 
 std::vector<int64_t> KVCache::fork(int64_t seq, int n) {
@@ -210,7 +104,7 @@ std::vector<int64_t> KVCache::fork(int64_t seq, int n) {
   if (n < 1 || n > kMaxForkChildren)
     throw ValueError("n: expected an integer in 1.." + std::to_string(kMaxForkChildren) +
                      " (children per fork call), got " + std::to_string(n));
-  commit_if_complete();  // the tail's length counts committed tokens
+  commit_complete();  // the tail's length counts committed tokens
   const int32_t tail_tokens = int32_t(s.length() - int64_t(s.path.size()) * cfg_.chunk_size);
   const int64_t tails = tail_tokens > 0 ? n : 0;
   SequenceTable::Children children;
@@ -250,22 +144,19 @@ void KVCache::clear() {
   for (int32_t c : tree_.reclaim_all()) store_->free_chunk(c);
 }
 
-int64_t KVCache::sequence_length(int64_t seq) {
+int64_t KVCache::sequence_length(int64_t seq) const {
   std::lock_guard<std::mutex> g(mu_);
-  commit_if_complete();
   return seqs_->get(seq, "seq").length();
 }
 
-std::vector<int32_t> KVCache::sequence_slots(int64_t seq) {
+std::vector<int32_t> KVCache::sequence_slots(int64_t seq) const {
   std::lock_guard<std::mutex> g(mu_);
-  commit_if_complete();
   return seqs_->chunks_of(seqs_->get(seq, "seq"));
 }
 
 // The one place a CacheStats is assembled: the cache's tables here, and what each part counted.
-CacheStats KVCache::stats() {
+CacheStats KVCache::stats() const {
   std::lock_guard<std::mutex> g(mu_);
-  commit_if_complete();
   CacheStats st;
   st.capacity_chunks = pool_.capacity();
   st.chunks_in_use = pool_.in_use();
@@ -284,16 +175,6 @@ CacheStats KVCache::stats() {
   add_counts(st, selector_->counts());
   add_counts(st, store_->counts());
   return st;
-}
-
-StepInfo KVCache::step_info(uint64_t step) const {
-  std::lock_guard<std::mutex> g(mu_);
-  return open_step(step, "step").info();
-}
-
-const StepPlan& KVCache::step_plan(uint64_t step) const {
-  std::lock_guard<std::mutex> g(mu_);
-  return open_step(step, "step").plan;
 }
 
 void KVCache::read_digest(int layer, int32_t slot, int head, float* dst) const {

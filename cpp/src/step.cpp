@@ -4,7 +4,6 @@
 #include <atomic>
 #include <thread>
 
-#include "chunkvale/kv_cache.h"
 #include "plan_builder.h"
 #include "selection_rule.h"
 
@@ -18,21 +17,9 @@ std::atomic<uint64_t> g_next_plan_revision{1};
 
 void new_revision(StepPlan& p) { p.revision = g_next_plan_revision++; }
 
-bool Step::decodes(size_t i) const { return SelectionRule::decodes(plan.seqs[i].n_new, entries[i].from_prompt); }
+bool PlannedStep::decodes(size_t i) const { return SelectionRule::decodes(plan.seqs[i].n_new, entries[i].from_prompt); }
 
-StepInfo Step::info() const {
-  StepInfo out;
-  out.num_tokens = plan.num_tokens;
-  for (const StepSeq& s : plan.seqs) {
-    out.seq_ids.push_back(s.seq_id);
-    out.row_offsets.push_back(s.row_begin);
-  }
-  out.row_offsets.push_back(plan.num_tokens);
-  out.positions = plan.positions;
-  return out;
-}
-
-void Step::commit(SequenceTable& seqs) {
+void PlannedStep::commit(SequenceTable& seqs) {
   for (const StepEntry& e : entries) {
     Sequence& s = seqs.get(e.seq, "step");
     s.tokens.insert(s.tokens.end(), e.new_tokens.begin(), e.new_tokens.end());
@@ -48,7 +35,7 @@ void Step::commit(SequenceTable& seqs) {
   committed = true;
 }
 
-void Step::cancel(SequenceTable& seqs, std::vector<int32_t>& freed) const {
+void PlannedStep::cancel(SequenceTable& seqs, std::vector<int32_t>& freed) const {
   for (const StepEntry& e : entries) {
     Sequence& s = seqs.get(e.seq, "step");
     for (int32_t k = 0; k < e.reserved; ++k) {
@@ -63,9 +50,9 @@ StepPlanner::StepPlanner(const CacheConfig& cfg) : C_(cfg.chunk_size), layers_(c
   params_.share_threshold = cfg.share_threshold;
 }
 
-std::unique_ptr<Step> StepPlanner::build(const std::vector<PlanEntry>& entries, SequenceTable& seqs,
+std::unique_ptr<PlannedStep> StepPlanner::build(const std::vector<PlanEntry>& entries, SequenceTable& seqs,
                                          const PrefixTree& tree, const std::function<int32_t()>& take_chunk) {
-  auto st = std::make_unique<Step>();
+  auto st = std::make_unique<PlannedStep>();
   st->id = g_next_step_id.fetch_add(1);
   st->appended.assign(size_t(layers_), 0);
   std::vector<PlanSeqInput> batch;

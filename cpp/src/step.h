@@ -1,6 +1,7 @@
-// One planned step: what plan() decided (the entries, the chunks it added, its StepPlan)
-// and how far it got (layers appended). It commits its tokens into the sequences once every
-// layer was appended, or is cancelled, giving back the chunks it added.
+// One planned step as the core keeps it (the caller holds its chunkvale::Step): what plan()
+// decided (the entries, the chunks it added, its StepPlan) and how far it got (layers
+// appended). It commits its tokens into the sequences once every layer was appended, or is
+// cancelled, giving back the chunks it added.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -10,12 +11,11 @@
 #include "chunkvale/cache_stats.h"
 #include "chunkvale/config.h"
 #include "chunkvale/step_plan.h"
+#include "chunkvale/step_request.h"
 #include "sequence_table.h"
 
 namespace chunkvale {
 
-struct PlanEntry;
-struct StepInfo;
 class PrefixTree;
 
 // A fresh revision for a plan whose content changed (a backend keeping a device copy
@@ -29,7 +29,7 @@ struct StepEntry {
   int32_t reserved = 0;  // chunks added to the sequence's tail by this step
 };
 
-class Step {
+class PlannedStep {
  public:
   uint64_t id = 0;
   StepPlan plan;                      // every layer's (selection derives per-layer ones from it)
@@ -40,7 +40,6 @@ class Step {
   std::vector<int32_t> deferred_free; // deduplicated chunks, freed when the step ends
   std::vector<int32_t> filled;        // chunks this step fills (digests; eviction only)
 
-  StepInfo info() const;  // rows and positions, for the caller
   // Entry i decodes (SelectionRule::decodes).
   bool decodes(size_t i) const;
   // Commits the tokens into their sequences and seals their full chunks.
@@ -57,10 +56,10 @@ class StepPlanner {
   const PlanParams& params() const { return params_; }
 
   // `take_chunk` cannot fail (admission counted the chunks); `entries` were validated.
-  std::unique_ptr<Step> build(const std::vector<PlanEntry>& entries, SequenceTable& seqs, const PrefixTree& tree,
+  std::unique_ptr<PlannedStep> build(const std::vector<PlanEntry>& entries, SequenceTable& seqs, const PrefixTree& tree,
                               const std::function<int32_t()>& take_chunk);
   // A step that ended hands its plan back for reuse by the next one.
-  void recycle(Step& step) { std::swap(last_, step.plan); }
+  void recycle(PlannedStep& step) { std::swap(last_, step.plan); }
   const CacheStats& counts() const { return counts_; }  // part_counts.h
 
  private:

@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <string>
 
 #include "chunkvale/errors.h"
 
@@ -40,7 +41,7 @@ TestFaults TestFaults::parse(const std::string& spec) {
     if (item.empty()) continue;
     const size_t eq = item.find('='), amp = item.find('@');
     const auto bad = [&] {
-      return ValueError("CHUNKVALE_TEST_FAULTS: expected OP=ERRNO@SKIP[xCOUNT] items (OP: write, read, "
+      return ValueError("test_hooks.faults: expected OP=ERRNO@SKIP[xCOUNT] items (OP: write, read, "
                         "fallocate, alloc; ERRNO: ENOSPC, EIO, EDQUOT, ENOMEM, EFBIG), got '" + item + "'");
     };
     if (eq == std::string::npos || amp == std::string::npos || amp < eq) throw bad();
@@ -66,11 +67,6 @@ TestFaults TestFaults::parse(const std::string& spec) {
     else throw bad();
   }
   return f;
-}
-
-TestFaults TestFaults::from_env() {
-  const char* s = std::getenv("CHUNKVALE_TEST_FAULTS");
-  return s ? parse(s) : TestFaults{};
 }
 
 }  // namespace chunkvale

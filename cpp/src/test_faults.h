@@ -1,15 +1,15 @@
-// Test-only fault injection for the host tier (CHUNKVALE_TEST_FAULTS, read when a cache is
-// constructed), so tests can prove that every storage failure surfaces as a clear error and
+// Test-only fault injection for the host tier (CacheConfig::test_hooks.faults, injected by the
+// tests that construct a cache with it), so tests can prove that every storage failure surfaces as a clear error and
 // that no sequence's K/V is ever replaced by another's. Not for production use.
 //
-// The variable is a comma-separated list of OP=ERRNO@SKIP[xCOUNT]: after SKIP successful
+// The spec is a comma-separated list of OP=ERRNO@SKIP[xCOUNT]: after SKIP successful
 // operations of kind OP, the next COUNT (default: all) fail with ERRNO (a name such as ENOSPC
 // or EIO). OP is one of
 //   write      pwrite of a block to the spill file
 //   read       pread of a block from the spill file
 //   fallocate  reserving spill file space (plan)
 //   alloc      host memory for the host tier (slabs, staging buffers); ERRNO is ignored
-// e.g. CHUNKVALE_TEST_FAULTS="write=EIO@3x2,alloc=ENOMEM@10".
+// e.g. "write=EIO@3x2,alloc=ENOMEM@10".
 #pragma once
 #include <cstdint>
 #include <string>
@@ -31,8 +31,7 @@ class FaultPoint {
 
 struct TestFaults {
   FaultPoint write, read, fallocate, alloc;
-  // Parses CHUNKVALE_TEST_FAULTS (empty: no faults). Throws ValueError naming the variable.
-  static TestFaults from_env();
+  // Parses a spec (empty: no faults). Throws ValueError naming test_hooks.faults.
   static TestFaults parse(const std::string& spec);
 };
 

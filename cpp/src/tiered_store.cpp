@@ -17,10 +17,10 @@ int64_t ns_since(std::chrono::steady_clock::time_point t0) {
 
 TieredStore::TieredStore(const CacheConfig& cfg, Backend& backend, ChunkPool& pool, PrefixTree& tree,
                          ChunkSelector& selector)
-    : DeviceStore(cfg, backend, pool, tree), selector_(selector), copy_(*backend.copy_engine()),
+    : ChunkStore(cfg, backend, pool, tree), selector_(selector), copy_(*backend.copy_engine()),
       rule_(cfg.eviction, cfg.chunk_size) {
   host_ = std::make_unique<HostTier>(cfg.layer_chunk_bytes(), cfg.eviction.host_bytes, cfg.eviction.spill_path,
-                                     copy_.host_memory(), TestFaults::from_env());
+                                     copy_.host_memory(), TestFaults::parse(cfg.test_hooks.faults));
   res_ = std::make_unique<Residency>(std::min(cfg.eviction.dense_layers, cfg.layers), cfg.layers,
                                      cfg.resolved_capacity(), cfg.eviction.device_chunks);
 }
@@ -48,7 +48,7 @@ void TieredStore::drop_host_copies(int32_t chunk) {
   }
 }
 
-void TieredStore::cancelled(const Step& step) {
+void TieredStore::cancelled(const PlannedStep& step) {
   for (int32_t c : step.filled) drop_host_copies(c);
 }
 
@@ -105,7 +105,7 @@ int64_t TieredStore::take_host_block() {
   return b;
 }
 
-const StepPlan& TieredStore::to_device_slots(int layer, const Step& step, const StepPlan& plan, bool for_append,
+const StepPlan& TieredStore::to_device_slots(int layer, const PlannedStep& step, const StepPlan& plan, bool for_append,
                                              const ExecContext& ctx) {
   auto t0 = std::chrono::steady_clock::now();
   const uint64_t stamp = ++clock_;
@@ -140,7 +140,7 @@ const StepPlan& TieredStore::to_device_slots(int layer, const Step& step, const 
   return device_plan_;
 }
 
-void TieredStore::backup_filled(int layer, const Step& step, const ExecContext& ctx) {
+void TieredStore::backup_filled(int layer, const PlannedStep& step, const ExecContext& ctx) {
   const std::vector<int32_t>& f = step.filled;
   fill_slots_.resize(f.size());
   for (size_t i = 0; i < f.size(); ++i) fill_slots_[i] = res_->slot(layer, f[i]);
@@ -156,16 +156,16 @@ void TieredStore::backup_filled(int layer, const Step& step, const ExecContext& 
   }
 }
 
-void TieredStore::append(int layer, const Step& step, const TensorView& k, const TensorView& v,
+void TieredStore::append(int layer, const PlannedStep& step, const TensorView& k, const TensorView& v,
                          const ExecContext& ctx) {
-  if (!cfg_.evicts_to_host(layer)) return DeviceStore::append(layer, step, k, v, ctx);
+  if (!cfg_.evicts_to_host(layer)) return ChunkStore::append(layer, step, k, v, ctx);
   backend_.append(layer, to_device_slots(layer, step, step.plan, true, ctx), k, v, ctx);
   backup_filled(layer, step, ctx);  // digests, then the asynchronous copies to the host tier
 }
 
-void TieredStore::attention(int layer, const Step& step, const StepPlan& plan, const TensorView& q,
+void TieredStore::attention(int layer, const PlannedStep& step, const StepPlan& plan, const TensorView& q,
                             const TensorView& out, const TensorView* lse, const ExecContext& ctx) {
-  if (!cfg_.evicts_to_host(layer)) return DeviceStore::attention(layer, step, plan, q, out, lse, ctx);
+  if (!cfg_.evicts_to_host(layer)) return ChunkStore::attention(layer, step, plan, q, out, lse, ctx);
   // Recall what the selection needs, evicting what no sequence of the step selected.
   backend_.attention(layer, to_device_slots(layer, step, plan, false, ctx), q, out, lse, ctx);
   // Prefill attends to everything; afterwards an over-budget sequence keeps the chunks that
@@ -198,7 +198,7 @@ void TieredStore::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
 }
 
 void TieredStore::read_tile(int layer, int32_t chunk, int kv, int head, float* dst) {
-  if (!cfg_.evicts_to_host(layer)) return DeviceStore::read_tile(layer, chunk, kv, head, dst);
+  if (!cfg_.evicts_to_host(layer)) return ChunkStore::read_tile(layer, chunk, kv, head, dst);
   const int32_t dev = res_->slot(layer, chunk);
   if (dev >= 0) return backend_.inspect().read_tile(layer, dev, kv, head, dst);
   const int64_t b = res_->host_block(layer, chunk);

@@ -3,32 +3,33 @@
 // file), or to both (residency.h). Append writes in device slots, then backs the filled
 // chunks up (asynchronously, by the backend's copy engine); attention recalls what the
 // plan attends, evicting the least recently used chunks that have a host copy. The dense
-// layers below are plain DeviceStore layers.
+// layers below are plain ChunkStore layers.
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <vector>
 
+#include "chunk_selection.h"
 #include "chunk_store.h"
 #include "host_tier.h"
 #include "residency.h"
 
 namespace chunkvale {
 
-class TieredStore final : public DeviceStore {
+class TieredStore final : public ChunkStore {
  public:
   // The backend has a copy engine (KVCache checked).
   TieredStore(const CacheConfig& cfg, Backend& backend, ChunkPool& pool, PrefixTree& tree, ChunkSelector& selector);
 
   void free_chunk(int32_t chunk) override;  // pool slot, device slots and host copies
-  void append(int layer, const Step& step, const TensorView& k, const TensorView& v, const ExecContext& ctx) override;
-  void attention(int layer, const Step& step, const StepPlan& plan, const TensorView& q, const TensorView& out,
+  void append(int layer, const PlannedStep& step, const TensorView& k, const TensorView& v, const ExecContext& ctx) override;
+  void attention(int layer, const PlannedStep& step, const StepPlan& plan, const TensorView& q, const TensorView& out,
                  const TensorView* lse, const ExecContext& ctx) override;
   void copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) override;
 
   // Chunks a cancelled step filled hold uncommitted rows: their host copies must go, or a
   // partial chunk could be evicted and its later rows written into a fresh slot.
-  void cancelled(const Step& step) override;
+  void cancelled(const PlannedStep& step) override;
   void check() override { host_->check(); }
   void check_copies(int32_t chunk) override;  // host_copy of every layer where chunk is off the device
   int evict_from() const override { return res_->first_layer(); }
@@ -51,9 +52,9 @@ class TieredStore final : public DeviceStore {
   int64_t take_host_block();
   // The plan with chunk ids replaced by the layer's device slots; the chunks it needs (the
   // written ones for append, the attended ones for attention) are made resident first.
-  const StepPlan& to_device_slots(int layer, const Step& step, const StepPlan& plan, bool for_append,
+  const StepPlan& to_device_slots(int layer, const PlannedStep& step, const StepPlan& plan, bool for_append,
                                   const ExecContext& ctx);
-  void backup_filled(int layer, const Step& step, const ExecContext& ctx);
+  void backup_filled(int layer, const PlannedStep& step, const ExecContext& ctx);
 
   ChunkSelector& selector_;
   CopyEngine& copy_;

@@ -14,14 +14,15 @@ static TensorView view(std::vector<float>& v, int64_t rows, int64_t heads, int64
 // One model step: K/V/Q would come from the model's projections; constants here.
 static void run(KVCache& cache, const std::vector<PlanEntry>& batch) {
   const CacheConfig& c = cache.config();
-  uint64_t step = cache.plan(batch);
-  int64_t rows = cache.step_info(step).num_tokens;
+  Step step = cache.plan(batch);
+  int64_t rows = step.num_tokens();
   std::vector<float> k(size_t(rows) * c.kv_heads * c.head_dim, 0.5f), v(k.size(), 1.0f);
   std::vector<float> q(size_t(rows) * c.q_heads * c.head_dim, 0.1f), out(q.size());
   for (int layer = 0; layer < c.layers; ++layer) {
     cache.append(layer, step, view(k, rows, c.kv_heads, c.head_dim), view(v, rows, c.kv_heads, c.head_dim));
     cache.attention(layer, step, view(q, rows, c.q_heads, c.head_dim), view(out, rows, c.q_heads, c.head_dim));
   }
+  step.commit();  // the step's tokens are cached now; reads such as stats() never commit
 }
 
 int main() {

@@ -1,9 +1,8 @@
-"""KVCache: the Python face of the native cache. Glue only: argument normalisation,
-output allocation in the caller's tensor kind, and a Step handle."""
+"""KVCache: the Python face of the native cache. Glue only: argument normalisation and
+output allocation in the caller's tensor kind. ``plan`` returns the native Step itself."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -17,16 +16,10 @@ _INT32 = (-(2**31), 2**31 - 1)
 Mapping.register(_native.CacheStats)  # a read-only mapping of its fields (keys, items, get, ==)
 
 
-@dataclass(frozen=True)
-class Step:
-    """One planned step. Rows ``row_offsets[i]:row_offsets[i+1]`` belong to ``seq_ids[i]``;
-    ``positions[r]`` is row r's absolute position in its sequence (for RoPE)."""
-
-    id: int
-    num_tokens: int
-    seq_ids: List[int]
-    row_offsets: List[int]
-    positions: np.ndarray
+# One planned step, bound to its cache: ``id``, ``num_tokens``, ``seq_ids``, ``row_offsets``
+# (rows ``row_offsets[i]:row_offsets[i+1]`` belong to ``seq_ids[i]``), ``positions`` (each row's
+# position in its sequence, for RoPE), ``commit()``, ``cancel()``, ``committed``, ``cancelled``.
+Step = _native.Step
 
 
 def _token_list(token_ids, arg: str) -> List[int]:
@@ -81,11 +74,15 @@ class KVCache:
     when it raises.
     """
 
-    def __init__(self, config: CacheConfig):
+    def __init__(self, config: CacheConfig, *, test_hooks: Optional[dict] = None):
+        """``test_hooks`` (tests only): ``{"backup_delay_us": int, "faults": str}``, see docs/API.md."""
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config: expected chunkvale.CacheConfig, got {type(config).__name__}")
         self.config = config
-        self._native = _native.KVCache(config.to_native())
+        native = config.to_native()
+        if test_hooks is not None:
+            native.test_hooks = _test_hooks(test_hooks)
+        self._native = _native.KVCache(native)
 
     # -- sequences --
     def add_sequence(self, token_ids, namespace: str = "", max_reuse: Optional[int] = None) -> Tuple[int, int]:
@@ -96,15 +93,15 @@ class KVCache:
 
     def plan(self, entries: Sequence[Tuple[int, Union[int, Sequence[int]]]]) -> Step:
         """Plans one step: each entry is (seq, n_new) for pending prompt tokens or
-        (seq, token_ids) for tokens beyond the prompt."""
-        step_id = self._native.plan(_entries(entries))
-        info = self._native.step_info(step_id)
-        return Step(step_id, info["num_tokens"], list(info["seq_ids"]), list(info["row_offsets"]),
-                    info["positions"])
+        (seq, token_ids) for tokens beyond the prompt. Returns the Step: append and attend
+        every layer, then ``step.commit()`` (or ``step.cancel()``). A step appended in every
+        layer that was not committed is committed here first, then ended."""
+        return self._native.plan(_entries(entries))
 
     def needs(self, entries) -> "_native.StepNeeds":
         """What ``plan(entries)`` needs of each resource and what it can have now; ``plan``
-        raises CapacityError exactly when ``not needs(entries).fits``. Changes nothing."""
+        raises CapacityError exactly when ``not needs(entries).fits``. Changes nothing (a step
+        that is open and not committed is a ValueError: commit or cancel it first)."""
         return self._native.needs(_entries(entries))
 
     def request_needs(self, prompt_tokens: int, max_new_tokens: int, n: int = 1) -> "_native.StepNeeds":
@@ -115,7 +112,7 @@ class KVCache:
 
     def append(self, layer: int, step: Step, k, v) -> None:
         """Writes the step's new K/V ([num_tokens, kv_heads, head_dim]) for one layer."""
-        self._native.append(layer, _step_id(step), k, v, _stream_of(k))
+        self._native.append(layer, _step_arg(step), k, v, _stream_of(k))
 
     def attention(self, layer: int, step: Step, q, out=None, return_lse: bool = False):
         """Attention of the step's queries ([num_tokens, q_heads, head_dim]) for one layer.
@@ -125,7 +122,7 @@ class KVCache:
         softmax denominator of the scaled scores (FlashInfer's is base 2).
         """
         kind = _kind(q, "q")
-        step_id = _step_id(step)
+        step = _step_arg(step)
         if not isinstance(return_lse, (bool, np.bool_)):
             raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
         if len(q.shape) != 3:  # before out/lse are allocated from q's shape
@@ -141,12 +138,14 @@ class KVCache:
                 lse = np.empty((q.shape[0], self.config.q_heads), dtype=np.float32)
             else:
                 lse = _empty_like(q, (q.shape[0], self.config.q_heads), dtype=_torch().float32)
-        self._native.attention(layer, step_id, q, out, lse, _stream_of(q))
+        self._native.attention(layer, step, q, out, lse, _stream_of(q))
         return (out, lse) if return_lse else out
 
     def cancel(self, step: Step) -> None:
-        """Drops a step that was not appended in every layer."""
-        self._native.cancel(_step_id(step))
+        """Drops the open step, which must not be committed: a committed, cancelled, ended or
+        foreign step is a ValueError naming ``step``. ``step.cancel()`` is the lenient form for
+        rolling back (idempotent; a committed step stays committed, ``step.committed`` says so)."""
+        self._native.cancel(_step_arg(step))
 
     def fork(self, seq: int, n: int) -> List[int]:
         """n new sequences sharing seq's full chunks (its partial tail is copied)."""
@@ -160,6 +159,7 @@ class KVCache:
         self._native.clear()
 
     def sequence_length(self, seq: int) -> int:
+        """Committed tokens of a sequence (a read: it commits nothing)."""
         return self._native.sequence_length(seq)
 
     def stats(self) -> "_native.CacheStats":
@@ -213,7 +213,28 @@ def _entries(entries):
     return norm
 
 
-def _step_id(step) -> int:
+def _step_arg(step) -> Step:
     if isinstance(step, Step):
-        return step.id
+        return step
     raise TypeError(f"step: expected the Step returned by plan(), got {type(step).__name__}")
+
+
+def _test_hooks(hooks) -> "_native.TestHooks":
+    """Test-only hooks of a cache: every host-tier backup delayed (``backup_delay_us``) and
+    injected storage faults (``faults``); docs/API.md. Never for production."""
+    if not isinstance(hooks, dict):
+        raise TypeError(f"test_hooks: expected a dict or None, got {type(hooks).__name__}")
+    unknown = set(hooks) - {"backup_delay_us", "faults"}
+    if unknown:
+        raise ValueError(f"test_hooks: expected the keys backup_delay_us and faults, got {sorted(unknown)}")
+    native = _native.TestHooks()
+    delay = hooks.get("backup_delay_us", 0)
+    if isinstance(delay, bool) or not isinstance(delay, numbers.Integral):
+        raise TypeError(f"test_hooks.backup_delay_us: expected an int, got {type(delay).__name__}")
+    if not 0 <= delay <= 10**7:
+        raise ValueError(f"test_hooks.backup_delay_us: expected microseconds in [0, 10^7], got {delay}")
+    faults = hooks.get("faults", "")
+    if not isinstance(faults, str):
+        raise TypeError(f"test_hooks.faults: expected a str, got {type(faults).__name__}")
+    native.backup_delay_us, native.faults = int(delay), faults
+    return native

@@ -23,3 +23,14 @@ class CapacityError(RuntimeError):
 
     def __reduce__(self):  # pickling keeps the fields (multiprocessing, logging handlers)
         return (type(self), (str(self), self.resource, self.needed, self.available))
+
+
+def _hand_to_native() -> None:
+    """The native module raises this class for the core's CapacityError; it is handed in here
+    rather than imported from there, so that the module never imports the package above it."""
+    from . import _native
+
+    _native.set_capacity_error_type(CapacityError)
+
+
+_hand_to_native()

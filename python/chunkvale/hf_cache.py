@@ -243,10 +243,7 @@ class ChunkvaleCache(Cache):
         cache_users.claim(sys._getframe(), "reset()", self._users, cache_users.of_kv(self.kv_cache))
         st = self._state
         if st.step is not None:
-            try:
-                self.kv_cache.cancel(st.step)
-            except (ValueError, KeyError):
-                pass
+            st.step.cancel()  # idempotent; a committed step stays committed
             st.step = None
         st.retired.extend(s for s in st.seqs if s is not None)
         st.seqs, st.tokens, st.reused, st.columns = [], [], [], 0

@@ -188,7 +188,7 @@ def begin_forward(cache, module, kw: dict) -> dict:
         kw["use_cache"] = True
         kw["chunkvale_context"] = ctx
     except BaseException:
-        kv.cancel(step)
+        step.cancel()
         for seq in new_seqs.values():
             kv.remove(seq)
         raise
@@ -203,15 +203,15 @@ def end_forward(cache, ctx: _ForwardContext, result):
     st, kv = cache._state, cache.kv_cache
     st.step = None
     complete = ctx.layers_done == cache.num_layers
+    if complete and not ctx.step.cancelled:  # reset()/release() cancel the step of an interrupted forward
+        ctx.step.commit()  # every layer was appended: the rows' tokens are cached from here on
     if result is None or not complete:
         if not complete:
-            try:
-                kv.cancel(ctx.step)
-            except (ValueError, KeyError):
-                pass
+            ctx.step.cancel()
             _remove_all(kv, list(ctx.new_seqs.values()))
         else:
-            # Every layer was appended (committed), then something after attention failed.
+            # Every layer was appended (committed, unless reset() cancelled it), then something
+            # after attention failed or interrupted the forward.
             _undo_committed(cache, ctx)
         return None
     B = ctx.batch

@@ -24,10 +24,7 @@ class _State:
 
     def release(self, kv: KVCache) -> None:
         if self.step is not None:
-            try:
-                kv.cancel(self.step)
-            except (ValueError, KeyError):  # complete (committed) or already ended
-                pass
+            self.step.cancel()  # idempotent; a committed step stays committed
             self.step = None
         seqs = [s for s in self.seqs if s is not None] + self.retired
         self.seqs, self.tokens, self.reused, self.retired, self.columns = [], [], [], [], 0

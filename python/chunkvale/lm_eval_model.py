@@ -88,9 +88,11 @@ class ChunkvaleLM(HFLM):
                 step = cache.plan([(seq, n_prefill - n_cached)])
                 rows = [self._runner.forward(step, inp[n_cached:n_prefill],
                                              list(range(first - n_cached, n_prefill - n_cached)))]
+                step.commit()
                 for token in inp[n_prefill:]:
                     step = cache.plan([(seq, [token])])
                     rows.append(self._runner.forward(step, [token], [0]))
+                    step.commit()
             return torch.log_softmax(torch.cat(rows).to(self.softmax_dtype or torch.float32), dim=-1)
         finally:
             cache.remove(seq)

@@ -11,7 +11,6 @@ finished. It runs no model and imports no torch: the engine loop (engine.py) fee
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
@@ -76,6 +75,7 @@ class Scheduler:
         samples gets its next token from ``emit(sample, row_logits)`` (the engine samples and
         applies the stop rules); then requests whose prompt just completed fork, and their other
         samples draw their first token from the same logits."""
+        batch.step.commit()  # every layer was appended: the step's tokens are cached from here on
         forks = self._commit(batch)
         for s, row_logits in zip(batch.sampled, logits):
             emit(s, row_logits)
@@ -332,8 +332,7 @@ class Scheduler:
         self.running = []
 
     def _drop(self, batch: Batch) -> None:
-        with contextlib.suppress(ValueError):  # a step appended in every layer is already committed
-            self.cache.cancel(batch.step)
+        batch.step.cancel()  # idempotent; a committed step stays committed (batch.step.committed)
 
     def _release(self, req: RequestState, reason: str) -> None:
         """Give back ``req``'s sequences; samples that had not finished end with ``reason``."""

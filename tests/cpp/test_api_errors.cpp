@@ -23,13 +23,14 @@ int64_t prefill(KVCache& cache, int n, int32_t first_token) {
   std::vector<int32_t> toks(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) toks[size_t(i)] = first_token + i;
   const int64_t s = cache.add_sequence(toks).first;
-  const uint64_t step = cache.plan({PlanEntry{s, n, {}}});
+  Step step = cache.plan({PlanEntry{s, n, {}}});
   const auto& cfg = cache.config();
   std::vector<float> kv(size_t(n) * cfg.kv_heads * cfg.head_dim, 0.5f);
   for (int l = 0; l < cfg.layers; ++l) {
     TensorView t = tensor_view(kv.data(), DType::Float32, n, cfg.kv_heads, cfg.head_dim);
     cache.append(l, step, t, t);
   }
+  step.commit();
   return s;
 }
 

@@ -6,7 +6,7 @@
 
 #include "backend_factory.h"
 #include "check.h"
-#include "chunk_store.h"
+#include "chunk_store_factory.h"
 #include "chunkvale/kv_cache.h"
 
 using namespace chunkvale;
@@ -36,7 +36,7 @@ struct Fixture {
   SequenceTable seqs{tree, C};
   StepPlanner planner;
   ChunkSelector selector;
-  std::unique_ptr<DeviceStore> store;
+  std::unique_ptr<ChunkStore> store;
   explicit Fixture(bool host_tier)
       : cfg(config(host_tier)), backend(make_backend(cfg, cfg.capacity_chunks)), pool(cfg.capacity_chunks),
         planner(cfg), selector(cfg.eviction, cfg.chunk_size, backend->digests(), planner.params()),

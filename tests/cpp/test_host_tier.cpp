@@ -239,7 +239,7 @@ static void host_tier_write_faults_surface_and_lose_nothing() {
     CHECK_THROWS(h.reserve(1), CapacityError, "eviction.host_bytes");
     CHECK(h.available() == 4);
   }
-  CHECK_THROWS(TestFaults::parse("write=EIO"), ValueError, "CHUNKVALE_TEST_FAULTS");
+  CHECK_THROWS(TestFaults::parse("write=EIO"), ValueError, "test_hooks.faults");
   CHECK_THROWS(TestFaults::parse("scribble=EIO@1"), ValueError, "OP=ERRNO@SKIP");
   CHECK_THROWS(TestFaults::parse("read=EWHAT@1"), ValueError, "ERRNO");
   FaultPoint p = TestFaults::parse("read=EIO@2x1").read;

@@ -29,7 +29,7 @@ struct Model {
 
 double run_step(KVCache& cache, Model& m, const std::vector<PlanEntry>& entries, std::mt19937& rng) {
   const auto& cfg = m.cfg;
-  uint64_t step = cache.plan(entries);
+  Step step = cache.plan(entries);
   const StepPlan& plan = cache.step_plan(step);
   const int T = plan.num_tokens, H = cfg.q_heads, KV = cfg.kv_heads, D = cfg.head_dim;
   std::normal_distribution<float> nd;
@@ -141,11 +141,11 @@ int main() {
     CHECK_THROWS(cache.remove(999), KeyError, "unknown sequence id 999");
     CHECK_THROWS(cache.plan({{s1, 5, {}}}), ValueError, "n_new");
     CHECK(cache.stats().chunks_in_use == st.chunks_in_use);
-    uint64_t step = cache.plan({{s1, 0, {1}}});
+    Step step = cache.plan({{s1, 0, {1}}});
     std::vector<float> bad(10);
     CHECK_THROWS(cache.append(0, step, view3(bad, 2, 2, 64), view3(bad, 2, 2, 64)), ValueError,
                  "expected shape [1, 2, 64]");
-    CHECK_THROWS(cache.append(0, step + 1, view3(bad, 1, 2, 64), view3(bad, 1, 2, 64)), ValueError,
+    CHECK_THROWS(cache.append(0, Step{}, view3(bad, 1, 2, 64), view3(bad, 1, 2, 64)), ValueError,
                  "expected the open step");
     CHECK_THROWS(cache.remove(s1), ValueError, "still open");
     cache.cancel(step);

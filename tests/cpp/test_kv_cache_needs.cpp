@@ -47,9 +47,9 @@ Resource first_short(const StepNeeds& n) {
   return Resource::HostBlocks;
 }
 
-void run_step(KVCache& cache, uint64_t step, std::mt19937& rng) {
+void run_step(KVCache& cache, Step step, std::mt19937& rng) {
   const CacheConfig& cfg = cache.config();
-  const int rows = cache.step_info(step).num_tokens;
+  const int rows = step.num_tokens();
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::vector<float> k(size_t(rows) * cfg.kv_heads * cfg.head_dim), q(size_t(rows) * cfg.q_heads * cfg.head_dim),
       out(q.size());
@@ -61,6 +61,7 @@ void run_step(KVCache& cache, uint64_t step, std::mt19937& rng) {
     cache.attention(l, step, tensor_view(q.data(), DType::Float32, rows, cfg.q_heads, cfg.head_dim),
                     tensor_view(out.data(), DType::Float32, rows, cfg.q_heads, cfg.head_dim));
   }
+  step.commit();  // needs() is a read: it answers once the step is committed
 }
 
 // Random steps (prefill, decode, mixed; sequences added, forked and removed): for every step
@@ -131,7 +132,7 @@ void agree_over_random_steps(const CacheConfig& cfg, unsigned seed, int rounds, 
     CHECK(same(n, cache.needs(entries)));  // asking twice gives the same answer
     if (!cfg.eviction.host_tier()) CHECK(n.device_chunks == 0 && n.device_available == 0 && n.host_blocks == 0);
     try {
-      const uint64_t step = cache.plan(entries);
+      const Step step = cache.plan(entries);
       EXPECT(n.fits(), "plan() took a step needs() refused: pool %lld/%lld device %lld/%lld host %lld/%lld",
              (long long)n.pool_chunks, (long long)n.pool_available, (long long)n.device_chunks,
              (long long)n.device_available, (long long)n.host_blocks, (long long)n.host_available);
@@ -180,7 +181,7 @@ void needs_validates_as_plan() {
   const StepNeeds n = cache.needs({PlanEntry{s, 3, {}}});
   CHECK(n.pool_chunks == 1 && n.pool_available == 8 && n.fits());
   // A step open in some layer only: plan() would refuse, and so does needs().
-  const uint64_t step = cache.plan({PlanEntry{s, 3, {}}});
+  const Step step = cache.plan({PlanEntry{s, 3, {}}});
   std::vector<float> kv(3 * 64);
   TensorView t = tensor_view(kv.data(), DType::Float32, 3, 1, 64);
   cache.append(0, step, t, t);

@@ -46,8 +46,8 @@ std::vector<float> drive(KVCache& cache, std::atomic<bool>* done) {
   std::vector<int64_t> seqs;
   uint64_t tick = 0;
   auto step = [&](const std::vector<PlanEntry>& entries) {
-    const uint64_t st = cache.plan(entries);
-    const int T = cache.step_info(st).num_tokens;
+    const Step st = cache.plan(entries);
+    const int T = st.num_tokens();
     for (int l = 0; l < c.layers; ++l) {
       std::vector<float> k(size_t(T) * c.kv_heads * c.head_dim), v(k.size()), q(size_t(T) * c.q_heads * c.head_dim),
           out(q.size());
@@ -75,9 +75,9 @@ std::vector<float> drive(KVCache& cache, std::atomic<bool>* done) {
 }
 
 void readers_do_not_disturb_the_driver() {
-  setenv("CHUNKVALE_TEST_BACKUP_DELAY_US", "300", 1);
-  KVCache quiet(config()), busy(config());
-  unsetenv("CHUNKVALE_TEST_BACKUP_DELAY_US");
+  CacheConfig slow = config();
+  slow.test_hooks.backup_delay_us = 300;
+  KVCache quiet(slow), busy(slow);
   const std::vector<float> want = drive(quiet, nullptr);
   std::atomic<bool> done{false};
   std::atomic<int64_t> reads{0};

@@ -52,6 +52,18 @@ struct EvictionConfig {
   bool host_tier() const { return enabled && device_chunks > 0; }
 };
 
+// Test-only hooks, injected by the tests that need them (never read from the environment);
+// leave them at their defaults in production.
+struct TestHooks {
+  // Every host-tier backup is delayed by this many microseconds (CPU: in the copy worker;
+  // CUDA: a host callback on the copy stream before the copy), so tests can catch a device
+  // slot reused before its backup completed. 0..10^7.
+  int backup_delay_us = 0;
+  // Host-tier storage failures (cpp/src/test_faults.h): a comma-separated list of
+  // OP=ERRNO@SKIP[xCOUNT], e.g. "write=EIO@3x2,alloc=ENOMEM@10"; empty: none.
+  std::string faults;
+};
+
 // Bounds validate() puts on the model shape, so that every size derived from it fits 64 bits.
 constexpr int kMaxLayers = 1 << 16;
 constexpr int kMaxHeads = 1 << 16;
@@ -71,8 +83,10 @@ struct CacheConfig {
   std::string device = "cpu";
   // CPU kernels' instruction set: "" = $CHUNKVALE_KERNEL_ISA if set, else the best this CPU
   // runs; "avx512bf16", "avx512", "avx2" or "generic" force one (tests run every path the machine has).
+  // The CPU backend checks it (a CUDA cache does not use it).
   std::string kernel_isa;
   EvictionConfig eviction;
+  TestHooks test_hooks;
 
   // Throws ValueError naming the first bad field. Sums and products of fields are computed
   // in 64 bits, so values near the int limits are refused, never wrapped around.

@@ -16,48 +16,20 @@
 #include "chunkvale/config.h"
 #include "chunkvale/errors.h"
 #include "chunkvale/prefix_tree.h"
+#include "chunkvale/step.h"
 #include "chunkvale/step_plan.h"
+#include "chunkvale/step_request.h"
 #include "chunkvale/tensor.h"
 
 namespace chunkvale {
 
-// One batch entry of plan(): the next `count` pending prompt tokens, or explicit tokens.
-struct PlanEntry {
-  int64_t seq = 0;
-  int64_t count = 0;              // used when `tokens` is empty
-  std::vector<int32_t> tokens;    // tokens beyond the prompt (decode)
-};
-
-// What a caller needs of a planned step: its rows and their positions.
-struct StepInfo {
-  int32_t num_tokens = 0;
-  std::vector<int64_t> seq_ids;
-  std::vector<int32_t> row_offsets;  // B + 1
-  std::vector<int64_t> positions;    // per packed row, for RoPE
-};
-
-// What a step needs of each resource, against what it can have now (CapacityError's units:
-// pool chunks; device chunks per evicting layer, both 0 without a host tier; host blocks,
-// both 0 without one, host_available INT64_MAX when a spill file makes it unbounded).
-struct StepNeeds {
-  int64_t pool_chunks = 0, pool_available = 0;
-  int64_t device_chunks = 0, device_available = 0;
-  int64_t host_blocks = 0, host_available = 0;
-  bool fits() const {
-    return pool_chunks <= pool_available && device_chunks <= device_available && host_blocks <= host_available;
-  }
-};
-
 // The parts behind the front (cpp/src).
 class SequenceTable;
-class Step;
+class PlannedStep;
 class StepPlanner;
 class ChunkSelector;
-class DeviceStore;
+class ChunkStore;
 struct AdmissionView;
-
-// The most children one fork() call makes (each copies its parent's token ids).
-constexpr int kMaxForkChildren = 4096;
 
 class KVCache {
  public:
@@ -72,36 +44,45 @@ class KVCache {
   std::pair<int64_t, int64_t> add_sequence(const std::vector<int32_t>& tokens,
                                            const std::string& ns = "",
                                            int64_t max_reuse = -1);
-  // Plans one step; returns its id. A step ends (and its plan with it) at the next
-  // add_sequence / plan / fork / remove / clear, which refuse while a layer is missing.
-  uint64_t plan(const std::vector<PlanEntry>& entries);
+  // Plans one step and returns it, bound to this cache: its rows and positions, commit() and
+  // cancel(). A step appended in every layer and not committed yet is committed first (as
+  // commit() would; not undone if this call then throws); a step missing a layer is refused
+  // (ValueError). The open step ends here (and at add_sequence / fork / remove / clear).
+  Step plan(const std::vector<PlanEntry>& entries);
   // What plan(entries) needs and can have now; validates entries as plan() does (same
   // exceptions) and changes nothing. plan() throws CapacityError exactly when !fits().
-  StepNeeds needs(const std::vector<PlanEntry>& entries);
+  // A read: a step that is open and not committed is a ValueError (commit or cancel it first).
+  StepNeeds needs(const std::vector<PlanEntry>& entries) const;
   // What the largest step of one request (prompt_tokens, up to max_new_tokens per sample,
   // n samples) needs running alone in an empty cache, against what an empty cache has: the
   // pool holds its full prompt chunks plus one chunk per sample; with a host tier, every
   // chunk a prefill (or a decode within budget_tokens) attends is on the device at once.
   StepNeeds request_needs(int64_t prompt_tokens, int64_t max_new_tokens, int n) const;
   // `ctx`: where the backend runs them (the caller's CUDA stream; unused on the CPU).
-  void append(int layer, uint64_t step, const TensorView& k, const TensorView& v, const ExecContext& ctx = {});
-  void attention(int layer, uint64_t step, const TensorView& q, const TensorView& out,
+  // `step` must be this cache's open step (ValueError naming `step` otherwise).
+  void append(int layer, const Step& step, const TensorView& k, const TensorView& v, const ExecContext& ctx = {});
+  void attention(int layer, const Step& step, const TensorView& q, const TensorView& out,
                  const TensorView* lse = nullptr, const ExecContext& ctx = {});
-  void cancel(uint64_t step);
+  // What Step::commit() does: commits the open step once every layer was appended; a no-op
+  // for a committed step; ValueError naming `step` for a missing layer, a cancelled step or
+  // another cache's step.
+  void commit(const Step& step);
+  // Drops the open step, which must not be committed: ValueError naming `step` for a
+  // committed, cancelled, ended or foreign step (Step::cancel() is the lenient form).
+  void cancel(const Step& step);
   // n in 1..kMaxForkChildren; all or nothing (CapacityError when the pool cannot hold the
   // children's private tails, cache unchanged).
   std::vector<int64_t> fork(int64_t seq, int n);
   void remove(int64_t seq);
   void clear();  // drops every unreferenced cached prefix chunk
 
-  // Reads; they also commit a step whose every layer was appended.
-  int64_t sequence_length(int64_t seq);
-  CacheStats stats();
-  // A copy of the open step's rows and positions. Throws if `step` is stale.
-  StepInfo step_info(uint64_t step) const;
+  // Reads: they never change the cache (a step is committed only by commit() or the next
+  // call that starts new work).
+  int64_t sequence_length(int64_t seq) const;
+  CacheStats stats() const;
   // The open step's plan itself, for tests and backends' checks; valid until the step
   // ends, and not safe against a concurrent plan() from another thread.
-  const StepPlan& step_plan(uint64_t step) const;
+  const StepPlan& step_plan(const Step& step) const;
   // Test/debug access to stored K/V; see Inspect::read_tile. `slot` is a chunk id as
   // sequence_slots() gives it; with the host tier, a chunk not on the device in this
   // layer is read from its host copy.
@@ -111,17 +92,22 @@ class KVCache {
   // The digest of (layer, slot, head) as float32 [2][head_dim]; eviction only.
   void read_digest(int layer, int32_t slot, int head, float* dst) const;
   // Slots of a sequence's chunks in token order.
-  std::vector<int32_t> sequence_slots(int64_t seq);
+  std::vector<int32_t> sequence_slots(int64_t seq) const;
 
  private:
+  friend class Step;
   // Every call that starts new work: commits a complete step, refuses while a step misses a
   // layer, runs `room` (admission and the checks that can fail; nothing changes before it
   // returns), then ends the step.
   void start_work(const char* caller, const std::function<void()>& room);
-  void commit_if_complete();
+  void commit_open();      // the open step, complete, not committed yet
+  void commit_complete();  // the compat rule: commits the open step if complete and not committed
   void refuse_open(const char* caller) const;  // ValueError while a step misses a layer
   void end_step();
-  const Step& open_step(uint64_t step, const char* arg) const;
+  const PlannedStep& open_step(const Step& step, const char* arg) const;
+  Step handle_of(const PlannedStep& st);  // the caller's Step for a step just planned
+  bool cancel_if_open(const Step& step);  // Step::cancel(): no exception for a committed step
+  void drop_open();                       // cancels the open step (not committed)
   AdmissionView admission() const;
   // plan()'s refusals in their order: pool, a failed spill write, device, host.
   void require_step(const StepNeeds& n);
@@ -134,8 +120,9 @@ class KVCache {
   std::unique_ptr<SequenceTable> seqs_;
   std::unique_ptr<StepPlanner> planner_;
   std::unique_ptr<ChunkSelector> selector_;
-  std::unique_ptr<DeviceStore> store_;  // the host tier, or every chunk on the device
-  std::unique_ptr<Step> step_;          // the open step, if any
+  std::unique_ptr<ChunkStore> store_;   // the host tier, or every chunk on the device
+  std::unique_ptr<PlannedStep> step_;   // the open step, if any
+  std::shared_ptr<Step::Shared> handle_;  // its caller's Step
   int64_t reused_prompt_tokens_ = 0;
   mutable std::mutex mu_;
 };

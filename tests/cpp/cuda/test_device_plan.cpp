@@ -142,7 +142,7 @@ void run_case(const Case& cs, uint32_t seed) {
 
   auto step = [&](const std::vector<PlanEntry>& entries) {
     const auto before = cache.stats();
-    uint64_t st = cache.plan(entries);
+    Step st = cache.plan(entries);
     const bool bumped = cache.stats().plan_reuses > before.plan_reuses;
     const StepPlan& plan = cache.step_plan(st);
     const int T = plan.num_tokens, Hq = cfg.q_heads, H = cfg.kv_heads, D = cfg.head_dim;

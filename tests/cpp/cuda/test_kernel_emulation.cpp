@@ -237,7 +237,7 @@ void run_case(const Case& cs, uint32_t seed, bool full) {
   const double tol = cs.bf16 ? 1.5e-2 : 3e-3;
 
   auto step = [&](const std::vector<PlanEntry>& entries) {
-    uint64_t st = cache.plan(entries);
+    Step st = cache.plan(entries);
     const StepPlan& plan = cache.step_plan(st);
     const int T_ = plan.num_tokens, Hq = cfg.q_heads, H = cfg.kv_heads;
     std::vector<uint16_t> k(size_t(T_) * H * D), v(k.size()), q(size_t(T_) * Hq * D), out(q.size());
