@@ -32,6 +32,11 @@ void DeviceStore::attention(int layer, const Step&, const StepPlan& plan, const 
   backend_.attention(layer, plan, q, out, lse, ctx);
 }
 
+void DeviceStore::attention_per_head(int layer, const Step&, const StepPlan* plans, const TensorView& q,
+                                     const TensorView& out, const TensorView* lse, const ExecContext& ctx) {
+  backend_.attention_per_head(layer, plans, q, out, lse, ctx);
+}
+
 void DeviceStore::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
   backend_.copy_chunk(Backend::kAllLayers, src, dst, n_tokens, ExecContext{});
 }

@@ -25,7 +25,8 @@ KVCache::KVCache(const CacheConfig& config)
   device_ = cfg_.device == "cuda" ? TensorView::Device::CUDA : TensorView::Device::CPU;
   seqs_ = std::make_unique<SequenceTable>(tree_, cfg_.chunk_size);
   planner_ = std::make_unique<StepPlanner>(cfg_);
-  selector_ = std::make_unique<ChunkSelector>(cfg_.eviction, cfg_.chunk_size, backend_->digests(), planner_->params());
+  selector_ = std::make_unique<ChunkSelector>(cfg_.eviction, cfg_.chunk_size, cfg_.kv_heads, backend_->digests(),
+                                              planner_->params());
   store_ = make_chunk_store(cfg_, *backend_, pool_, tree_, *selector_);
 }
 
@@ -184,8 +185,11 @@ void KVCache::attention(int layer, uint64_t step, const TensorView& q, const Ten
   check_attention_args(cfg_, device_, st.plan.num_tokens, q, out, lse);
   store_->check();
   const StepPlan* plan = &st.plan;
-  if (cfg_.eviction.enabled && layer >= cfg_.eviction.dense_layers)
-    if (const StepPlan* kept = selector_->select(layer, st, q, ctx)) plan = kept;
+  if (cfg_.eviction.enabled && layer >= cfg_.eviction.dense_layers) {
+    const LayerPlans kept = selector_->select(layer, st, q, ctx);
+    if (kept.per_head) return store_->attention_per_head(layer, st, kept.plans, q, out, lse, ctx);
+    if (kept.plans) plan = kept.plans;
+  }
   store_->attention(layer, st, *plan, q, out, lse, ctx);
 }
 
