@@ -160,6 +160,13 @@ void bind_paged_types(nb::module_& m) {
       .def_prop_ro("chunk_first_units", &PagedPlan::chunk_first_units,
                    "Runs of blocks that several sequences share, each attended once for all their rows.")
       .def_prop_ro("chunk_first_blocks", &PagedPlan::chunk_first_blocks)
+      .def_prop_ro("seq_blocks", &PagedPlan::seq_blocks,
+                   "Every sequence's blocks, summed: the block reads of a sequence-by-sequence walk (per layer and "
+                   "KV head).")
+      .def_prop_ro("chunk_first_seq_blocks", &PagedPlan::chunk_first_seq_blocks,
+                   "Of seq_blocks, those the chunk-first runs serve (minus chunk_first_blocks: the reads they saved).")
+      .def_prop_ro("chunk_first_row_blocks", &PagedPlan::chunk_first_row_blocks,
+                   "Query rows x blocks of the chunk-first runs.")
       .def("__repr__", [](const PagedPlan& p) {
         return "PagedPlan(num_seqs=" + std::to_string(p.num_seqs()) + ", num_tokens=" + std::to_string(p.num_tokens()) +
                ", chunk_first_units=" + std::to_string(p.chunk_first_units()) +

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # chunkvale inside vLLM: vLLM's CPU build in its own virtual environment (it pins torch 2.13.0+cpu
 # and transformers <5.20, unlike the main one), this checkout installed there, then tests/vllm
-# (the plugin, offline vllm.LLM against vLLM's own backend, `vllm serve` with the openai client).
+# (the plugin, offline vllm.LLM against vLLM's own backend, `vllm serve` with the openai client,
+# tensor / pipeline / data parallelism 2 with one CPU per rank).
 # The environment is reused while its stamp matches; CI machines start without one.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -106,6 +106,12 @@ def test_shared_prefix_depths_are_planned_chunk_first(cv):
     assert plan.num_seqs == 8 and plan.num_tokens == 8
     assert plan.chunk_first_units == 3  # system (8 users), few-shot (4), fork (2)
     assert plan.chunk_first_blocks == len(sys_blocks) + len(shot_blocks) + len(fork_blocks)
+    # What those reads serve: each block once per user (and per row: one row each here).
+    served = 8 * len(sys_blocks) + 4 * len(shot_blocks) + 2 * len(fork_blocks)
+    assert plan.chunk_first_seq_blocks == served and plan.chunk_first_row_blocks == served
+    assert plan.seq_blocks == sum(map(len, tables))
+    extend = pa.plan(*pack(tables, lens, [3] * 8), 200)  # 3 new rows each, all in its own block
+    assert extend.chunk_first_seq_blocks == served and extend.chunk_first_row_blocks == 3 * served
     lone = cv.PagedAttention(9, 3, 64, B, share_threshold=9)  # more rows than the batch has
     assert lone.plan(*pack(tables, lens, rows), 200).chunk_first_units == 0
 

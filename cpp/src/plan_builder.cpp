@@ -39,6 +39,8 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
   plan.unit_rows.clear();
   plan.chunk_first_units = 0;
   plan.chunk_first_chunks = 0;
+  plan.chunk_first_seq_chunks = 0;
+  plan.chunk_first_row_chunks = 0;
 
   // Sequences, packed rows, chunk lists.
   int32_t row = 0;
@@ -132,6 +134,8 @@ void plan_step(StepPlan& plan, const std::vector<PlanSeqInput>& batch, const Pla
     add_unit(plan, chunks, 0, chunks.size(), rows, false, true, -1);
     ++plan.chunk_first_units;
     plan.chunk_first_chunks += int32_t(chunks.size());
+    plan.chunk_first_seq_chunks += int64_t(chunks.size()) * int64_t(us.size());
+    plan.chunk_first_row_chunks += int64_t(chunks.size()) * int64_t(rows.size());
   }
 
   // Sequence-first: each sequence's remaining attended chunks, causal, in row blocks (a

@@ -18,13 +18,22 @@ head_dim] (1/block_size of an fp32 cache, 2/block_size of a bf16 one), refreshed
 blocks. vLLM still allocates and keeps every block: this saves attention time on long contexts,
 not memory.
 
+Parallel ranks: every rank of vLLM's tensor, pipeline or data parallelism is its own process
+with its own plugin state (options, runners, plan counts: chunkvale.vllm_stats). Under tensor
+parallelism a rank holds a slice of the heads and plans for it; under pipeline parallelism a
+slice of the layers (``dense_layers`` counts the model's layers, not the rank's).
+
 Refused at start-up with a message, never computed differently: sliding windows, ALiBi,
 logit soft-capping, attention sinks, encoder / encoder-decoder attention, quantized (fp8) KV
-caches, head sizes chunkvale has no kernel for, fused output quantization.
+caches, head sizes chunkvale has no kernel for, fused output quantization, decode or prefill
+context parallelism (a rank would hold part of a sequence's blocks), and budgeted attention under
+tensor parallelism (a block's score sums every KV head, so ranks holding a slice each would
+select other blocks than one process does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from dataclasses import dataclass
@@ -46,6 +55,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 import chunkvale
 from chunkvale.vllm_options import Options, options
+from chunkvale.vllm_stats import COUNTS
 
 logger = init_logger("vllm.chunkvale")  # under vLLM's logger, so its handlers print it
 HEAD_SIZES = [64, 80, 96, 128, 256]
@@ -53,6 +63,7 @@ _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "
 
 _lock = threading.Lock()
 _instances: dict = {}
+_runner_threads: dict = {}  # runner key -> the threads it was made with
 
 
 def _options_locked() -> Options:
@@ -114,14 +125,44 @@ def _runner(q_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: 
                                           sm_scale=scale, threads=threads, share_threshold=opts.share_threshold,
                                           eviction=opts.eviction, cpus=_worker_cpus(threads))
             _instances[key] = pa
+            _runner_threads[key] = threads
             logger.info("chunkvale attention: %d threads (workers on CPUs %s)", threads,
                         pa.cpus or "as the calling thread's")
         return pa
 
 
-def _runners() -> list:
+def _runner_items() -> list:
     with _lock:
-        return [pa for key, pa in _instances.items() if isinstance(key, tuple) and key[0] == "runner"]
+        return [(key, pa) for key, pa in _instances.items() if isinstance(key, tuple) and key[0] == "runner"]
+
+
+def _runners() -> list:
+    return [pa for _, pa in _runner_items()]
+
+
+def runner_state() -> dict:
+    """This process's runners and options (chunkvale.vllm_stats reports them per rank)."""
+    runners = [{"q_heads": pa.q_heads, "kv_heads": pa.kv_heads, "head_dim": pa.head_dim, "dtype": pa.dtype,
+                "threads": _runner_threads[key], "cpus": list(pa.cpus), "budgeted": pa.budgeted}
+               for key, pa in _runner_items()]
+    opts = _instances.get("options")
+    return {"runners": runners,
+            "share_threshold": opts.share_threshold if opts else None,
+            "eviction": dataclasses.asdict(opts.eviction) if opts and opts.eviction else None}
+
+
+def _check_parallel(parallel_config, opts: Options) -> None:
+    """Refuses the parallel modes whose result would differ from one process's."""
+    for field, what in (("decode_context_parallel_size", "decode context parallelism"),
+                        ("prefill_context_parallel_size", "prefill context parallelism")):
+        size = getattr(parallel_config, field, 1)
+        if size > 1:
+            _refuse(f"{what} ({field}={size}: each rank would attend to part of a sequence's blocks)")
+    tp = getattr(parallel_config, "tensor_parallel_size", 1)
+    if tp > 1 and opts.eviction is not None:
+        _refuse(f"budgeted attention (eviction) under tensor parallelism (tensor_parallel_size={tp}: a block's "
+                "score sums every KV head, and each rank holds a slice of them, so the ranks would select "
+                "other blocks than one process does); drop the eviction option or run tensor_parallel_size=1")
 
 
 def _refuse(what: str) -> None:
@@ -173,6 +214,7 @@ class ChunkvaleMetadataBuilder(CPUAttentionMetadataBuilder):
             _refuse("cross or encoder-only attention")
         if self.window_size != -1:
             _refuse(f"a sliding window ({self.window_size} tokens)")
+        _check_parallel(vllm_config.parallel_config, _options())
         self._num_blocks = None
         self._planner = _planner(self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.dtype)
         self._shared_seen = False
@@ -214,6 +256,7 @@ class ChunkvaleMetadataBuilder(CPUAttentionMetadataBuilder):
         seq_lens = m.seq_lens[:n]
         query_start_loc = m.query_start_loc[: n + 1]
         plan = self._planner.plan(block_table, seq_lens, query_start_loc, self._pool_blocks())
+        COUNTS.add(plan)
         if plan.chunk_first_units and not self._shared_seen:
             self._shared_seen = True
             logger.info("chunkvale: first step with shared blocks: %d chunk-first runs over %d blocks, %d sequences",

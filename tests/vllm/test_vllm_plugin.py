@@ -64,3 +64,36 @@ def test_unsupported_features_are_refused(change, what):
     args.update(change)
     with pytest.raises(NotImplementedError, match=f"does not support {what}"):
         ChunkvaleAttentionImpl(**args)
+
+
+@pytest.mark.parametrize("parallel, eviction, what", [
+    (dict(decode_context_parallel_size=2), None, r"decode context parallelism \(decode_context_parallel_size=2"),
+    (dict(prefill_context_parallel_size=2), None, r"prefill context parallelism \(prefill_context_parallel_size=2"),
+    (dict(tensor_parallel_size=2), {"budget_tokens": 512},
+     r"budgeted attention \(eviction\) under tensor parallelism \(tensor_parallel_size=2"),
+])
+def test_unsupported_parallel_modes_are_refused(parallel, eviction, what):
+    from types import SimpleNamespace
+
+    import chunkvale
+    from chunkvale.vllm_backend import _check_parallel
+    from chunkvale.vllm_options import Options
+
+    opts = Options(eviction=chunkvale.Eviction(**eviction) if eviction else None)
+    with pytest.raises(NotImplementedError, match=f"does not support {what}"):
+        _check_parallel(SimpleNamespace(**parallel), opts)
+
+
+def test_supported_parallel_modes_pass():
+    """TP, PP and DP 2 as such; budgeted attention under PP and DP (each rank holds whole layers)."""
+    from types import SimpleNamespace
+
+    import chunkvale
+    from chunkvale.vllm_backend import _check_parallel
+    from chunkvale.vllm_options import Options
+
+    modes = SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=2,
+                            decode_context_parallel_size=1, prefill_context_parallel_size=1)
+    _check_parallel(modes, Options())
+    modes.tensor_parallel_size = 1
+    _check_parallel(modes, Options(eviction=chunkvale.Eviction(budget_tokens=512)))

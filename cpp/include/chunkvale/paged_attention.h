@@ -74,6 +74,13 @@ struct PagedPlan {
   int num_tokens() const { return plan.num_tokens; }
   int chunk_first_units() const { return plan.chunk_first_units; }
   int chunk_first_blocks() const { return plan.chunk_first_chunks; }
+  // Block reads, per layer and KV head: a sequence-by-sequence walk reads every block of
+  // every sequence (seq_blocks); of those, chunk_first_seq_blocks are served by the
+  // chunk_first_blocks reads (so their difference is what chunk-first saved), which serve
+  // chunk_first_row_blocks query rows x blocks.
+  int64_t seq_blocks() const { return int64_t(plan.seq_chunks.size()); }
+  int64_t chunk_first_seq_blocks() const { return plan.chunk_first_seq_chunks; }
+  int64_t chunk_first_row_blocks() const { return plan.chunk_first_row_chunks; }
 };
 
 // One layer of the caller's pool: K tile and V tile of block_size rows x head_dim elements

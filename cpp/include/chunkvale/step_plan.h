@@ -65,6 +65,10 @@ struct StepPlan {
   // Counters for stats and tests: chunk-first units (shared chunk runs) and their chunks.
   int32_t chunk_first_units = 0;
   int32_t chunk_first_chunks = 0;
+  // What those chunk reads serve, summed over chunk-first units: chunks x sequences (the
+  // reads a sequence-by-sequence walk would make of the same chunks) and chunks x query rows.
+  int64_t chunk_first_seq_chunks = 0;
+  int64_t chunk_first_row_chunks = 0;
 };
 
 // Inputs of plan_step (cpp/src/plan_builder.h): one batch entry and the policy knobs.
