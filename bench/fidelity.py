@@ -10,7 +10,8 @@ top-1 agreement, and the perplexity of both on the text.
     python bench/fidelity.py --context 4096 --positions 512 --budgets 256 512 1024 2048 --chunks 16 32 64
 
 Rows: per chunk size, per budget, each digest kind and a sink + window (StreamingLLM) baseline,
-every one attending to the same ``budget`` tokens in whole chunks (``Eviction.attended_tokens``).
+every one attending to the same ``budget`` tokens in whole chunks (``Eviction.attended_tokens``),
+per selection asked for (``--selections``: per_kv_head, Eviction's default, and/or shared).
 The prompt is prefilled once, by the plain Engine with the full cache, which records its K/V
 (bench/replay.py, as bench/passkey.py does); every configuration is fed those K/V in a fresh
 KVCache and decodes from there. The full cache is decoded the same way once per chunk size.
@@ -19,6 +20,7 @@ KVCache and decodes from there. The full cache is decoded the same way once per 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -74,13 +76,24 @@ def compare(full, other, targets) -> dict:
     }
 
 
+def selection_configurations(args, chunk):
+    """passkey.configurations per selection asked for, the full cache and sink+window once."""
+    seen = set()
+    for selection in args.selections:
+        for name, ev in configurations(args.budgets, args.digests, chunk, args.dense_layers, selection):
+            key = name if ev is None or name.endswith("sink+window") else (name, selection)
+            if key not in seen:
+                seen.add(key)
+                yield name, ev
+
+
 def print_table(rows, context):
-    print("| chunk | budget (share of context) | selection | attended tokens | top-1 agreement | mean KL | "
+    print("| chunk | budget (share of context) | digest | selection | attended tokens | top-1 agreement | mean KL | "
           "p99 KL | perplexity (full cache) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["metrics"]
-        print(f"| {r['chunk']} | {r['budget']} ({r['budget'] / context:.1%}) | {r['selection']} | "
+        print(f"| {r['chunk']} | {r['budget']} ({r['budget'] / context:.1%}) | {r['digest']} | {r['selection']} | "
               f"{r['attended']} | {m['top1']:.2%} | {m['kl_mean']:.4f} | {m['kl_p99']:.4f} | "
               f"{m['ppl']:.3f} ({m['ppl_full']:.3f}) |", flush=True)
 
@@ -94,6 +107,9 @@ def main(argv=None):
     ap.add_argument("--digests", nargs="+", default=["cuboid_max", "cuboid_mean", "sphere"])
     ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--dense-layers", type=int, default=2)
+    ap.add_argument("--selections", nargs="+", default=["per_kv_head"], choices=["per_kv_head", "shared"],
+                    help="the digest rows' selections (sink+window runs once: without a top-k both are the same)")
+    ap.add_argument("--json", help="also write the rows here, as they come")
     args = ap.parse_args(argv)
     if not 0 < args.positions < args.context:
         ap.error(f"--positions: expected 1 .. --context - 1 = {args.context - 1}, got {args.positions}")
@@ -121,7 +137,7 @@ def main(argv=None):
         for chunk in args.chunks:
             capacity = args.context // chunk + 4
             full = None
-            for name, ev in configurations(args.budgets, args.digests, chunk, args.dense_layers):
+            for name, ev in selection_configurations(args, chunk):
                 cfg = hf.cache_config(model, chunk_size=chunk, capacity_chunks=capacity)
                 cfg.eviction = ev
                 t0 = time.perf_counter()
@@ -132,13 +148,16 @@ def main(argv=None):
                     print(f"chunk {chunk}, full cache: perplexity {m['ppl']:.3f} "
                           f"({time.perf_counter() - t0:.0f} s)", flush=True)
                     continue
-                budget, selection = name.removeprefix("budget ").split(", ")
-                row = {"chunk": chunk, "budget": int(budget), "selection": selection,
+                budget, digest = name.removeprefix("budget ").split(", ")
+                selection = "-" if digest == "sink+window" else ev.resolved_selection()
+                row = {"chunk": chunk, "budget": int(budget), "digest": digest, "selection": selection,
                        "attended": ev.attended_tokens(chunk), "metrics": compare(full, logprobs, targets),
                        "dropped": int(stats["evict_dropped_chunks"])}
                 if row["dropped"] == 0:
                     raise RuntimeError(f"chunk {chunk}, {name}: no chunk was dropped; the budget never applied")
                 rows.append(row)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
                 print_table([row], args.context)
                 print(f"  ({time.perf_counter() - t0:.0f} s, {row['dropped']} chunks dropped)", flush=True)
     print(f"\nwall time {time.perf_counter() - started:.0f} s\n")

@@ -61,13 +61,15 @@ def passkey_prompt(tokenizer, context: int, position: float, key: str) -> list[i
     return ids
 
 
-def configurations(budgets, digests, chunk, dense_layers):
+def configurations(budgets, digests, chunk, dense_layers, selection=None):
     """(name, Eviction or None): the full cache, then per budget each digest kind and a sink + window
-    baseline, every one attending to the same ``budget`` tokens (whole chunks) once it selects."""
+    baseline, every one attending to the same ``budget`` tokens (whole chunks) once it selects.
+    ``selection``: the digest configurations' (None: Eviction's default)."""
     yield "full cache", None
     for b in budgets:
         for d in digests:
-            yield f"budget {b}, {d}", chunkvale.Eviction(budget_tokens=b, digest=d, dense_layers=dense_layers)
+            yield f"budget {b}, {d}", chunkvale.Eviction(budget_tokens=b, digest=d, dense_layers=dense_layers,
+                                                         selection=selection)
         # Same budget, no top-k: sinks + a window filling the rest of it.
         yield f"budget {b}, sink+window", chunkvale.Eviction(
             budget_tokens=b, sink_chunks=1, window_chunks=max(1, b // chunk - 1), topk_chunks=0,

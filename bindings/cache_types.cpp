@@ -124,6 +124,11 @@ void bind_config(nb::module_& m) {
       .def_prop_rw(
           "digest", [](const EvictionConfig& e) { return std::string(digest_name(e.digest)); },
           [](EvictionConfig& e, const std::string& name) { e.digest = parse_digest(name); })
+      .def_prop_rw(
+          "selection", [](const EvictionConfig& e) { return std::string(selection_name(e.selection)); },
+          [](EvictionConfig& e, const std::string& name) { e.selection = parse_selection(name); })
+      .def_prop_ro("resolved_selection",
+                   [](const EvictionConfig& e) { return std::string(selection_name(e.resolved_selection())); })
       .def_rw("dense_layers", &EvictionConfig::dense_layers)
       .def_rw("device_chunks", &EvictionConfig::device_chunks)
       .def_rw("host_bytes", &EvictionConfig::host_bytes)

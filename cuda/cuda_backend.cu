@@ -308,6 +308,23 @@ void CudaBackend::copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_toke
 void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
                             const TensorView* lse, const ExecContext& ctx) {
   DeviceGuard g(device_);
+  cudaStream_t s = attention_stream(q, out, lse, ctx);
+  attend(layer, plan, q, out, lse, -1, s);
+  record_done(s);
+}
+
+void CudaBackend::attention_per_head(int layer, const StepPlan* plans, const TensorView& q, const TensorView& out,
+                                     const TensorView* lse, const ExecContext& ctx) {
+  DeviceGuard g(device_);
+  cudaStream_t s = attention_stream(q, out, lse, ctx);
+  // One run per KV head, each over its own plan: the plan's device copy and the partials are
+  // reused in stream order.
+  for (int h = 0; h < cfg_.kv_heads; ++h) attend(layer, plans[h], q, out, lse, h, s);
+  record_done(s);
+}
+
+cudaStream_t CudaBackend::attention_stream(const TensorView& q, const TensorView& out, const TensorView* lse,
+                                           const ExecContext& ctx) {
   check_tensor(q, "q");
   check_tensor(out, "out");
   if (lse && lse->device_id != device_)
@@ -316,9 +333,18 @@ void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q
   cudaStream_t s = stream(ctx);
   if (cfg_.eviction.enabled) refuse_capture(s, "attention");
   order_after_previous(s);
+  return s;
+}
+
+// Attention and merge of one plan on s: every KV head (head < 0), or KV head `head` alone as a
+// cache of one KV head (its pool tiles, query and output heads at that head's offsets).
+void CudaBackend::attend(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
+                         const TensorView* lse, int head, cudaStream_t s) {
   ensure_plan(plan, s);
   if (plan.num_tokens == 0) return;
   const PlanLayout& L = dev_layout_;
+  const int G = cfg_.group(), D = cfg_.head_dim;
+  const PoolView pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, D);
 
   AttnParams ap;
   ap.pool_layer = static_cast<const uint16_t*>(pool_) + layer_offset(layer);
@@ -331,26 +357,13 @@ void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q
   ap.positions = dplan_ + L.positions;
   ap.part_ml = part_ml_;
   ap.part_o = part_o_;
-  ap.pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
+  ap.pool = pool;
   ap.C = cfg_.chunk_size;
   ap.kv_heads = cfg_.kv_heads;
   ap.q_heads = cfg_.q_heads;
-  ap.group = cfg_.group();
+  ap.group = G;
   ap.p_tok = L.p_tok;
   ap.scale_log2 = cfg_.resolved_scale() * 1.4426950408889634f;
-  if (L.n_items > 0 && reference_kernel_) {
-    const dim3 grid(unsigned(L.n_items), unsigned(cfg_.kv_heads));
-    if (cfg_.dtype == DType::Float16)
-      reference_attention_kernel<__half><<<grid, kThreads, 0, s>>>(ap, cfg_.head_dim);
-    else
-      reference_attention_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(ap, cfg_.head_dim);
-    CV_CUDA(cudaGetLastError(), "reference attention kernel launch");
-  } else if (L.n_items > 0) {
-    cudaError_t e = cfg_.dtype == DType::Float16 ? launch_attention_f16(ap, cfg_.head_dim, L.n_items, s)
-                                                 : launch_attention_bf16(ap, cfg_.head_dim, L.n_items, s);
-    CV_CUDA(e, "attention kernel launch");
-  }
-
   MergeParams mp;
   mp.row_off = dplan_ + L.row_off;
   mp.row_parts = dplan_ + L.row_parts;
@@ -360,10 +373,26 @@ void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q
   mp.lse = lse ? static_cast<float*>(lse->data) : nullptr;
   mp.num_tokens = plan.num_tokens;
   mp.q_heads = cfg_.q_heads;
-  mp.group = cfg_.group();
+  mp.group = G;
   mp.p_tok = L.p_tok;
-  mp.D = cfg_.head_dim;
-  const unsigned blocks = unsigned(int64_t(plan.num_tokens) * cfg_.q_heads);  // one CTA per (row, head)
+  mp.D = D;
+  mp.out_heads = cfg_.q_heads;
+  mp.head0 = 0;
+  if (head >= 0) restrict_to_head(ap, mp, head, pool.head_stride);
+  if (L.n_items > 0 && reference_kernel_) {
+    const dim3 grid(unsigned(L.n_items), unsigned(ap.kv_heads));
+    if (cfg_.dtype == DType::Float16)
+      reference_attention_kernel<__half><<<grid, kThreads, 0, s>>>(ap, D);
+    else
+      reference_attention_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(ap, D);
+    CV_CUDA(cudaGetLastError(), "reference attention kernel launch");
+  } else if (L.n_items > 0) {
+    cudaError_t e = cfg_.dtype == DType::Float16 ? launch_attention_f16(ap, D, L.n_items, s)
+                                                 : launch_attention_bf16(ap, D, L.n_items, s);
+    CV_CUDA(e, "attention kernel launch");
+  }
+
+  const unsigned blocks = unsigned(int64_t(plan.num_tokens) * mp.q_heads);  // one CTA per (row, head)
   if (blocks > 0) {
     if (cfg_.dtype == DType::Float16)
       merge_kernel<__half><<<blocks, 128, 0, s>>>(mp);
@@ -371,7 +400,6 @@ void CudaBackend::attention(int layer, const StepPlan& plan, const TensorView& q
       merge_kernel<__nv_bfloat16><<<blocks, 128, 0, s>>>(mp);
     CV_CUDA(cudaGetLastError(), "merge kernel launch");
   }
-  record_done(s);
 }
 
 }  // namespace cuda

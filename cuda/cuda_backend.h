@@ -27,6 +27,8 @@ class CudaBackend final : public Backend, public Digests, public CopyEngine, pub
               const ExecContext& ctx) override;
   void attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out, const TensorView* lse,
                  const ExecContext& ctx) override;
+  void attention_per_head(int layer, const StepPlan* plans, const TensorView& q, const TensorView& out,
+                          const TensorView* lse, const ExecContext& ctx) override;
   void copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_tokens, const ExecContext& ctx) override;
   Digests* digests() override { return digests_ ? this : nullptr; }
   CopyEngine* copy_engine() override { return copy_stream_ ? this : nullptr; }
@@ -60,6 +62,12 @@ class CudaBackend final : public Backend, public Digests, public CopyEngine, pub
   void check_tensor(const TensorView& t, const char* arg) const;
   void ensure_plan(const StepPlan& plan, cudaStream_t s);  // refresh the device copy if stale
   void ensure_partials(int32_t p_tok, cudaStream_t s);
+  // attention's checks, then its stream ordered after this backend's previous work.
+  cudaStream_t attention_stream(const TensorView& q, const TensorView& out, const TensorView* lse,
+                                const ExecContext& ctx);
+  // One plan's attention and merge: every KV head (head < 0) or KV head `head` alone.
+  void attend(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out, const TensorView* lse,
+              int head, cudaStream_t s);
   void grow_device(void** ptr, size_t* cap, size_t need, cudaStream_t s, const char* what);
   size_t layer_offset(int layer) const { return layer_offset_[size_t(layer)]; }  // elements
   uint16_t* slot_ptr(int layer, int32_t slot) const;
@@ -83,7 +91,7 @@ class CudaBackend final : public Backend, public Digests, public CopyEngine, pub
   size_t scores_dev_cap_ = 0;
   int32_t* top_dev_ = nullptr;
   size_t top_dev_cap_ = 0;
-  const int32_t* score_offsets_dev_ = nullptr;  // the last queue_scores' request offsets
+  const int32_t* score_offsets_dev_ = nullptr;  // the last queue_scores' run offsets (topk_kernel's requests)
   void* results_host_ = nullptr;  // pinned: top-k indices coming back
   size_t results_host_cap_ = 0;
   std::vector<int32_t> score_pack_;

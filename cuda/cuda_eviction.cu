@@ -57,16 +57,21 @@ void CudaBackend::update_digests(int layer, const int32_t* chunks, const int32_t
 }
 
 // Uploads the requests (rows, offsets, each candidate's request and chunk) and queues the
-// score kernels on s; the scores land in scores_dev_. Returns the candidates in all.
+// score kernels on s; the scores land in scores_dev_, ranked by topk_kernel over the runs
+// score_offsets_dev_ bounds: one per request, or with per-KV-head selection one per
+// (request, KV head) (score_heads_kernel's layout). Returns the runs.
 size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequest* requests, size_t count,
                                  cudaStream_t s) {
+  const bool per_head = cfg_.eviction.per_kv_head();
+  const size_t KV = size_t(cfg_.kv_heads), units = per_head ? KV : 1;
   size_t total = 0;
   for (size_t r = 0; r < count; ++r) total += requests[r].n;
-  score_pack_.resize(2 * count + 1 + 2 * total);
+  score_pack_.resize(2 * count + 1 + 2 * total + (per_head ? count * KV + 1 : 0));
   int32_t* rows = score_pack_.data();
   int32_t* off = rows + count;
   int32_t* creq = off + count + 1;
   int32_t* cchunk = creq + total;
+  int32_t* runs = cchunk + total;  // per-head runs' offsets
   off[0] = 0;
   for (size_t r = 0, c = 0; r < count; ++r) {
     rows[r] = requests[r].row;
@@ -76,27 +81,53 @@ size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequ
     }
     off[r + 1] = int32_t(c);
   }
+  if (per_head) {
+    for (size_t r = 0; r < count; ++r)
+      for (size_t g = 0; g < KV; ++g) runs[r * KV + g] = int32_t(size_t(off[r]) * KV + g * requests[r].n);
+    runs[count * KV] = int32_t(total * KV);
+  }
   const int32_t* dev = static_cast<const int32_t*>(uploads_ring_.put(score_pack_.data(), score_pack_.size() * 4, s));
-  score_offsets_dev_ = dev + count;
-  const size_t qs_bytes = count * size_t(cfg_.kv_heads) * qsum_stride(cfg_.head_dim) * 4;
+  const int32_t* dev_off = dev + count;
+  score_offsets_dev_ = per_head ? runs - score_pack_.data() + dev : dev_off;
+  // Per-KV-head selection summarises each query head alone (group 1), shared each group.
+  const int prep_heads = per_head ? cfg_.q_heads : cfg_.kv_heads;
+  const size_t qs_bytes = count * size_t(prep_heads) * qsum_stride(cfg_.head_dim) * 4;
   grow_device(reinterpret_cast<void**>(&qsum_), &qsum_cap_, qs_bytes, s, "query summary");
-  grow_device(reinterpret_cast<void**>(&scores_dev_), &scores_dev_cap_, std::max<size_t>(total, 1) * 4, s, "scores");
+  grow_device(reinterpret_cast<void**>(&scores_dev_), &scores_dev_cap_, std::max<size_t>(total * units, 1) * 4, s,
+              "scores");
 
   ScorePrepParams pp;
   pp.q = static_cast<const uint16_t*>(q.data);
   pp.rows = dev;
   pp.qsum = qsum_;
   pp.q_heads = cfg_.q_heads;
-  pp.kv_heads = cfg_.kv_heads;
-  pp.group = cfg_.group();
+  pp.kv_heads = prep_heads;
+  pp.group = per_head ? 1 : cfg_.group();
   pp.D = cfg_.head_dim;
   pp.kind = int(cfg_.eviction.digest);
+  const dim3 prep_grid{unsigned(count), unsigned(prep_heads)};
   if (cfg_.dtype == DType::Float16)
-    score_prep_kernel<__half><<<dim3(unsigned(count), unsigned(cfg_.kv_heads)), kDigestThreads, 0, s>>>(pp);
+    score_prep_kernel<__half><<<prep_grid, kDigestThreads, 0, s>>>(pp);
   else
-    score_prep_kernel<__nv_bfloat16><<<dim3(unsigned(count), unsigned(cfg_.kv_heads)), kDigestThreads, 0, s>>>(pp);
+    score_prep_kernel<__nv_bfloat16><<<prep_grid, kDigestThreads, 0, s>>>(pp);
   CV_CUDA(cudaGetLastError(), "score prep kernel launch");
-  if (total > 0) {
+  if (total > 0 && per_head) {
+    ScoreHeadsParams sp;
+    sp.digests_layer = digests_ + DigestView{slots_, cfg_.kv_heads, cfg_.head_dim}.layer(layer);
+    sp.qsum = qsum_;
+    sp.cand_req = creq - score_pack_.data() + dev;
+    sp.cand_chunk = cchunk - score_pack_.data() + dev;
+    sp.req_off = dev_off;
+    sp.scores = scores_dev_;
+    sp.n = int64_t(total);
+    sp.kv_heads = cfg_.kv_heads;
+    sp.group = cfg_.group();
+    sp.D = cfg_.head_dim;
+    sp.kind = int(cfg_.eviction.digest);
+    const unsigned blocks = unsigned((total * KV + kScoreWarps - 1) / kScoreWarps);
+    score_heads_kernel<<<blocks, kScoreWarps * 32, 0, s>>>(sp);
+    CV_CUDA(cudaGetLastError(), "per-head score kernel launch");
+  } else if (total > 0) {
     ScoreParams sp;
     sp.digests_layer = digests_ + DigestView{slots_, cfg_.kv_heads, cfg_.head_dim}.layer(layer);
     sp.qsum = qsum_;
@@ -111,7 +142,7 @@ size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequ
     score_kernel<<<blocks, kScoreWarps * 32, 0, s>>>(sp);
     CV_CUDA(cudaGetLastError(), "score kernel launch");
   }
-  return total;
+  return count * units;
 }
 
 // Pinned host memory for the top-k indices coming back (grows; the stream is idle when it does).
@@ -137,23 +168,26 @@ void CudaBackend::top_chunks(int layer, const TensorView& q, const ScoreRequest*
   cudaStream_t s = stream(ctx);
   refuse_capture(s, "top_chunks");
   order_after_previous(s);
-  queue_scores(layer, q, requests, count, s);
-  const size_t n_top = count * size_t(k);
+  const size_t runs = queue_scores(layer, q, requests, count, s), units = runs / count;
+  const size_t n_top = runs * size_t(k);
   grow_device(reinterpret_cast<void**>(&top_dev_), &top_dev_cap_, n_top * 4, s, "top-k");
   TopKParams tp;
   tp.scores = scores_dev_;
   tp.req_off = score_offsets_dev_;
   tp.top = top_dev_;
   tp.k = k;
-  topk_kernel<<<unsigned(count), kTopKThreads, 0, s>>>(tp);
+  topk_kernel<<<unsigned(runs), kTopKThreads, 0, s>>>(tp);
   CV_CUDA(cudaGetLastError(), "top-k kernel launch");
   int32_t* host = static_cast<int32_t*>(results_host(n_top * 4, s));
   CV_CUDA(cudaMemcpyAsync(host, top_dev_, n_top * 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (top-k)");
   record_done(s);
-  // The core selects on the host: the step's one wait per scored layer, for k indices per request.
+  // The core selects on the host: the step's one wait per scored layer, for k indices per run
+  // (a request's runs in order: its KV heads' lists with per-KV-head selection).
   CV_CUDA(cudaStreamSynchronize(s), "cudaStreamSynchronize (top-k)");
   for (size_t r = 0; r < count; ++r)
-    std::memcpy(requests[r].top, host + r * size_t(k), std::min<size_t>(size_t(k), requests[r].n) * 4);
+    for (size_t u = 0; u < units; ++u)
+      std::memcpy(requests[r].top + u * size_t(k), host + (r * units + u) * size_t(k),
+                  std::min<size_t>(size_t(k), requests[r].n) * 4);
 }
 
 // ---- host tier ----

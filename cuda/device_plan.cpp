@@ -142,5 +142,14 @@ void build_device_plan(const StepPlan& P, const PlanBuildParams& bp, std::vector
   }
 }
 
+void restrict_to_head(AttnParams& ap, MergeParams& mp, int head, int64_t head_stride) {
+  const int64_t G = ap.group, D = mp.D;
+  ap.pool_layer = static_cast<const uint16_t*>(ap.pool_layer) + head * head_stride;  // 16-bit elements
+  ap.q = static_cast<const uint16_t*>(ap.q) + head * G * D;
+  ap.kv_heads = 1;  // the kernels' KV head 0, one CTA row
+  mp.q_heads = int32_t(G);
+  mp.head0 = int32_t(head * G);
+}
+
 }  // namespace cuda
 }  // namespace chunkvale

@@ -85,10 +85,18 @@ struct MergeParams {
   const int32_t* row_parts; // partial token-rows per packed row
   const float* part_ml;
   const float* part_o;
-  void* out;                // [num_tokens][q_heads][D], cache dtype
-  float* lse;               // [num_tokens][q_heads] natural log, or null
+  void* out;                // [num_tokens][out_heads][D], cache dtype
+  float* lse;               // [num_tokens][out_heads] natural log, or null
   int32_t num_tokens, q_heads, group, p_tok, D;
+  // Where the q_heads merged here sit in a row of out / lse: heads head0 .. head0 + q_heads
+  // of out_heads (a per-KV-head run merges one group: q_heads = group, head0 = h * group).
+  int32_t out_heads, head0;
 };
+
+// Per-KV-head plans (Backend::attention_per_head): the arguments of an every-head run
+// narrowed to KV head `head` alone, as a cache of one KV head: its pool tiles (head_stride
+// elements apart), its group's query heads and their place in out / lse; rows keep strides.
+void restrict_to_head(AttnParams& ap, MergeParams& mp, int head, int64_t head_stride);
 
 struct AppendParams {
   void* pool_layer;

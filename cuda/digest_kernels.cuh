@@ -234,6 +234,62 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(const ScorePara
   if (lane == 0) p.scores[c] = acc;
 }
 
+// ---- per-KV-head scores (per_kv_head selection): one warp per (candidate, KV head) ----
+// A largest bound cannot pool the group's queries first: qsum holds each query head's own
+// vectors (score_prep_kernel run with group 1 and kv_heads = q_heads). The score of candidate c
+// for KV head g, the largest of its group's heads' bounds, goes to
+//   scores[req_off[r] * kv_heads + g * n_r + (c - req_off[r])]   (r = c's request, n_r its count),
+// so each (request, KV head) is one contiguous run that topk_kernel ranks as a request.
+struct ScoreHeadsParams {
+  const float* digests_layer;  // [chunks][kv_heads][2][D]
+  const float* qsum;           // [requests][kv_heads * group][qsum_stride(D)]
+  const int32_t* cand_req;     // request of each candidate
+  const int32_t* cand_chunk;   // digest index of each candidate
+  const int32_t* req_off;      // requests + 1 candidate offsets
+  float* scores;               // candidates * kv_heads, laid out as above
+  int64_t n;                   // candidates
+  int32_t kv_heads, group, D, kind;
+};
+
+__global__ void __launch_bounds__(kScoreWarps * 32) score_heads_kernel(const ScoreHeadsParams p) {
+  const int lane = int(threadIdx.x) % 32;
+  const int64_t w = int64_t(blockIdx.x) * kScoreWarps + int64_t(threadIdx.x) / 32;
+  if (w >= p.n * p.kv_heads) return;
+  const int64_t c = w / p.kv_heads;
+  const int g = int(w % p.kv_heads), D = p.D, G = p.group, QS = qsum_stride(D);
+  const DigestView dv{0, p.kv_heads, D};
+  const float* a = p.digests_layer + dv.at(p.cand_chunk[c], g);  // d0
+  const float* b = a + D;                                         // d1
+  const int32_t r = p.cand_req[c];
+  float best = -INFINITY;
+  for (int h = 0; h < G; ++h) {
+    const float* x0 = p.qsum + ((int64_t(r) * p.kv_heads + g) * G + h) * QS;
+    const float* x1 = x0 + D;
+    float acc = 0.0f;
+    for (int d = 4 * lane; d < D; d += 128) {
+      const float4 A = *reinterpret_cast<const float4*>(a + d);
+      const float4 X0 = *reinterpret_cast<const float4*>(x0 + d);
+      if (p.kind == kSphere) {
+        acc += dot4(X0, A);
+        continue;
+      }
+      const float4 Bv = *reinterpret_cast<const float4*>(b + d);
+      const float4 X1 = *reinterpret_cast<const float4*>(x1 + d);
+      if (p.kind == kCuboidMax)
+        acc += dot4(X0, Bv) + dot4(X1, A);
+      else
+        acc += dot4(X0, A) + dot4(X1, Bv);
+    }
+    acc = warp_sum(acc);
+    if (p.kind == kSphere) acc += x0[2 * D] * b[0];  // |q_h| * radius
+    best = fmaxf(best, acc);
+  }
+  if (lane == 0) {
+    const int32_t o = p.req_off[r], n_r = p.req_off[r + 1] - o;
+    p.scores[int64_t(o) * p.kv_heads + int64_t(g) * n_r + (c - o)] = best;
+  }
+}
+
 // ---- top-k per request: k passes of a block-wide arg-max ----
 // Keys as in cpp/src/top_k.h (score bits made order-preserving above the candidate index):
 // unique, so pass j takes the largest key below pass j-1's, best first, ties to the later

@@ -65,7 +65,8 @@ __global__ void __launch_bounds__(128) merge_kernel(const MergeParams p) {
   __syncthreads();
   mg.L = red_s[0][1] + red_s[1][1] + red_s[2][1] + red_s[3][1];
   const float inv = mg.inv_sum();
-  T* out = static_cast<T*>(p.out) + idx * D;
+  const int64_t o = int64_t(row) * p.out_heads + p.head0 + h;  // (row, head) in out and lse
+  T* out = static_cast<T*>(p.out) + o * D;
   for (int c = int(threadIdx.x); c < D4; c += 128) {
     const float4 a = acc_s[0][c], b1 = acc_s[1][c], c2 = acc_s[2][c], d3 = acc_s[3][c];
     out[4 * c + 0] = from_float<T>((a.x + b1.x + c2.x + d3.x) * inv);
@@ -73,7 +74,7 @@ __global__ void __launch_bounds__(128) merge_kernel(const MergeParams p) {
     out[4 * c + 2] = from_float<T>((a.z + b1.z + c2.z + d3.z) * inv);
     out[4 * c + 3] = from_float<T>((a.w + b1.w + c2.w + d3.w) * inv);
   }
-  if (p.lse && threadIdx.x == 0) p.lse[idx] = mg.lse();
+  if (p.lse && threadIdx.x == 0) p.lse[o] = mg.lse();
 }
 
 }  // namespace cuda

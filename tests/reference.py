@@ -71,17 +71,54 @@ def chunk_scores_reference(K, q, chunks, kind, chunk):
     return np.array(out)
 
 
-def kept_chunks_reference(K, q, total, kind, budget, topk, *, chunk, sink, window):
+def head_chunk_scores_reference(K, q, chunks, kind, chunk):
+    """Per-KV-head selection's scores: for each KV head g and chunk index, the largest bound among
+    g's query heads against g's digest -> [kv_heads, len(chunks)]."""
+    kv_heads = K.shape[1]
+    group = q.shape[0] // kv_heads
+    out = np.empty((kv_heads, len(chunks)))
+    for i, c in enumerate(chunks):
+        for g in range(kv_heads):
+            d0, d1 = digest_reference(K[c * chunk:(c + 1) * chunk, g], kind)
+            out[g, i] = max(bound_reference(q[h], d0, d1, kind) for h in range(g * group, (g + 1) * group))
+    return out
+
+
+def kept_chunks_reference(K, q, total, kind, budget, topk, *, chunk, sink, window, selection="shared"):
     """Chunk indices the documented policy attends for one decode row: sinks, the window
-    and the top-k candidates by score (ties to the later chunk); all when within budget."""
+    and the top-k candidates by score (ties to the later chunk); all when within budget.
+    selection "shared": one list (scores summed over query heads); "per_kv_head": one list per
+    KV head (each its own top-k by head_chunk_scores_reference)."""
     nch = -(-total // chunk)
     lo = min(sink, nch)
     hi = max(lo, nch - window)
+    per_head = selection == "per_kv_head" and topk > 0
     if total <= budget or hi - lo <= topk:
-        return list(range(nch))
-    scores = chunk_scores_reference(K, q, range(lo, hi), kind, chunk)
-    best = sorted(range(len(scores)), key=lambda i: (-scores[i], -i))[:topk]
-    return list(range(lo)) + sorted(lo + b for b in best) + list(range(hi, nch))
+        return [list(range(nch))] * K.shape[1] if per_head else list(range(nch))
+
+    def kept(scores):
+        best = sorted(range(len(scores)), key=lambda i: (-scores[i], -i))[:topk]
+        return list(range(lo)) + sorted(lo + b for b in best) + list(range(hi, nch))
+
+    if per_head:
+        return [kept(s) for s in head_chunk_scores_reference(K, q, range(lo, hi), kind, chunk)]
+    return kept(chunk_scores_reference(K, q, range(lo, hi), kind, chunk))
+
+
+def kept_attention_reference(q, k, v, kept, chunk, return_cond=False):
+    """One decode row (q [1, q_heads, D], the last of k, v [n, kv_heads, D]) attending to its kept
+    chunks: ``kept`` one list of chunk indices per KV head (kept_chunks_reference's per_kv_head
+    answer, or the shared list repeated), each KV head and its query heads over their own.
+    Returns attention_reference's outputs, heads in order."""
+    n, kv_heads = k.shape[0], k.shape[1]
+    group = q.shape[1] // kv_heads
+    parts = []
+    for g, chunks in enumerate(kept):
+        idx = np.concatenate([np.arange(c * chunk, min((c + 1) * chunk, n)) for c in chunks])
+        parts.append(attention_reference(q[:, g * group:(g + 1) * group], k[idx, g:g + 1], v[idx, g:g + 1],
+                                         len(idx) - 1, return_cond=return_cond))
+    return tuple(np.concatenate(xs, axis=1) for xs in zip(*parts))
+
 
 # --------------------------------------------------------------------------------------
 # the reference

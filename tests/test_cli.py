@@ -187,7 +187,7 @@ def test_generate_with_eviction_and_a_host_tier(model_dir, tmp_path, capsys):
     common = ["generate", "--model", str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "8",
               "--chunk-size", "16", "--no-progress", "--threads", "1"]
     budget = ["--kv-budget", "48", "--dense-layers", "1", "--sink-chunks", "1", "--window-chunks", "1",
-              "--topk-chunks", "1"]
+              "--topk-chunks", "1", "--selection", "shared"]  # the host tier's selection (its default)
 
     def run(*flags):
         out = tmp_path / "out.jsonl"
@@ -208,6 +208,9 @@ def test_generate_with_eviction_and_a_host_tier(model_dir, tmp_path, capsys):
     assert tiered == budgeted
     assert "host tier (6 device chunks per evicting layer):" in err and " recalls, " in err
     assert " 0 recalls" not in err
+    # Per-KV-head selection (the default without a host tier) attends other chunks here.
+    per_head, err = run(*budget[:-2])
+    assert per_head != budgeted and "eviction (budget 48 tokens):" in err
 
 
 def test_demo_serves_the_batch_and_compares_with_transformers(model_dir, tmp_path, capsys):

@@ -15,7 +15,7 @@ import pytest
 
 import chunkvale
 
-from reference import attention_reference, digest_reference, kept_chunks_reference
+from reference import attention_reference, digest_reference, kept_attention_reference, kept_chunks_reference
 
 torch = pytest.importorskip("torch")
 
@@ -29,13 +29,13 @@ LAYERS, SINK, WINDOW = 3, 1, 2
 
 
 def _cfg(shape, dtype, *, device="cuda", budget=None, topk=3, digest="cuboid_max", dense_layers=1,
-         device_chunks=None, host_bytes=None, spill_path=None, capacity=512):
+         device_chunks=None, host_bytes=None, spill_path=None, capacity=512, selection=None):
     hq, hkv, d, c = shape
     ev = None
     if budget is not None:
         ev = chunkvale.Eviction(budget_tokens=budget, sink_chunks=SINK, window_chunks=WINDOW, topk_chunks=topk,
                                 digest=digest, dense_layers=dense_layers, device_chunks=device_chunks,
-                                host_bytes=host_bytes, spill_path=spill_path)
+                                host_bytes=host_bytes, spill_path=spill_path, selection=selection)
     return chunkvale.CacheConfig(layers=LAYERS, q_heads=hq, kv_heads=hkv, head_dim=d, chunk_size=c, dtype=dtype,
                                  capacity_chunks=capacity, device=device, eviction=ev)
 
@@ -97,7 +97,10 @@ class Run:
     def decode(self, seqs):
         return self.step([(s, [int(self.rng.integers(0, 1000))]) for s in seqs])
 
-    def check(self, st, qs, out, kind, budget, topk, dense_layers=1):
+    def check(self, st, qs, out, kind, budget, topk, dense_layers=1, *, selection):
+        """Every row against the float64 reference (selection: the cache's, resolved); returns the
+        decode rows whose KV heads kept different chunks."""
+        apart = 0
         for layer in range(LAYERS):
             got_all = out[layer].double().numpy()
             assert np.isfinite(got_all).all(), f"layer {layer}: unwritten (NaN) outputs"
@@ -110,12 +113,14 @@ class Run:
                     want, _ = attention_reference(q, K, V, total - (r1 - r0))
                 else:
                     keep = kept_chunks_reference(K, q[0], total, kind, budget, topk, chunk=self.c, sink=SINK,
-                                                 window=WINDOW)
-                    idx = np.concatenate([np.arange(c * self.c, min((c + 1) * self.c, total)) for c in keep])
-                    want, _ = attention_reference(q, K[idx], V[idx], len(idx) - 1)
+                                                 window=WINDOW, selection=selection)
+                    keep = keep if selection == "per_kv_head" and topk else [keep] * self.hkv
+                    apart += any(k != keep[0] for k in keep)
+                    want, _ = kept_attention_reference(q, K, V, keep, self.c)
                 got = got_all[r0:r1]
                 rel = np.linalg.norm(got - want) / np.linalg.norm(want)
                 assert rel < REL_TOL[self.dtype], f"layer {layer} seq {seq} total {total}: relative error {rel:.3g}"
+        return apart
 
 
 def _same(outs):
@@ -156,14 +161,17 @@ def test_digests_summarise_the_stored_keys(seed, dtype, kind, shape):
                 np.testing.assert_allclose(got[1], d1, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("selection", [None, "shared"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("kind", ["cuboid_max", "cuboid_mean", "sphere"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "h{}-{}-d{}-c{}".format(*s))
-def test_budgeted_attention_equals_reference_over_selected_chunks(seed, dtype, kind, shape):
+def test_budgeted_attention_equals_reference_over_selected_chunks(seed, dtype, kind, shape, selection):
     rng = np.random.default_rng(seed)
     c = shape[3]
     budget, topk = 6 * c, 3
-    cache = chunkvale.KVCache(_cfg(shape, dtype, budget=budget, digest=kind, topk=topk))
+    cfg = _cfg(shape, dtype, budget=budget, digest=kind, topk=topk, selection=selection)
+    resolved = cfg.eviction.resolved_selection()
+    cache = chunkvale.KVCache(cfg)
     run = Run(rng, [cache], shape, dtype)
     prefix = _prompt(7 * c + 5)
     a, _ = run.add(prefix + _prompt(2 * c + 3))
@@ -172,9 +180,11 @@ def test_budgeted_attention_equals_reference_over_selected_chunks(seed, dtype, k
     assert cached == len(prefix)  # full chunks shared, the partial one copied
     d, _ = run.add(_prompt(3 * c))  # within budget: attends everything
     run.step([(b, len(prefix) + c + 1 - cached), (d, 3 * c)])
+    apart = 0
     for _ in range(c + 4):  # across a chunk boundary; shared chunks still chunk-first
         st, qs, outs = run.decode([a, b, d])
-        run.check(st, qs, outs[0], kind, budget, topk)
+        apart += run.check(st, qs, outs[0], kind, budget, topk, selection=resolved)
+    assert (apart > 0) == (resolved == "per_kv_head" and shape[1] > 1)  # per-head choices checked
     stats = cache.stats()
     assert stats["evict_dropped_chunks"] > 0
     assert stats["evict_scored_chunks"] > stats["evict_dropped_chunks"]
@@ -215,7 +225,7 @@ def test_cpu_and_gpu_backends_select_alike(seed, kind):
         for layer in range(LAYERS):
             rel = (outs[0][layer].double() - outs[1][layer].double()).norm() / outs[1][layer].double().norm()
             assert rel < REL_TOL["float16"], f"layer {layer}: CPU and GPU differ by {rel:.3g}"
-        run.check(st, qs, outs[0], kind, 6 * c, 3)
+        run.check(st, qs, outs[0], kind, 6 * c, 3, selection="per_kv_head")
     gpu, cpu = (x.stats() for x in caches)
     assert gpu["evict_dropped_chunks"] == cpu["evict_dropped_chunks"] > 0
 
@@ -283,7 +293,7 @@ def test_host_tier_is_bit_identical_to_a_resident_cache(seed, dtype, shape, tmp_
     host = chunkvale.KVCache(_cfg(shape, dtype, budget=budget, topk=topk, device_chunks=20, host_bytes=40 * block,
                                   spill_path=str(tmp_path / "spill.bin")),
                              test_hooks={"backup_delay_us": 2000 if slow else 0})
-    resident = chunkvale.KVCache(_cfg(shape, dtype, budget=budget, topk=topk))
+    resident = chunkvale.KVCache(_cfg(shape, dtype, budget=budget, topk=topk, selection="shared"))  # the host's
     run = Run(rng, [host, resident], shape, dtype)
     prefix = _prompt(2 * c + c // 2)
     live = []
@@ -298,7 +308,7 @@ def test_host_tier_is_bit_identical_to_a_resident_cache(seed, dtype, shape, tmp_
         _same(outs)
 
     def check(st, qs, outs):
-        run.check(st, qs, outs[0], "cuboid_max", budget, topk)
+        run.check(st, qs, outs[0], "cuboid_max", budget, topk, selection="shared")
 
     refused = _host_tier_workload(rng, run, live, prefix, 150, on_step=check)
     for s in live:
@@ -424,7 +434,8 @@ def test_engine_with_eviction_and_host_tier_on_the_gpu():
     covered, st = serve(chunkvale.Eviction(budget_tokens=4096, dense_layers=1))
     assert covered == dense
     assert st["evict_dropped_chunks"] == 0
-    budget = dict(budget_tokens=64, sink_chunks=1, window_chunks=2, topk_chunks=2, dense_layers=1)
+    # Shared: the host tier's selection, so the resident and tiered runs attend the same chunks.
+    budget = dict(budget_tokens=64, sink_chunks=1, window_chunks=2, topk_chunks=2, dense_layers=1, selection="shared")
     resident, st = serve(chunkvale.Eviction(**budget))
     assert st["evict_dropped_chunks"] > 0
     tiered, st = serve(chunkvale.Eviction(**budget, device_chunks=14))

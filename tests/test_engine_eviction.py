@@ -2,8 +2,10 @@
 
 Reference points: a budget that covers every context changes nothing (same tokens as the dense
 engine); the host tier only moves chunks between device and host, it never changes which chunks
-a step attends (docs/API.md "Host tier"), so with the same budget the tokens equal those of an
-engine without a host tier, however small device_chunks is, as long as one request fits."""
+a step attends (docs/API.md "Host tier"), so with the same budget and selection the tokens equal
+those of an engine without a host tier, however small device_chunks is, as long as one request
+fits. The host tier selects one set of chunks per sequence ("shared"); the default selection
+resolves to it there and to "per_kv_head" without a host tier, so these runs name "shared"."""
 
 import pytest
 
@@ -20,6 +22,9 @@ EVICTING = 1  # the tiny model has 2 layers; dense_layers=1 leaves one evicting 
 
 def evict(**kw):
     kw.setdefault("dense_layers", 2 - EVICTING)
+    # The host tier's selection (its default) everywhere, so runs with and without it compare;
+    # per-KV-head selection through the Engine: tests/test_passkey_replay.py.
+    kw.setdefault("selection", "shared")
     return chunkvale.Eviction(**kw)
 
 
@@ -72,6 +77,9 @@ def test_small_device_tier_completes_every_request_with_the_same_tokens(model, d
     assert ref.cache.stats()["evict_dropped_chunks"] > 0
     tiered, eng = serve(model, reqs, evict(**kw, device_chunks=device_chunks))
     assert tiered == budgeted
+    # The default selection with the host tier is the shared one: the same tokens.
+    auto, _ = serve(model, reqs, evict(**kw, device_chunks=device_chunks, selection=None))
+    assert auto == budgeted
     assert [len(samples) for samples in tiered] == [1, 1, 1, 3, 1]
     st = eng.cache.stats()
     assert st["evict_recalls"] > 0 and st["evict_evictions"] > 0

@@ -1,8 +1,10 @@
 """Budgeted attention (the compute half of recallable eviction) against a float64 reference.
 
 The reference recomputes each chunk's digest from the keys it appended, scores the chunks
-for the decode query exactly as documented (bound per query head against its KV head's
-digest, summed), keeps sinks + window + top-k, and attends densely to the kept tokens.
+for the decode query exactly as documented (shared: bound per query head against its KV head's
+digest, summed; per_kv_head, the default: each KV head its own top-k by the largest bound among
+its query heads), keeps sinks + window + top-k, and attends densely to the kept tokens (per KV
+head, each head's own).
 """
 
 from __future__ import annotations
@@ -10,16 +12,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reference import attention_reference, digest_reference, kept_chunks_reference
+from reference import attention_reference, digest_reference, kept_attention_reference, kept_chunks_reference
 
 L, HQ, HKV, D, C = 3, 4, 2, 64, 16
 
 
-def _cfg(cv, *, budget=None, digest="cuboid_max", topk=3, dense_layers=1, share_threshold=2):
+def _cfg(cv, *, budget=None, digest="cuboid_max", topk=3, dense_layers=1, share_threshold=2, selection=None):
     ev = None
     if budget is not None:
         ev = cv.Eviction(budget_tokens=budget, sink_chunks=1, window_chunks=2, topk_chunks=topk,
-                         digest=digest, dense_layers=dense_layers)
+                         digest=digest, dense_layers=dense_layers, selection=selection)
     return cv.CacheConfig(layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D, chunk_size=C,
                           capacity_chunks=256, eviction=ev, share_threshold=share_threshold)
 
@@ -28,9 +30,11 @@ def _digest(keys, kind):
     return digest_reference(keys, kind)
 
 
-def _kept_chunks(K, q, total, kind, budget, topk):
-    """Chunk indices the documented policy attends for one decode row (q: [HQ, D])."""
-    return kept_chunks_reference(K, q, total, kind, budget, topk, chunk=C, sink=1, window=2)
+def _kept_chunks(K, q, total, kind, budget, topk, selection):
+    """Chunk indices the documented policy attends for one decode row (q: [HQ, D]): one list
+    per KV head (shared: the same list for each)."""
+    kept = kept_chunks_reference(K, q, total, kind, budget, topk, chunk=C, sink=1, window=2, selection=selection)
+    return kept if selection == "per_kv_head" and topk > 0 else [kept] * HKV
 
 
 class Run:
@@ -76,7 +80,10 @@ class Run:
         return st, qs, outs
 
 
-def _check_layer(run, st, q, out, layer, kind, budget, topk, dense_layers):
+def _check_layer(run, st, q, out, layer, kind, budget, topk, dense_layers, *, selection):
+    """Checks one layer's outputs against the reference; returns the decode rows whose KV heads
+    kept different chunks (per_kv_head: the heads really chose apart)."""
+    apart = 0
     for i, seq in enumerate(st.seq_ids):
         r0, r1 = st.row_offsets[i], st.row_offsets[i + 1]
         K, V = (x.astype(np.float64) for x in run.kv[seq][layer])
@@ -84,18 +91,23 @@ def _check_layer(run, st, q, out, layer, kind, budget, topk, dense_layers):
         if r1 - r0 != 1 or layer < dense_layers:
             want, _ = attention_reference(q[r0:r1].astype(np.float64), K, V, total - (r1 - r0))
         else:
-            keep = _kept_chunks(K, q[r0].astype(np.float64), total, kind, budget, topk)
-            idx = np.concatenate([np.arange(c * C, min((c + 1) * C, total)) for c in keep])
-            want, _ = attention_reference(q[r0:r1].astype(np.float64), K[idx], V[idx], len(idx) - 1)
+            keep = _kept_chunks(K, q[r0].astype(np.float64), total, kind, budget, topk, selection)
+            apart += any(k != keep[0] for k in keep)
+            want, _ = kept_attention_reference(q[r0:r1].astype(np.float64), K, V, keep, C)
         np.testing.assert_allclose(out[r0:r1], want, atol=2e-5, rtol=1e-4,
                                    err_msg=f"layer {layer} seq {seq} total {total}")
+    return apart
 
 
+@pytest.mark.parametrize("selection", [None, "shared"])
 @pytest.mark.parametrize("kind", ["cuboid_max", "cuboid_mean", "sphere"])
-def test_budgeted_attention_equals_reference_over_selected_chunks(cv, seed, kind):
+def test_budgeted_attention_equals_reference_over_selected_chunks(cv, seed, kind, selection):
     rng = np.random.default_rng(seed)
     budget, topk = 96, 3
-    cache = cv.KVCache(_cfg(cv, budget=budget, digest=kind, topk=topk))
+    cfg = _cfg(cv, budget=budget, digest=kind, topk=topk, selection=selection)
+    resolved = cfg.eviction.resolved_selection()
+    assert resolved == (selection or "per_kv_head")  # the default without a host tier
+    cache = cv.KVCache(cfg)
     run = Run(cv, rng, [cache])
     prefix = list(rng.integers(0, 1000, 120))
     a, _ = run.add(prefix + [1] * 37)
@@ -104,10 +116,13 @@ def test_budgeted_attention_equals_reference_over_selected_chunks(cv, seed, kind
     assert cached == 120
     c, _ = run.add(list(rng.integers(1000, 2000, 60)))       # under budget: attends everything
     run.step([(b, 20), (c, 60), (a, [5])])
+    apart = 0
     for t in range(20):  # decode across chunk boundaries; shared chunks still chunk-first
         st, qs, outs = run.step([(s, [int(rng.integers(0, 1000))]) for s in (a, b, c)], scale_q=2.0)
         for layer in range(L):
-            _check_layer(run, st, qs[layer], outs[0][layer], layer, kind, budget, topk, dense_layers=1)
+            apart += _check_layer(run, st, qs[layer], outs[0][layer], layer, kind, budget, topk, dense_layers=1,
+                                  selection=resolved)
+    assert (apart > 0) == (resolved == "per_kv_head")  # the heads' own choices were checked
     stats = cache.stats()
     assert stats["evict_dropped_chunks"] > 0
     assert stats["evict_scored_chunks"] > stats["evict_dropped_chunks"]
@@ -130,7 +145,8 @@ def test_prompt_tokens_planned_one_at_a_time_attend_to_everything(cv, seed):
     assert cache.stats()["evict_dropped_chunks"] == 0
     st, qs, outs = run.step([(a, [5])], scale_q=2.0)  # the first decode step does select
     for layer in range(L):
-        _check_layer(run, st, qs[layer], outs[0][layer], layer, "cuboid_max", 96, 3, dense_layers=1)
+        _check_layer(run, st, qs[layer], outs[0][layer], layer, "cuboid_max", 96, 3, dense_layers=1,
+                     selection="per_kv_head")
     assert cache.stats()["evict_dropped_chunks"] > 0
 
 
@@ -144,7 +160,8 @@ def test_sink_and_window_only(cv, seed):
     for _ in range(3):
         st, qs, outs = run.step([(a, [7])])
         for layer in range(L):
-            _check_layer(run, st, qs[layer], outs[0][layer], layer, "cuboid_max", 96, 0, dense_layers=1)
+            _check_layer(run, st, qs[layer], outs[0][layer], layer, "cuboid_max", 96, 0, dense_layers=1,
+                         selection="per_kv_head")
 
 
 def test_budget_covering_the_context_changes_nothing(cv, seed):
@@ -226,3 +243,18 @@ def test_bad_eviction_config_is_rejected(cv):
         cv.KVCache(_cfg(cv, budget=96, topk=-2))
     with pytest.raises(ValueError, match="digests are off|eviction"):
         cv.KVCache(_cfg(cv)).read_digest(0, 0, 0)
+    with pytest.raises(ValueError, match="eviction.selection: expected 'per_kv_head', 'shared' or None, got 'row'"):
+        cv.KVCache(_cfg(cv, budget=96, selection="row"))
+
+
+def test_host_tier_selects_one_set_per_sequence(cv):
+    """The host tier keeps one set of chunks per sequence on the device: the default resolves to
+    shared there, and per_kv_head is refused naming the field (the cache is not made)."""
+    def cfg(selection):
+        return cv.CacheConfig(layers=1, q_heads=4, kv_heads=2, head_dim=64, chunk_size=16, capacity_chunks=32,
+                              eviction=cv.Eviction(budget_tokens=96, device_chunks=16, selection=selection))
+    assert cfg(None).eviction.resolved_selection() == "shared"
+    cv.KVCache(cfg(None))
+    cv.KVCache(cfg("shared"))
+    with pytest.raises(ValueError, match=r"eviction.selection: expected 'shared' or 'auto' with the host tier"):
+        cv.KVCache(cfg("per_kv_head"))

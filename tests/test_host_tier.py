@@ -23,9 +23,10 @@ def _cfg(cv, *, device_chunks=None, host_bytes=None, spill_path=None, budget=BUD
          capacity=256, eviction=True):
     ev = None
     if eviction:
+        # Shared selection everywhere: the host tier's (its default), so a resident cache compares.
         ev = cv.Eviction(budget_tokens=budget, sink_chunks=1, window_chunks=2, topk_chunks=topk,
                          dense_layers=DENSE, device_chunks=device_chunks, host_bytes=host_bytes,
-                         spill_path=spill_path)
+                         spill_path=spill_path, selection="shared")
     return cv.CacheConfig(layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D, chunk_size=C,
                           capacity_chunks=capacity, eviction=ev)
 
@@ -146,7 +147,7 @@ def test_small_device_budget_matches_reference_over_random_trees(cv, seed):
             _same_outputs(outs)
             chunk_first += host.stats()["chunk_first_units"]
             for layer in range(L):
-                _check_layer(run, st, qs[layer], outs[0][layer], layer, "cuboid_max", BUDGET, TOPK, DENSE)
+                _check_layer(run, st, qs[layer], outs[0][layer], layer, "cuboid_max", BUDGET, TOPK, DENSE, selection="shared")
         _check_host_accounting(host, live)
     for s in live:
         _check_tiles(host, run, s)
@@ -222,7 +223,7 @@ def _alternating_workload(cv, rng, host, n_steps=10):
         st, qs, outs = _decode(run, [seqs[t % 3], seqs[(t + 1) % 3]], rng)
         _same_outputs(outs)
         for layer in range(L):
-            _check_layer(run, st, qs[layer], outs[0][layer], layer, "cuboid_max", BUDGET, TOPK, DENSE)
+            _check_layer(run, st, qs[layer], outs[0][layer], layer, "cuboid_max", BUDGET, TOPK, DENSE, selection="shared")
     return run, seqs
 
 
@@ -407,7 +408,7 @@ def test_half_precision_recalls_are_bit_identical(cv, seed, dtype):
         return cv.CacheConfig(layers=L, q_heads=HQ, kv_heads=HKV, head_dim=D, chunk_size=C, dtype=dtype,
                               capacity_chunks=64, eviction=cv.Eviction(
                                   budget_tokens=BUDGET, topk_chunks=TOPK, dense_layers=DENSE,
-                                  device_chunks=device_chunks))
+                                  device_chunks=device_chunks, selection="shared"))  # the host tier's
 
     caches = [cv.KVCache(cfg(8)), cv.KVCache(cfg(None))]
     seqs = [[c.add_sequence(_p)[0] for c in caches] for _p in (_prompt(100), _prompt(90))]

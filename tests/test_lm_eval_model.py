@@ -159,6 +159,10 @@ def test_bad_budget_is_refused_with_the_field_named(model_dir):
 
     with pytest.raises(ValueError, match="eviction.topk_chunks"):
         get_model("chunkvale").create_from_arg_string(f"pretrained={model_dir},kv_budget=256,topk_chunks=8")
+    with pytest.raises(ValueError, match="eviction.selection"):
+        get_model("chunkvale").create_from_arg_string(f"pretrained={model_dir},kv_budget=256,selection=row")
+    lm = get_model("chunkvale").create_from_arg_string(f"pretrained={model_dir},kv_budget=256,selection=shared")
+    assert lm.eviction.resolved_selection() == "shared"
 
 
 def test_lm_eval_command_line_finds_the_backend(model_dir, task_dir, tmp_path):

@@ -1,16 +1,17 @@
 """Budgeted attention through chunkvale.PagedAttention (an eviction config and one digest tensor
 per layer, as the vLLM plugin runs it) against the float64 reference: write_kv's digests equal
 the documented digest of each filled block; a decode row over budget attends to exactly the
-blocks the documented policy keeps (sinks, window, top-k by digest bound), every other row to
-its whole context; over digest kinds, block sizes, dtypes, head counts and every kernel ISA this
+blocks the documented policy keeps (sinks, window, top-k by digest bound: each KV head its own
+with per_kv_head selection, the default, or one set with shared), every other row to its whole
+context; over digest kinds, block sizes, dtypes, head counts and every kernel ISA this
 CPU runs. Bad digests are named and nothing is written."""
 
 import numpy as np
 import pytest
 
 from paged_pool import Pool, pack
-from reference import (Kind, assert_close, attention_reference, digest_reference, kept_chunks_reference,
-                       out_tolerance, round_to)
+from reference import (Kind, assert_close, attention_reference, digest_reference, kept_attention_reference,
+                       kept_chunks_reference, out_tolerance, round_to)
 
 SINK, WINDOW = 1, 2
 
@@ -59,20 +60,25 @@ def write_history(pa, K, pool, kv, digests, tables, lens, rows, tail_split):
         pa.write_kv(kv, K.make(k), K.make(v), sm, digests=digests)
 
 
-def reference_rows(pool, tables, lens, rows, q64, budget, topk, kind, budgeted):
+def reference_rows(pool, tables, lens, rows, q64, budget, topk, kind, budgeted, selection):
+    """The reference outputs and condition numbers of every row, and how many decode rows'
+    KV heads kept different blocks."""
     outs, conds = [], []
-    r0 = 0
+    r0 = apart = 0
     for t, n, m in zip(tables, lens, rows):
         k, v = pool.history(t, n)
         q = q64[r0 : r0 + m]
         if budgeted and m == 1:
-            keep = kept_chunks_reference(k, q[0], n, kind, budget, topk, chunk=pool.B, sink=SINK, window=WINDOW)
-            idx = np.concatenate([np.arange(c * pool.B, min((c + 1) * pool.B, n)) for c in keep])
-            k, v = k[idx], v[idx]
-        o, _, c = attention_reference(q, k, v, k.shape[0] - m, return_cond=True)
+            keep = kept_chunks_reference(k, q[0], n, kind, budget, topk, chunk=pool.B, sink=SINK, window=WINDOW,
+                                         selection=selection)
+            keep = keep if selection == "per_kv_head" else [keep] * k.shape[1]
+            apart += any(kh != keep[0] for kh in keep)
+            o, _, c = kept_attention_reference(q, k, v, keep, pool.B, return_cond=True)
+        else:
+            o, _, c = attention_reference(q, k, v, k.shape[0] - m, return_cond=True)
         outs.append(o), conds.append(c)
         r0 += m
-    return np.concatenate(outs), np.concatenate(conds)
+    return np.concatenate(outs), np.concatenate(conds), apart
 
 
 CASES = [  # (q_heads, kv_heads, head_dim, block_size, dtype, kind, digest)
@@ -84,11 +90,13 @@ CASES = [  # (q_heads, kv_heads, head_dim, block_size, dtype, kind, digest)
 ]
 
 
-def run_case(cv, rng, case, isa=""):
+def run_case(cv, rng, case, isa="", selection=None):
     hq, hkv, D, B, dtype, kind, digest = case
     K = Kind(kind, dtype)
     budget, topk = 5 * B, 2
-    ev = cv.Eviction(budget_tokens=budget, sink_chunks=SINK, window_chunks=WINDOW, topk_chunks=topk, digest=digest)
+    ev = cv.Eviction(budget_tokens=budget, sink_chunks=SINK, window_chunks=WINDOW, topk_chunks=topk, digest=digest,
+                     selection=selection)
+    selection = ev.resolved_selection()
     pa = cv.PagedAttention(hq, hkv, D, B, dtype=dtype, kernel_isa=isa, eviction=ev)
     tables, lens, rows, N = long_batch(rng, B, int(rng.integers(2, 7)))
     pool = Pool(rng, N, hkv, B, D, dtype)
@@ -108,25 +116,30 @@ def run_case(cv, rng, case, isa=""):
     q64 = round_to(rng.uniform(-2, 2, size=(T, hq, D)), dtype)
     plan = pa.plan(*pack(tables, lens, rows), N)
     before = pa.selection_counts["dropped_blocks"]
+    apart = 0
     for budgeted in (True, False):  # without digests the same object attends densely
         out = K.poison((T, hq, D))
         pa.run(plan, K.make(q64), kv, out, digests=digests if budgeted else None)
-        ref, cond = reference_rows(pool, tables, lens, rows, q64, budget, topk, digest, budgeted)
-        assert_close(K.to64(out), ref, 0, 0, f"out {case} budgeted={budgeted} isa={isa or 'best'}",
+        ref, cond, a = reference_rows(pool, tables, lens, rows, q64, budget, topk, digest, budgeted, selection)
+        assert_close(K.to64(out), ref, 0, 0, f"out {case} {selection} budgeted={budgeted} isa={isa or 'best'}",
                      tol=out_tolerance(dtype, ref, cond))
+        apart += a
     over = sum(1 for n, m in zip(lens, rows) if m == 1 and n > budget and -(-n // B) - SINK - WINDOW > topk)
-    return over, pa.selection_counts["dropped_blocks"] - before
+    return over, pa.selection_counts["dropped_blocks"] - before, apart
 
 
+@pytest.mark.parametrize("selection", [None, "shared"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-d{c[2]}-b{c[3]}-{c[4]}-{c[6]}")
-def test_budgeted_rows_attend_to_the_documented_blocks(cv, seed, case):
+def test_budgeted_rows_attend_to_the_documented_blocks(cv, seed, case, selection):
     rng = np.random.default_rng(seed)
-    over = dropped = 0
+    over = dropped = apart = 0
     for _ in range(4):
-        o, d = run_case(cv, rng, case)
-        over, dropped = over + o, dropped + d
+        o, d, a = run_case(cv, rng, case, selection=selection)
+        over, dropped, apart = over + o, dropped + d, apart + a
     assert over > 0, "no decode row over budget in four batches"
     assert dropped > 0
+    if selection is None and case[1] > 1:  # per_kv_head: the KV heads' own choices were checked
+        assert apart > 0
 
 
 @pytest.mark.parametrize("isa", ["avx512bf16", "avx512", "avx2", "generic"])
@@ -135,7 +148,8 @@ def test_every_kernel_isa(cv, seed, isa):
         pytest.skip(f"this CPU does not run {isa} (runs {cv.kernel_isas()})")
     rng = np.random.default_rng(seed)
     for case in CASES[:3]:
-        run_case(cv, rng, case, isa=isa)
+        for selection in (None, "shared"):
+            run_case(cv, rng, case, isa=isa, selection=selection)
 
 
 def test_topk_zero_keeps_sinks_and_window_only(cv, seed):

@@ -44,11 +44,15 @@ def tiny_llama():
 
 def configs(model, longest):
     # dense_layers=1: the second of the two layers selects. Budget 64 of ~200-token prompts.
+    # Every digest under the default selection (per_kv_head: 2 KV heads here) and under shared.
     out = []
-    for name, ev in passkey.configurations([64], ["cuboid_max", "cuboid_mean", "sphere"], CHUNK, 1):
-        cfg = hf.cache_config(model, chunk_size=CHUNK, capacity_chunks=longest // CHUNK + 4)
-        cfg.eviction = ev
-        out.append((name, cfg))
+    for selection in (None, "shared"):
+        for name, ev in passkey.configurations([64], ["cuboid_max", "cuboid_mean", "sphere"], CHUNK, 1, selection):
+            if selection and (ev is None or ev.topk_chunks == 0):
+                continue  # the full cache and sink+window have no selection to vary
+            cfg = hf.cache_config(model, chunk_size=CHUNK, capacity_chunks=longest // CHUNK + 4)
+            cfg.eviction = ev
+            out.append((f"{name}, {ev.resolved_selection()}" if ev and ev.topk_chunks != 0 else name, cfg))
     return out
 
 

@@ -98,7 +98,7 @@ def _decode_or_error(cache, run, seqs, rng):
             assert "eviction.spill_path" in str(e) and "checksum" in str(e), e
             errors += 1
             continue
-        _check_layer(run, st, q, out, layer, "cuboid_max", BUDGET, TOPK, DENSE)
+        _check_layer(run, st, q, out, layer, "cuboid_max", BUDGET, TOPK, DENSE, selection="shared")
     return errors
 
 

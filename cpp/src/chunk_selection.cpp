@@ -13,14 +13,16 @@ int64_t ns_since(std::chrono::steady_clock::time_point t0) {
 }
 }  // namespace
 
-ChunkSelector::ChunkSelector(const EvictionConfig& eviction, int chunk_size, Digests* digests,
+ChunkSelector::ChunkSelector(const EvictionConfig& eviction, int chunk_size, int kv_heads, Digests* digests,
                              const PlanParams& params)
-    : digests_(digests), params_(params), rule_(eviction, chunk_size) {}
+    : digests_(digests), params_(params), rule_(eviction, chunk_size),
+      // Without a top-k every head keeps the same sinks + window: one plan serves them all.
+      units_(eviction.per_kv_head() && rule_.topk > 0 ? kv_heads : 1), layer_plans_(size_t(units_)) {}
 
 // The top-k candidates of every request of score_reqs_, by digest score (the backend
-// scores and ranks: top_k.h's rule), into top_ (k per request, best first).
+// scores and ranks: top_k.h's rule), into top_ (units lists of k per request, best first).
 void ChunkSelector::top_requests(int layer, const TensorView& q, const ExecContext& ctx) {
-  const size_t k = size_t(std::max(rule_.topk, 0));
+  const size_t k = size_t(std::max(rule_.topk, 0)) * size_t(units_);
   top_.resize(score_reqs_.size() * k);
   for (size_t i = 0; i < score_reqs_.size(); ++i) score_reqs_[i].top = top_.data() + i * k;
   auto t0 = std::chrono::steady_clock::now();
@@ -47,31 +49,35 @@ const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(int layer, c
   if (score_reqs_.empty()) return unselected_;
   top_requests(layer, q, ctx);
   for (const Digests::ScoreRequest& r : score_reqs_) {
-    taken_.assign(r.n, 0);
-    for (int j = 0; j < rule_.topk; ++j) taken_[size_t(r.top[j])] = 1;
+    mark_taken(r);
     for (size_t c = 0; c < r.n; ++c)
       if (!taken_[c]) unselected_.push_back(r.slots[c]);
   }
   return unselected_;
 }
 
-const StepPlan* ChunkSelector::select(int layer, const PlannedStep& step, const TensorView& q, const ExecContext& ctx) {
+void ChunkSelector::mark_taken(const Digests::ScoreRequest& r) {
+  taken_.assign(r.n, 0);
+  for (int j = 0; j < rule_.topk * units_; ++j) taken_[size_t(r.top[j])] = 1;
+}
+
+LayerPlans ChunkSelector::select(int layer, const PlannedStep& step, const TensorView& q, const ExecContext& ctx) {
   decodes_.resize(step.plan.seqs.size());
   for (size_t i = 0; i < decodes_.size(); ++i) decodes_[i] = step.decodes(i);
   return select(layer, step.plan, decodes_.data(), q, ctx);
 }
 
-const StepPlan* ChunkSelector::select(int layer, const StepPlan& plan, const uint8_t* decodes, const TensorView& q,
-                                      const ExecContext& ctx) {
+LayerPlans ChunkSelector::select(int layer, const StepPlan& plan, const uint8_t* decodes, const TensorView& q,
+                                 const ExecContext& ctx) {
   auto t0 = std::chrono::steady_clock::now();
-  const size_t B = plan.seqs.size();
-  keep_.resize(B);
+  const size_t B = plan.seqs.size(), U = size_t(units_);
+  keep_.resize(U * B);
   score_reqs_.clear();
   cand_lo_.assign(B, -1);
   for (size_t i = 0; i < B; ++i) {
     const StepSeq& s = plan.seqs[i];
     const int32_t nch = s.chunk_end - s.chunk_begin;
-    keep_[i].assign(size_t(nch), 1);
+    for (size_t u = 0; u < U; ++u) keep_[u * B + i].assign(size_t(nch), 1);
     const SelectionRule::Range r = rule_.of(decodes[i] != 0, s.total(), nch);
     if (!r.selects) continue;  // prefill, extend and sequences within budget attend to everything
     cand_lo_[i] = int32_t(r.lo);
@@ -87,31 +93,39 @@ const StepPlan* ChunkSelector::select(int layer, const StepPlan& plan, const uin
     for (size_t i = 0, k = 0; i < B; ++i) {
       if (cand_lo_[i] < 0) continue;
       const Digests::ScoreRequest& r = score_reqs_[k++];
-      auto& keep = keep_[i];
       const int32_t lo = cand_lo_[i];
-      for (size_t c = 0; c < r.n; ++c) keep[size_t(lo) + c] = 0;
-      for (int32_t j = 0; j < rule_.topk; ++j) keep[size_t(lo + r.top[j])] = 1;
+      for (size_t u = 0; u < U; ++u) {  // unit u's list: r.top + u * topk
+        auto& keep = keep_[u * B + i];
+        for (size_t c = 0; c < r.n; ++c) keep[size_t(lo) + c] = 0;
+        for (int32_t j = 0; j < rule_.topk; ++j) keep[size_t(lo + r.top[u * size_t(rule_.topk) + size_t(j)])] = 1;
+      }
+      // Dropped: candidates no head attends.
+      mark_taken(r);
       counts_.evict_scored_chunks += int64_t(r.n);
-      counts_.evict_dropped_chunks += int64_t(r.n) - rule_.topk;
+      counts_.evict_dropped_chunks += int64_t(std::count(taken_.begin(), taken_.end(), uint8_t(0)));
     }
     inputs_.resize(B);
-    for (size_t i = 0; i < B; ++i) {
-      const StepSeq& s = plan.seqs[i];
-      PlanSeqInput& in = inputs_[i];
-      in.id = s.seq_id;
-      in.n_new = s.n_new;
-      in.ctx_before = s.ctx_before;
-      in.slots = plan.seq_chunks.data() + s.chunk_begin;
-      in.n_chunks = s.chunk_end - s.chunk_begin;
-      in.n_shared = s.n_shared;
-      in.keep = keep_[i].data();
+    for (size_t u = 0; u < U; ++u) {
+      for (size_t i = 0; i < B; ++i) {
+        const StepSeq& s = plan.seqs[i];
+        PlanSeqInput& in = inputs_[i];
+        in.id = s.seq_id;
+        in.n_new = s.n_new;
+        in.ctx_before = s.ctx_before;
+        in.slots = plan.seq_chunks.data() + s.chunk_begin;
+        in.n_chunks = s.chunk_end - s.chunk_begin;
+        in.n_shared = s.n_shared;
+        in.keep = keep_[u * B + i].data();
+      }
+      StepPlan& lp = layer_plans_[u];
+      plan_step(lp, inputs_, params_);
+      lp.id = plan.id;
+      new_revision(lp);
     }
-    plan_step(layer_plan_, inputs_, params_);
-    layer_plan_.id = plan.id;
-    new_revision(layer_plan_);
   }
   counts_.evict_select_ns += ns_since(t0);
-  return any ? &layer_plan_ : nullptr;
+  if (!any) return {};
+  return {layer_plans_.data(), units_ > 1};
 }
 
 }  // namespace chunkvale

@@ -1,8 +1,10 @@
 // Chunk selection for budgeted attention: per layer, each decoding sequence over budget
 // keeps its sinks, its recent window and the top-k chunks by digest score for its query
-// (SelectionRule decides who selects); the layer's plan is rebuilt over the kept chunks.
-// After a prefill, the chunks an over-budget sequence would not select are named, so the
-// host tier can make them its first eviction victims.
+// (SelectionRule decides who selects); the layer's plan is rebuilt over the kept chunks:
+// one plan for every KV head (shared selection), or with per-KV-head selection one plan per
+// KV head, each over that head's own top-k. After a prefill, the chunks an over-budget
+// sequence would not select are named, so the host tier can make them its first eviction
+// victims.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -14,20 +16,31 @@
 
 namespace chunkvale {
 
+// One layer's attention plans after selection: plans[0] for every KV head, or with
+// `per_head` plans[h] for KV head h (kv_heads of them). `plans` null: nothing was dropped,
+// the step's plan stands.
+struct LayerPlans {
+  const StepPlan* plans = nullptr;
+  bool per_head = false;
+};
+
 class ChunkSelector {
  public:
   // `digests`: the backend's (null without eviction: then nothing is asked of it); chunks
-  // of `chunk_size` tokens. KVCache and PagedAttention (blocks for chunks) both select here.
-  ChunkSelector(const EvictionConfig& eviction, int chunk_size, Digests* digests, const PlanParams& params);
+  // of `chunk_size` tokens; `kv_heads` plans per layer with per-KV-head selection. KVCache
+  // and PagedAttention (blocks for chunks) both select here.
+  ChunkSelector(const EvictionConfig& eviction, int chunk_size, int kv_heads, Digests* digests,
+                const PlanParams& params);
 
-  // This layer's plan over the kept chunks, or null when nothing is dropped (the step's
-  // plan stands). Valid until the next call. `decodes[i]`: plan.seqs[i] is a decode row
-  // (SelectionRule::decodes).
-  const StepPlan* select(int layer, const StepPlan& plan, const uint8_t* decodes, const TensorView& q,
-                         const ExecContext& ctx);
-  const StepPlan* select(int layer, const PlannedStep& step, const TensorView& q, const ExecContext& ctx);
+  // This layer's plans over the kept chunks. Valid until the next call. `decodes[i]`:
+  // plan.seqs[i] is a decode row (SelectionRule::decodes).
+  LayerPlans select(int layer, const StepPlan& plan, const uint8_t* decodes, const TensorView& q,
+                    const ExecContext& ctx);
+  LayerPlans select(int layer, const PlannedStep& step, const TensorView& q, const ExecContext& ctx);
+  // Plans per layer: kv_heads with per-KV-head selection (and a top-k), else 1.
+  int units() const { return units_; }
   // The chunks (ids) of prefill / extend rows, over budget from their next decode step on,
-  // that their last prompt token would not select.
+  // that their last prompt token would not select (that no KV head would).
   const std::vector<int32_t>& unselected_after_prefill(int layer, const PlannedStep& step, const TensorView& q,
                                                       const ExecContext& ctx);
 
@@ -36,13 +49,17 @@ class ChunkSelector {
  private:
   void top_requests(int layer, const TensorView& q, const ExecContext& ctx);  // score_reqs_ -> top_
 
+  // Marks request r's kept candidates (any unit's) in taken_ [r.n].
+  void mark_taken(const Digests::ScoreRequest& r);
+
   Digests* digests_;
   const PlanParams& params_;
   SelectionRule rule_;
-  StepPlan layer_plan_;
-  std::vector<std::vector<uint8_t>> keep_;
+  int units_;                      // plans per layer (1 or kv_heads)
+  std::vector<StepPlan> layer_plans_;  // one per unit
+  std::vector<std::vector<uint8_t>> keep_;  // [unit * B + seq]
   std::vector<PlanSeqInput> inputs_;
-  std::vector<int32_t> top_;  // k per request
+  std::vector<int32_t> top_;  // units * k per request
   std::vector<uint8_t> taken_, decodes_;
   std::vector<Digests::ScoreRequest> score_reqs_;
   std::vector<int32_t> cand_lo_, unselected_;

@@ -31,6 +31,11 @@ void ChunkStore::attention(int layer, const PlannedStep&, const StepPlan& plan, 
   backend_.attention(layer, plan, q, out, lse, ctx);
 }
 
+void ChunkStore::attention_per_head(int layer, const PlannedStep&, const StepPlan* plans, const TensorView& q,
+                                     const TensorView& out, const TensorView* lse, const ExecContext& ctx) {
+  backend_.attention_per_head(layer, plans, q, out, lse, ctx);
+}
+
 void ChunkStore::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
   backend_.copy_chunk(Backend::kAllLayers, src, dst, n_tokens, ExecContext{});
 }

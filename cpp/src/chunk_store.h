@@ -31,6 +31,10 @@ class ChunkStore {
   virtual void append(int layer, const PlannedStep& step, const TensorView& k, const TensorView& v, const ExecContext& ctx);
   virtual void attention(int layer, const PlannedStep& step, const StepPlan& plan, const TensorView& q,
                          const TensorView& out, const TensorView* lse, const ExecContext& ctx);
+  // Per-KV-head selection: plans[h] for KV head h. The host tier keeps one set of chunks per
+  // sequence and refuses per-KV-head selection (CacheConfig::validate).
+  virtual void attention_per_head(int layer, const PlannedStep& step, const StepPlan* plans, const TensorView& q,
+                                  const TensorView& out, const TensorView* lse, const ExecContext& ctx);
   // The first n_tokens tokens of chunk src into chunk dst, every layer (on the default stream).
   virtual void copy_chunk(int32_t src, int32_t dst, int32_t n_tokens);
 

@@ -42,6 +42,22 @@ DigestKind parse_digest(const std::string& name) {
   throw ValueError("digest: expected 'cuboid_max', 'cuboid_mean' or 'sphere', got '" + name + "'");
 }
 
+const char* selection_name(Selection s) {
+  switch (s) {
+    case Selection::Auto: return "auto";
+    case Selection::Shared: return "shared";
+    case Selection::PerKvHead: return "per_kv_head";
+  }
+  return "?";
+}
+
+Selection parse_selection(const std::string& name) {
+  if (name == "auto") return Selection::Auto;
+  if (name == "shared") return Selection::Shared;
+  if (name == "per_kv_head") return Selection::PerKvHead;
+  throw ValueError("eviction.selection: expected 'auto', 'shared' or 'per_kv_head', got '" + name + "'");
+}
+
 int EvictionConfig::resolved_topk(int chunk_size) const {
   if (topk_chunks >= 0) return topk_chunks;
   // What the budget leaves after the sinks and the window, in whole chunks (at least one:
@@ -105,6 +121,10 @@ void CacheConfig::validate() const {
          got("eviction.device_chunks", ("0 (no host tier) or at least sink_chunks + window_chunks + topk_chunks = " +
                                         std::to_string(selection) + " (one sequence's selection)").c_str(),
              e.device_chunks));
+    // The host tier keeps one set of chunks per sequence resident (admission counts top-k once).
+    need(e.device_chunks == 0 || e.resolved_selection() == Selection::Shared,
+         "eviction.selection: expected 'shared' or 'auto' with the host tier (device_chunks keeps one set of "
+         "chunks per sequence on the device), got 'per_kv_head'");
     need(e.device_chunks >= 0 && e.device_chunks < (int64_t(1) << 31),
          got("eviction.device_chunks", "an integer in [0, 2^31)", e.device_chunks));
     need(e.host_bytes >= 0, got("eviction.host_bytes", "None or an integer > 0", e.host_bytes));

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "chunkvale/errors.h"
+#include "head_scores.h"
 #include "top_k.h"
 
 namespace chunkvale {
@@ -42,13 +43,38 @@ void CpuAttention::run(const StepPlan& plan, LayerArgs a) {
   threads_.parallel_for(plan.num_tokens, [&](int64_t r, int) { kernels_->merge_row(a, int32_t(r)); });
 }
 
+void CpuAttention::run_per_head(const StepPlan* plans, const LayerArgs& a, size_t elem_bytes) {
+  // KV head h as a cache of one KV head: its query and output heads and its pool tiles are
+  // views at head h's offsets (rows keep their strides); lse comes back per group, in rows of
+  // group entries, and is laid into the caller's rows.
+  const int G = a.group;
+  const int32_t rows = plans[0].num_tokens;  // every head's plan has the step's rows
+  if (a.lse) head_lse_.resize(size_t(rows) * size_t(G));
+  for (int h = 0; h < a.kv_heads; ++h) {
+    LayerArgs ah = a;
+    ah.kv_heads = 1;
+    ah.q_heads = G;
+    ah.q = static_cast<const uint8_t*>(a.q) + size_t(h) * G * a.D * elem_bytes;
+    ah.out = static_cast<uint8_t*>(a.out) + size_t(h) * G * a.D * elem_bytes;
+    ah.layer_base = a.layer_base + size_t(a.pool.head_stride) * size_t(h) * elem_bytes;
+    ah.lse = a.lse ? head_lse_.data() : nullptr;
+    run(plans[h], ah);
+    if (a.lse)
+      for (int32_t r = 0; r < rows; ++r)
+        for (int g = 0; g < G; ++g) a.lse[size_t(r) * a.q_heads + size_t(h) * G + g] = head_lse_[size_t(r) * G + g];
+  }
+}
+
 void CpuAttention::top_chunks(const ScoreArgs& proto, const uint8_t* q, size_t q_row_bytes,
                               const Digests::ScoreRequest* requests, size_t count, int k) {
-  std::vector<size_t>& first = score_first_;  // each request's first score
+  // Shared: one score per candidate; per KV head: kv_heads of them, [request][head][candidate].
+  const size_t units = proto.per_kv_head ? size_t(proto.kv_heads) : 1;
+  std::vector<size_t>& first = score_first_;  // each request's first candidate
   first.assign(count + 1, 0);
   for (size_t r = 0; r < count; ++r) first[r + 1] = first[r] + requests[r].n;
-  scores_.resize(first[count]);
-  const size_t qf = size_t(proto.kv_heads) * (2 * size_t(proto.D) + 1);
+  scores_.resize(first[count] * units);
+  const size_t qf = proto.per_kv_head ? size_t(proto.kv_heads) * proto.group * proto.D
+                                      : size_t(proto.kv_heads) * (2 * size_t(proto.D) + 1);
   score_q_.resize(size_t(threads_.size()));
   for (auto& s : score_q_)
     if (s.size() < qf) s.resize(qf);
@@ -65,12 +91,19 @@ void CpuAttention::top_chunks(const ScoreArgs& proto, const uint8_t* q, size_t q
     a.q = q + size_t(req.row) * q_row_bytes;
     a.slots = req.slots + c0;
     a.n = std::min(kPiece, req.n - c0);
-    a.scores = scores_.data() + first[r] + c0;
     a.qf = score_q_[size_t(t)].data();
-    kernels_->score_chunks(a);
+    if (!proto.per_kv_head) {
+      a.scores = scores_.data() + first[r] + c0;
+      kernels_->score_chunks(a);
+      return;
+    }
+    tile_to_float(a.q, a.dtype, size_t(a.kv_heads) * a.group * a.D, a.qf);
+    score_chunks_per_head(a, a.qf, scores_.data() + first[r] * units + c0, req.n);
   });
+  const size_t kk = size_t(std::max(k, 0));
   for (size_t r = 0; r < count; ++r)
-    top_k(scores_.data() + first[r], requests[r].n, size_t(std::max(k, 0)), requests[r].top, heap_);
+    for (size_t u = 0; u < units; ++u)
+      top_k(scores_.data() + first[r] * units + u * requests[r].n, requests[r].n, kk, requests[r].top + u * kk, heap_);
 }
 
 }  // namespace chunkvale

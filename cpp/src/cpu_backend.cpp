@@ -72,6 +72,15 @@ void CpuBackend::copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_token
 
 void CpuBackend::attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
                            const TensorView* lse, const ExecContext&) {
+  attn_.run(plan, layer_args(layer, q, out, lse));
+}
+
+void CpuBackend::attention_per_head(int layer, const StepPlan* plans, const TensorView& q, const TensorView& out,
+                                    const TensorView* lse, const ExecContext&) {
+  attn_.run_per_head(plans, layer_args(layer, q, out, lse), elem_);
+}
+
+LayerArgs CpuBackend::layer_args(int layer, const TensorView& q, const TensorView& out, const TensorView* lse) const {
   LayerArgs a;
   a.layer_base = pool_ + layer_offset_[size_t(layer)];
   a.pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
@@ -85,7 +94,7 @@ void CpuBackend::attention(int layer, const StepPlan& plan, const TensorView& q,
   a.out = out.data;
   a.q_row = a.out_row = int64_t(cfg_.q_heads) * cfg_.head_dim;
   a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
-  attn_.run(plan, a);
+  return a;
 }
 
 void CpuBackend::read_tile(int layer, int32_t slot, int kv, int head, float* dst) const {

@@ -20,6 +20,8 @@ class CpuBackend final : public Backend, public Digests, public CopyEngine, publ
   void append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v, const ExecContext&) override;
   void attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out, const TensorView* lse,
                  const ExecContext&) override;
+  void attention_per_head(int layer, const StepPlan* plans, const TensorView& q, const TensorView& out,
+                          const TensorView* lse, const ExecContext&) override;
   void copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_tokens, const ExecContext&) override;
   Digests* digests() override { return digests_.empty() ? nullptr : this; }
   CopyEngine* copy_engine() override { return backups_ ? this : nullptr; }
@@ -40,6 +42,8 @@ class CpuBackend final : public Backend, public Digests, public CopyEngine, publ
 
  private:
   uint8_t* tile(int layer, int32_t slot, int kv, int head) const;
+  // A layer's attention arguments (everything but the plan and its cuts).
+  LayerArgs layer_args(int layer, const TensorView& q, const TensorView& out, const TensorView* lse) const;
   float* digest(int layer, int32_t slot, int head) const;
 
   CacheConfig cfg_;

@@ -38,6 +38,8 @@ void CpuBackend::top_chunks(int layer, const TensorView& q, const ScoreRequest* 
   a.kv_heads = cfg_.kv_heads;
   a.group = cfg_.group();
   a.kind = cfg_.eviction.digest;
+  a.per_kv_head = cfg_.eviction.per_kv_head();
+  a.dtype = cfg_.dtype;
   attn_.top_chunks(a, static_cast<const uint8_t*>(q.data), size_t(cfg_.q_heads) * cfg_.head_dim * elem_, requests,
                    count, k);
 }

@@ -52,6 +52,10 @@ struct ScoreArgs {
   DigestKind kind = DigestKind::CuboidMax;
   float* scores = nullptr;         // n
   float* qf = nullptr;             // scratch: kv_heads * (2 D + 1) floats
+  // Per-KV-head selection (EvictionConfig::per_kv_head): scored per KV head by the host
+  // scorer (head_scores.h) instead of score_chunks, the query read as `dtype`.
+  bool per_kv_head = false;
+  DType dtype = DType::Float32;
 };
 
 struct KernelTable {

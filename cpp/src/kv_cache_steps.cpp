@@ -137,8 +137,11 @@ void KVCache::attention(int layer, const Step& step, const TensorView& q, const 
   check_attention_args(cfg_, device_, st.plan.num_tokens, q, out, lse);
   store_->check();
   const StepPlan* plan = &st.plan;
-  if (cfg_.eviction.enabled && layer >= cfg_.eviction.dense_layers)
-    if (const StepPlan* kept = selector_->select(layer, st, q, ctx)) plan = kept;
+  if (cfg_.eviction.enabled && layer >= cfg_.eviction.dense_layers) {
+    const LayerPlans kept = selector_->select(layer, st, q, ctx);
+    if (kept.per_head) return store_->attention_per_head(layer, st, kept.plans, q, out, lse, ctx);
+    if (kept.plans) plan = kept.plans;
+  }
   store_->attention(layer, st, *plan, q, out, lse, ctx);
 }
 

@@ -142,7 +142,7 @@ PagedAttention::PagedAttention(const PagedConfig& cfg) : cfg_(cfg) {
   params_ = PlanParams{cfg_.block_size, cfg_.share_threshold};
   if (cfg_.eviction.enabled) {
     scorer_ = std::make_unique<Scorer>(*attn_);
-    selector_ = std::make_unique<ChunkSelector>(cfg_.eviction, cfg_.block_size, scorer_.get(), params_);
+    selector_ = std::make_unique<ChunkSelector>(cfg_.eviction, cfg_.block_size, cfg_.kv_heads, scorer_.get(), params_);
     keys_.assign(size_t(attn_->threads().size()), std::vector<float>(size_t(cfg_.block_size) * cfg_.head_dim));
   }
 }
@@ -286,8 +286,12 @@ void PagedAttention::run(const PagedPlan& p, const PagedKV& kv, const TensorView
     sa.kv_heads = c.kv_heads;
     sa.group = a.group;
     sa.kind = c.eviction.digest;
+    sa.per_kv_head = c.eviction.per_kv_head();
+    sa.dtype = c.dtype;
     scorer_->set(sa, static_cast<const uint8_t*>(q.data), size_t(a.q_row) * dtype_size(c.dtype));
-    if (const StepPlan* kept = selector_->select(0, p.plan, p.decodes.data(), q, ExecContext{})) plan = kept;
+    const LayerPlans kept = selector_->select(0, p.plan, p.decodes.data(), q, ExecContext{});
+    if (kept.per_head) return attn_->run_per_head(kept.plans, a, dtype_size(c.dtype));
+    if (kept.plans) plan = kept.plans;
   }
   attn_->run(*plan, a);
 }

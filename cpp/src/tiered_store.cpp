@@ -176,6 +176,11 @@ void TieredStore::attention(int layer, const PlannedStep& step, const StepPlan& 
   counts_.evict_residency_ns += ns_since(t0);
 }
 
+void TieredStore::attention_per_head(int, const PlannedStep&, const StepPlan*, const TensorView&, const TensorView&,
+                                     const TensorView*, const ExecContext&) {
+  throw std::logic_error("chunkvale internal error: per-KV-head selection with the host tier");
+}
+
 void TieredStore::copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) {
   const ExecContext ctx;  // fork and add_sequence copy on the default stream
   for (int l = 0; l < cfg_.layers; ++l) {

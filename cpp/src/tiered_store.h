@@ -25,6 +25,9 @@ class TieredStore final : public ChunkStore {
   void append(int layer, const PlannedStep& step, const TensorView& k, const TensorView& v, const ExecContext& ctx) override;
   void attention(int layer, const PlannedStep& step, const StepPlan& plan, const TensorView& q, const TensorView& out,
                  const TensorView* lse, const ExecContext& ctx) override;
+  // Refused by CacheConfig::validate (one set of chunks per sequence is resident): logic_error.
+  void attention_per_head(int, const PlannedStep&, const StepPlan*, const TensorView&, const TensorView&, const TensorView*,
+                          const ExecContext&) override;
   void copy_chunk(int32_t src, int32_t dst, int32_t n_tokens) override;
 
   // Chunks a cancelled step filled hold uncommitted rows: their host copies must go, or a

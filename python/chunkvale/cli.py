@@ -40,7 +40,7 @@ def _int_at_least(low: int):
     return parse
 
 
-_EVICTION_FIELDS = ("digest", "sink_chunks", "window_chunks", "topk_chunks", "dense_layers")  # flag = field
+_EVICTION_FIELDS = ("digest", "selection", "sink_chunks", "window_chunks", "topk_chunks", "dense_layers")  # flag = field
 
 
 def eviction_from_args(args, error):
@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                          "(eviction.budget_tokens)")
     ev.add_argument("--digest", default=None, choices=["cuboid_max", "cuboid_mean", "sphere"],
                     help="chunk key digest that scores chunks for top-k (default cuboid_max)")
+    ev.add_argument("--selection", default=None, choices=["per_kv_head", "shared"],
+                    help="each KV head its own top-k chunks, or one set for every head (default per_kv_head; "
+                         "shared with --device-kv-tokens, which keeps one set per sequence on the device)")
     ev.add_argument("--sink-chunks", type=_int_at_least(0), default=None, metavar="N",
                     help="first chunks always attended (default 1)")
     ev.add_argument("--window-chunks", type=_int_at_least(0), default=None, metavar="N",

@@ -55,6 +55,13 @@ class Eviction:
     to everything. ``digest``: "cuboid_max" (Quest's min/max bound), "cuboid_mean" (ArkVale's
     centre + mean deviation) or "sphere" (centre + radius).
 
+    ``selection``: "per_kv_head" (each KV head keeps its own top-k chunks, ranked by the largest
+    digest bound among its query heads; the same tokens per head), "shared" (one set of chunks
+    for every head, ranked by the bound summed over every query head), or None: per_kv_head, and
+    shared with the host tier, which keeps one set of chunks per sequence on the device
+    (per_kv_head with ``device_chunks`` is a ValueError naming ``eviction.selection``).
+    bench/README.md has the measurements that chose the default.
+
     Host tier (bounded memory): with ``device_chunks`` set, each layer from
     ``dense_layers`` on holds at most that many chunks on the device. Every chunk that fills
     is backed up asynchronously to host memory; a decode step recalls the selected chunks
@@ -72,7 +79,12 @@ class Eviction:
     dense_layers: int = 2
     host_bytes: Optional[int] = None
     spill_path: Optional[str] = None
-    device_chunks: Optional[int] = None  # last: positional calls written before it still mean the same
+    device_chunks: Optional[int] = None  # after the fields above: positional calls written before it still mean the same
+    selection: Optional[str] = None  # None: per_kv_head, or shared with the host tier
+
+    def resolved_selection(self) -> str:
+        """The selection this config runs: "per_kv_head" or "shared" (None resolved)."""
+        return self.to_native().resolved_selection
 
     def attended_tokens(self, chunk_size: int) -> int:
         """Tokens a budgeted decode row attends at most with chunks of ``chunk_size``: (sinks +
@@ -109,11 +121,15 @@ class Eviction:
             raise TypeError(f"eviction.topk_chunks: expected an int or None, got {type(self.topk_chunks).__name__}")
         topk = _int("eviction.topk_chunks", self.topk_chunks, 0, optional=True)
         digest = _str("eviction.digest", self.digest)
+        selection = _str("eviction.selection", self.selection, optional=True)
+        if selection not in (None, "shared", "per_kv_head"):
+            raise ValueError(f"eviction.selection: expected 'per_kv_head', 'shared' or None, got {selection!r}")
         e = _native.EvictionConfig()
         e.enabled = True
         e.budget_tokens, e.sink_chunks, e.window_chunks, e.dense_layers = budget, sink, window, dense
         e.topk_chunks = _native.EvictionConfig.TOPK_DEFAULT if topk is None else topk
         e.digest = digest
+        e.selection = "auto" if selection is None else selection
         e.device_chunks = device_chunks or 0
         e.host_bytes = host_bytes or 0
         e.spill_path = "" if spill_path is None else spill_path

@@ -10,7 +10,7 @@ chunkvale ``KVCache`` with the model glue (``hf.ModelRunner``); generation runs 
 embedded SmolLM2-135M-Instruct (``chunkvale.models.load_model``). Without ``kv_budget`` the cache
 is full and scores equal the ``hf`` backend's to float32 rounding (tests/test_lm_eval_model.py).
 
-With ``kv_budget`` (``chunkvale.Eviction``: ``digest``, ``sink_chunks``, ``window_chunks``,
+With ``kv_budget`` (``chunkvale.Eviction``: ``digest``, ``selection``, ``sink_chunks``, ``window_chunks``,
 ``topk_chunks``, ``dense_layers``), budgeted attention applies where it does when serving: to
 decode rows. A log-likelihood request's context is prefilled (attends to everything) and its
 continuation is then fed one token a step, each a decode row that selects once the sequence is
@@ -39,11 +39,11 @@ from .models import load_model
 class ChunkvaleLM(HFLM):
     def __init__(self, pretrained=None, kv_budget=None, digest: str = "cuboid_max", sink_chunks: int = 1,
                  window_chunks: int = 2, topk_chunks=None, dense_layers: int = 2, chunk_size: int = 64,
-                 threads: int = 0, dtype: str = "float32", **kwargs):
+                 threads: int = 0, dtype: str = "float32", selection=None, **kwargs):
         loaded = load_model(pretrained, dtype=dtype)
         self.eviction = None if kv_budget is None else chunkvale.Eviction(
             budget_tokens=kv_budget, digest=digest, sink_chunks=sink_chunks, window_chunks=window_chunks,
-            topk_chunks=topk_chunks, dense_layers=dense_layers)
+            topk_chunks=topk_chunks, dense_layers=dense_layers, selection=selection)
         kwargs.pop("device", None)  # the model stays where load_model put it
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, backend="causal", **kwargs)
         # Room for the longest request (max_length tokens) plus the partial chunk of each of a

@@ -16,6 +16,8 @@ struct NarrowBackend final : Backend, Inspect {
   void append(int, const StepPlan&, const TensorView&, const TensorView&, const ExecContext&) override {}
   void attention(int, const StepPlan&, const TensorView&, const TensorView&, const TensorView*,
                  const ExecContext&) override {}
+  void attention_per_head(int, const StepPlan*, const TensorView&, const TensorView&, const TensorView*,
+                          const ExecContext&) override {}
   void copy_chunk(int, int32_t, int32_t, int32_t, const ExecContext&) override {}
   const Inspect& inspect() const override { return *this; }
   void read_tile(int, int32_t, int, int, float*) const override {}

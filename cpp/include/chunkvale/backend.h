@@ -39,11 +39,13 @@ class Digests {
     int32_t row = 0;               // packed query row
     const int32_t* slots = nullptr;
     size_t n = 0;
-    int32_t* top = nullptr;        // min(k, n) indices into slots
+    int32_t* top = nullptr;        // min(k, n) indices into slots; per_kv_head: kv_heads lists of them
   };
-  // Per request, the indices (into its slots) of its k best candidates by the digest bound
-  // of q.k summed over every query head (each against its KV head's digest), best first,
-  // ties to the later candidate (top_k.h).
+  // Per request, the indices (into its slots) of its k best candidates, best first, ties to
+  // the later candidate (top_k.h). The config's selection says by what: shared, the digest
+  // bound of q.k summed over every query head (each against its KV head's digest);
+  // per_kv_head, for each KV head h its own k at top + h * k, by the largest bound among
+  // h's query heads against h's digest.
   virtual void top_chunks(int layer, const TensorView& q, const ScoreRequest* requests, size_t count, int k,
                           const ExecContext& ctx) = 0;
 };
@@ -88,6 +90,10 @@ class Backend {
   // Two-phase attention of one layer. `lse` may be null (no LSE wanted).
   virtual void attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
                          const TensorView* lse, const ExecContext& ctx) = 0;
+  // The same with one plan per KV head (per-KV-head selection): KV head h and its query
+  // heads attend as plans[h] says (kv_heads plans over the same rows and sequences).
+  virtual void attention_per_head(int layer, const StepPlan* plans, const TensorView& q, const TensorView& out,
+                                  const TensorView* lse, const ExecContext& ctx) = 0;
   // Copies the first n_tokens tokens of slot src into slot dst, every head, in `layer`, or
   // in every layer (kAllLayers: the same slot numbers in each).
   static constexpr int kAllLayers = -1;

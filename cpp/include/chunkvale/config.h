@@ -20,6 +20,15 @@ enum class DigestKind : uint8_t { CuboidMax = 0, CuboidMean = 1, Sphere = 2 };
 const char* digest_name(DigestKind k);
 DigestKind parse_digest(const std::string& name);
 
+// Which chunks a selecting row keeps (docs/API.md, bench/README.md for the measurements):
+// shared = one set for every head, ranked by the bound summed over every query head;
+// per_kv_head = each KV head its own top-k, ranked by the largest bound among its query
+// heads (the same number of chunks and tokens per head). Auto: per_kv_head, or shared with
+// the host tier (it keeps one set of chunks per sequence on the device).
+enum class Selection : uint8_t { Auto = 0, Shared = 1, PerKvHead = 2 };
+const char* selection_name(Selection s);
+Selection parse_selection(const std::string& name);
+
 // Budgeted attention: during decode, a sequence longer than the budget attends only to
 // its sink chunks, its recent window and the top-k chunks its query scores highest.
 struct EvictionConfig {
@@ -34,6 +43,7 @@ struct EvictionConfig {
   static constexpr int kTopkDefault = -1;
   int topk_chunks = kTopkDefault;
   DigestKind digest = DigestKind::CuboidMax;
+  Selection selection = Selection::Auto;
   int dense_layers = 2;       // the first layers never select
   // Host tier (bounded device memory): 0 = off, every chunk stays resident in every layer.
   // Otherwise each layer from dense_layers on holds at most device_chunks chunks on the
@@ -50,6 +60,11 @@ struct EvictionConfig {
   // when sinks + window + top-k whole chunks exceed budget_tokens.
   void validate_selection(int chunk_size) const;
   bool host_tier() const { return enabled && device_chunks > 0; }
+  Selection resolved_selection() const {
+    if (selection != Selection::Auto) return selection;
+    return device_chunks > 0 ? Selection::Shared : Selection::PerKvHead;
+  }
+  bool per_kv_head() const { return enabled && resolved_selection() == Selection::PerKvHead; }
 };
 
 // Test-only hooks, injected by the tests that need them (never read from the environment);

@@ -2,7 +2,8 @@
 // through emulate.h and are compared with float64 references of the documented definitions:
 // digests of random key tiles (every kind, fp16 and bf16, head dims 64-256, chunks 16-128,
 // digest index != slot), then the bound of random query rows summed over each KV head's
-// query heads. No GPU needed.
+// query heads (shared selection) and its largest over each KV head's query heads (per-KV-head
+// selection, laid out per (request, KV head) run). No GPU needed.
 #define CHUNKVALE_EMULATE 1
 #include <algorithm>
 #include <cmath>
@@ -130,34 +131,84 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
   sp.kind = kind;
   const unsigned blocks = unsigned((creq.size() + cuda::kScoreWarps - 1) / cuda::kScoreWarps);
   cuda::emu::launch(dim3(blocks), cuda::kScoreWarps * 32, 0, [&] { cuda::score_kernel(sp); });
+  // Query head h's bound on a chunk in float64, and the sum of its terms' magnitudes (the scale
+  // of float32's rounding).
+  auto head_bound = [&](int row, int h, int32_t chunk) {
+    const float* d0 = digests.data() + (size_t(chunk) * KV + size_t(h / G)) * 2 * D;
+    const float* d1 = d0 + D;
+    double want = 0.0, scale = 0.0, qq = 0.0;
+    for (int d = 0; d < D; ++d) {
+      const double x = bits_to_float_as<T>(q[(size_t(row) * cs.q_heads + size_t(h)) * D + size_t(d)]);
+      qq += x * x;
+      double t;
+      if (kind == cuda::kCuboidMax)
+        t = std::max(x * d0[d], x * d1[d]);
+      else if (kind == cuda::kCuboidMean)
+        t = x * d0[d] + std::fabs(x) * d1[d];
+      else
+        t = x * d0[d];
+      want += t;
+      scale += std::fabs(t);
+    }
+    if (kind == cuda::kSphere) {
+      want += std::sqrt(qq) * d1[0];
+      scale += std::sqrt(qq) * std::fabs(d1[0]);
+    }
+    return std::make_pair(want, scale);
+  };
   for (size_t c = 0; c < creq.size(); ++c) {
     const int row = rows[size_t(creq[c])];
     double want = 0.0, scale = 0.0;
     for (int h = 0; h < cs.q_heads; ++h) {
-      const float* d0 = digests.data() + (size_t(cchunk[c]) * KV + size_t(h / G)) * 2 * D;
-      const float* d1 = d0 + D;
-      double qq = 0.0;
-      for (int d = 0; d < D; ++d) {
-        const double x = bits_to_float_as<T>(q[(size_t(row) * cs.q_heads + size_t(h)) * D + size_t(d)]);
-        qq += x * x;
-        double t;
-        if (kind == cuda::kCuboidMax)
-          t = std::max(x * d0[d], x * d1[d]);
-        else if (kind == cuda::kCuboidMean)
-          t = x * d0[d] + std::fabs(x) * d1[d];
-        else
-          t = x * d0[d];
-        want += t;
-        scale += std::fabs(t);
-      }
-      if (kind == cuda::kSphere) {
-        want += std::sqrt(qq) * d1[0];
-        scale += std::sqrt(qq) * std::fabs(d1[0]);
-      }
+      const auto [w, s] = head_bound(row, h, cchunk[c]);
+      want += w;
+      scale += s;
     }
     EXPECT(std::fabs(scores[c] - want) <= 1e-5 * scale + 1e-5,
            "score kind %d heads %d/%d D%d: candidate %zu (row %d, chunk %d) got %.7g want %.7g", kind, cs.q_heads,
            KV, D, c, row, cchunk[c], scores[c], want);
+  }
+
+  // Per-KV-head scores: each query head summarised alone (prep with group 1), then per
+  // (candidate, KV head) the largest of its group's bounds, in (request, KV head) runs.
+  std::vector<float> qheads(rows.size() * size_t(cs.q_heads) * cuda::qsum_stride(D), std::nanf(""));
+  cuda::ScorePrepParams hp = pp;
+  hp.qsum = qheads.data();
+  hp.kv_heads = cs.q_heads;
+  hp.group = 1;
+  cuda::emu::launch(dim3(unsigned(rows.size()), unsigned(cs.q_heads)), cuda::kDigestThreads, 0,
+                    [&] { cuda::score_prep_kernel<T>(hp); });
+  std::vector<int32_t> req_off = {0};
+  for (const auto& cl : cands) req_off.push_back(req_off.back() + int32_t(cl.size()));
+  std::vector<float> hscores(creq.size() * size_t(KV), std::nanf(""));
+  cuda::ScoreHeadsParams sh;
+  sh.digests_layer = digests.data();
+  sh.qsum = qheads.data();
+  sh.cand_req = creq.data();
+  sh.cand_chunk = cchunk.data();
+  sh.req_off = req_off.data();
+  sh.scores = hscores.data();
+  sh.n = int64_t(creq.size());
+  sh.kv_heads = KV;
+  sh.group = G;
+  sh.D = D;
+  sh.kind = kind;
+  const unsigned hblocks = unsigned((creq.size() * size_t(KV) + cuda::kScoreWarps - 1) / cuda::kScoreWarps);
+  cuda::emu::launch(dim3(hblocks), cuda::kScoreWarps * 32, 0, [&] { cuda::score_heads_kernel(sh); });
+  for (size_t c = 0; c < creq.size(); ++c) {
+    const int32_t r = creq[c], o = req_off[size_t(r)], n_r = req_off[size_t(r) + 1] - o;
+    for (int g = 0; g < KV; ++g) {
+      double want = -1e300, scale = 0.0;
+      for (int h = g * G; h < (g + 1) * G; ++h) {
+        const auto [w, s] = head_bound(rows[size_t(r)], h, cchunk[c]);
+        want = std::max(want, w);
+        scale = std::max(scale, s);
+      }
+      const float got = hscores[size_t(o) * KV + size_t(g) * size_t(n_r) + (c - size_t(o))];
+      EXPECT(std::fabs(got - want) <= 1e-5 * scale + 1e-5,
+             "per-head score kind %d heads %d/%d D%d: candidate %zu (row %d, chunk %d) head %d got %.7g want %.7g",
+             kind, cs.q_heads, KV, D, c, rows[size_t(r)], cchunk[c], g, got, want);
+    }
   }
 }
 

@@ -61,6 +61,7 @@ struct Case {
 struct Coverage {
   int64_t warps_n[5] = {};
   int64_t causal = 0, non_causal = 0, merged_rows = 0, split_items = 0;
+  int64_t per_head_runs = 0;  // steps also run one KV head at a time (restrict_to_head)
 };
 Coverage& coverage() {
   static Coverage c;
@@ -84,9 +85,12 @@ void count_paths(const std::vector<int32_t>& W, const cuda::PlanLayout& L) {
   }
 }
 
+// head < 0: every KV head at once; else KV head `head` alone (restrict_to_head, as
+// CudaBackend runs per-KV-head plans), writing only its group's heads of out / lse (which the
+// run for head 0 sizes and poisons).
 template <typename T, int D, typename S = AttnShape<D>>
 void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, int sm_count, bool reference,
-                 std::vector<uint16_t>& q, std::vector<uint16_t>& out, std::vector<float>& lse) {
+                 std::vector<uint16_t>& q, std::vector<uint16_t>& out, std::vector<float>& lse, int head = -1) {
   const int G = cfg.group(), H = cfg.kv_heads, Hq = cfg.q_heads, C = cfg.chunk_size;
   std::vector<int32_t> W;
   cuda::PlanLayout L;
@@ -130,19 +134,15 @@ void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, i
   ap.group = G;
   ap.p_tok = L.p_tok;
   ap.scale_log2 = cfg.resolved_scale() * 1.4426950408889634f;
-  if (reference)
-    cuda::emu::launch(dim3(unsigned(L.n_items), unsigned(H)), cuda::kThreads, 0,
-                      [&] { cuda::reference_attention_kernel<T>(ap, D); });
-  else
-    cuda::emu::launch(dim3(unsigned(L.n_items), unsigned(H)), cuda::kThreads, S::smem_bytes,
-                      [&] { cuda::attention_kernel<T, D, S>(ap); });
   cuda::MergeParams mp{};
   mp.row_off = W.data() + L.row_off;
   mp.row_parts = W.data() + L.row_parts;
   mp.part_ml = ml.data();
   mp.part_o = po.data();
-  out.assign(size_t(L.num_tokens) * Hq * D, bits_of<T>(NAN));
-  lse.assign(size_t(L.num_tokens) * Hq, NAN);
+  if (head <= 0) {
+    out.assign(size_t(L.num_tokens) * Hq * D, bits_of<T>(NAN));
+    lse.assign(size_t(L.num_tokens) * Hq, NAN);
+  }
   mp.out = out.data();
   mp.lse = lse.data();
   mp.num_tokens = L.num_tokens;
@@ -150,7 +150,16 @@ void run_kernels(KVCache& cache, const StepPlan& plan, const CacheConfig& cfg, i
   mp.group = G;
   mp.p_tok = L.p_tok;
   mp.D = D;
-  cuda::emu::launch(dim3(unsigned(int64_t(L.num_tokens) * Hq)), 128, 0,
+  mp.out_heads = Hq;
+  mp.head0 = 0;
+  if (head >= 0) restrict_to_head(ap, mp, head, view.head_stride);
+  if (reference)
+    cuda::emu::launch(dim3(unsigned(L.n_items), unsigned(ap.kv_heads)), cuda::kThreads, 0,
+                      [&] { cuda::reference_attention_kernel<T>(ap, D); });
+  else
+    cuda::emu::launch(dim3(unsigned(L.n_items), unsigned(ap.kv_heads)), cuda::kThreads, S::smem_bytes,
+                      [&] { cuda::attention_kernel<T, D, S>(ap); });
+  cuda::emu::launch(dim3(unsigned(int64_t(L.num_tokens) * mp.q_heads)), 128, 0,
                     [&] { cuda::merge_kernel<T>(mp); });
 }
 
@@ -262,10 +271,13 @@ void run_case(const Case& cs, uint32_t seed, bool full) {
     cache.attention(0, st, view3(q, cfg.dtype, T_, Hq, D), view3(out, cfg.dtype, T_, Hq, D), &lv);
     check_append<T, D>(cache, plan, cfg, k, v);
 
+    std::vector<uint16_t> all;  // the mma run's outputs
+    std::vector<float> all_l;
     for (int variant = 0; variant < 2; ++variant) {
       std::vector<uint16_t> eo;
       std::vector<float> el;
       run_kernels<T, D, S>(cache, plan, cfg, cs.sm_count, variant == 1, q, eo, el);
+      if (variant == 0) all = eo, all_l = el;
       double num = 0, den = 0, lerr = 0;
       bool finite = true;
       for (size_t i = 0; i < out.size(); ++i) {
@@ -283,6 +295,18 @@ void run_case(const Case& cs, uint32_t seed, bool full) {
              "%s kernel, q%d kv%d D%d C%d thr%d sm%d %s seed %u, %d rows: rel %.3g lse %.3g%s",
              variant ? "reference" : "mma", cs.q_heads, cs.kv_heads, D, cs.C, cs.threshold, cs.sm_count,
              cs.bf16 ? "bf16" : "fp16", seed, T_, rel, lerr, finite ? "" : " (non-finite)");
+    }
+    // Per-KV-head runs of the same plan (what per-KV-head selection launches, each head over its
+    // own plan) compute exactly what one every-head run does: same items, same order per head.
+    if (H > 1) {
+      std::vector<uint16_t> heads;
+      std::vector<float> heads_l;
+      for (int h = 0; h < H; ++h) run_kernels<T, D, S>(cache, plan, cfg, cs.sm_count, false, q, heads, heads_l, h);
+      const bool same = std::memcmp(all.data(), heads.data(), all.size() * 2) == 0 &&
+                        std::memcmp(all_l.data(), heads_l.data(), all_l.size() * 4) == 0;
+      EXPECT(same, "per-KV-head runs differ from the every-head run: q%d kv%d D%d C%d %s seed %u", cs.q_heads,
+             cs.kv_heads, D, cs.C, cs.bf16 ? "bf16" : "fp16", seed);
+      ++coverage().per_head_runs;
     }
   };
 
@@ -356,13 +380,14 @@ int main(int argc, char** argv) {
   timed("copy_chunk", [] { check_copy_chunk(); });
   const Coverage& cov = coverage();
   std::printf("paths: items with 4/2/1 key-splitting warps %lld/%lld/%lld, causal %lld, non-causal %lld, "
-              "split %lld; rows merged from several partials %lld\n", (long long)cov.warps_n[4],
-              (long long)cov.warps_n[2], (long long)cov.warps_n[1], (long long)cov.causal, (long long)cov.non_causal,
-              (long long)cov.split_items, (long long)cov.merged_rows);
+              "split %lld; rows merged from several partials %lld; steps run per KV head %lld\n",
+              (long long)cov.warps_n[4], (long long)cov.warps_n[2], (long long)cov.warps_n[1], (long long)cov.causal,
+              (long long)cov.non_causal, (long long)cov.split_items, (long long)cov.merged_rows,
+              (long long)cov.per_head_runs);
   // The fast sweep's trees are built to take every path; the full sweep's are random (a run
   // may miss one, which the fast sweep covers anyway).
   EXPECT(full || (cov.warps_n[4] > 0 && cov.warps_n[2] > 0 && cov.warps_n[1] > 0 && cov.causal > 0 &&
-                  cov.non_causal > 0 && cov.split_items > 0 && cov.merged_rows > 0),
+                  cov.non_causal > 0 && cov.split_items > 0 && cov.merged_rows > 0 && cov.per_head_runs > 0),
          "the fast sweep missed a kernel path (see the counts above)");
   std::printf("%s: %d failures (seed base %u)\n", failures() ? "FAIL" : "ok", failures(), base);
   return failures() ? 1 : 0;
