@@ -230,3 +230,35 @@ def test_bad_eviction_configs_are_named(cv, kw, match):
         cv.PagedAttention(4, 2, 64, 16, eviction=cv.Eviction(**args))
     with pytest.raises(TypeError, match="eviction: expected a chunkvale.Eviction or None, got dict"):
         cv.PagedAttention(4, 2, 64, 16, eviction={"budget_tokens": 256})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_per_kv_head_selection_of_head_slices_equals_the_whole(cv, seed, dtype):
+    """What tensor parallelism relies on: a rank holding a slice of the KV heads (and their query
+    heads, digests and pool) selects and attends as one process does for those heads, with
+    per-KV-head selection; with a shared selection, heads would depend on each other."""
+    rng = np.random.default_rng(seed)
+    hq, hkv, D, B = 8, 4, 64, 16
+    K = Kind("torch" if dtype == "bfloat16" else "numpy", dtype)
+    ev = cv.Eviction(budget_tokens=5 * B, sink_chunks=SINK, window_chunks=WINDOW, topk_chunks=2, selection="per_kv_head")
+    whole = cv.PagedAttention(hq, hkv, D, B, dtype=dtype, eviction=ev, threads=1)
+    tables, lens, rows, N = long_batch(rng, B, 5)
+    pool = Pool(rng, N, hkv, B, D, dtype)
+    kv = K.make(np.zeros((N, hkv, B, 2 * D)))
+    digests = np.full(whole.digest_shape(N), np.nan, dtype=np.float32)
+    write_history(whole, K, pool, kv, digests, tables, lens, rows, tail_split=3)
+    T = sum(rows)
+    q64 = round_to(rng.uniform(-2, 2, size=(T, hq, D)), dtype)
+    plan = cv.plan_paged(*pack(tables, lens, rows), N, block_size=B)
+    out = K.poison((T, hq, D))
+    whole.run(plan, K.make(q64), kv, out, digests=digests)
+    assert whole.selection_counts["dropped_blocks"] > 0, "nothing over budget: the case checks nothing"
+    g = hq // hkv
+    for h0, h1 in ((0, 2), (2, 4)):  # two ranks of tensor parallelism 2
+        rank = cv.PagedAttention(g * (h1 - h0), h1 - h0, D, B, dtype=dtype, eviction=ev, threads=1)
+        part = K.poison((T, g * (h1 - h0), D))
+        rank.run(plan, K.make(np.ascontiguousarray(q64[:, g * h0 : g * h1])),
+                 K.make(K.to64(kv)[:, h0:h1]), part,
+                 digests=np.ascontiguousarray(digests[:, h0:h1]))
+        np.testing.assert_array_equal(K.to64(part), K.to64(out)[:, g * h0 : g * h1],
+                                      err_msg=f"heads {h0}..{h1}: a slice selected or attended otherwise")

@@ -26,9 +26,12 @@ slice of the layers (``dense_layers`` counts the model's layers, not the rank's)
 Refused at start-up with a message, never computed differently: sliding windows, ALiBi,
 logit soft-capping, attention sinks, encoder / encoder-decoder attention, quantized (fp8) KV
 caches, head sizes chunkvale has no kernel for, fused output quantization, decode or prefill
-context parallelism (a rank would hold part of a sequence's blocks), and budgeted attention under
-tensor parallelism (a block's score sums every KV head, so ranks holding a slice each would
-select other blocks than one process does).
+context parallelism (a rank would hold part of a sequence's blocks), and budgeted attention with
+``selection="shared"`` under tensor parallelism (a block's shared score sums every KV head, so
+ranks holding a slice each would select other blocks than one process does). Per-KV-head
+selection, the default, runs under tensor parallelism: each KV head selects its own blocks from
+its own digests and query heads, so a rank holding a slice of the heads selects as one process
+does for those heads.
 """
 
 from __future__ import annotations
@@ -163,10 +166,12 @@ def _check_parallel(parallel_config, opts: Options) -> None:
         if size > 1:
             _refuse(f"{what} ({field}={size}: each rank would attend to part of a sequence's blocks)")
     tp = getattr(parallel_config, "tensor_parallel_size", 1)
-    if tp > 1 and opts.eviction is not None:
-        _refuse(f"budgeted attention (eviction) under tensor parallelism (tensor_parallel_size={tp}: a block's "
-                "score sums every KV head, and each rank holds a slice of them, so the ranks would select "
-                "other blocks than one process does); drop the eviction option or run tensor_parallel_size=1")
+    if tp > 1 and opts.eviction is not None and opts.eviction.resolved_selection() != "per_kv_head":
+        _refuse(f"budgeted attention with selection='shared' under tensor parallelism (tensor_parallel_size={tp}: "
+                "a block's shared score sums every KV head, and each rank holds a slice of them, so the ranks "
+                "would select other blocks than one process does); use selection='per_kv_head' (the default: "
+                "each KV head selects its own blocks, which a rank holding a slice of the heads does alike) or "
+                "tensor_parallel_size=1")
 
 
 def _refuse(what: str) -> None:

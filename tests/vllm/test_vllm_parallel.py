@@ -79,6 +79,25 @@ def test_ranks_give_vllm_backends_tokens(tmp_path, tiny_model, mode):
     assert all(len(t) == NEW_TOKENS for t in ours["first"]) and len(ours["forks"]) == 3
 
 
+def test_budgeted_attention_runs_under_tensor_parallelism(tmp_path, tiny_model):
+    """Per-KV-head selection under TP 2: each rank keeps digests for its heads and drops blocks
+    (that a head slice selects as the whole does is checked exactly in tests/test_paged_budget.py;
+    vLLM's own backend has no budget to compare tokens with)."""
+    out, log = tmp_path / "tp_budget.json", tmp_path / "tp_budget.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, str(HERE / "parallel_runner.py"), str(out), "tp_budget", tiny_model],
+                              env=rank_env(True), stdout=f, stderr=subprocess.STDOUT, timeout=1200)
+    assert proc.returncode == 0, f"tp_budget failed:\n{log.read_text()[-6000:]}"
+    res = json.loads(out.read_text())
+    assert len(res["ranks"]) == 2
+    for r in res["ranks"]:
+        (runner,) = r["runners"]
+        assert runner["budgeted"] and (runner["q_heads"], runner["kv_heads"]) == (HEADS // 2, KV_HEADS // 2), runner
+        assert r["eviction"]["selection"] == "per_kv_head"
+        assert runner["selection_counts"]["dropped_blocks"] > 0, f"rank {r['rank']} dropped no block: {runner}"
+    assert all(len(t) == NEW_TOKENS for t in res["first"] + res["again"])
+
+
 def complete(client, prompt: str, rank: int, **kw) -> list[list[int]]:
     """One completion request routed to one DP rank; the token ids of each choice."""
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=NEW_TOKENS,

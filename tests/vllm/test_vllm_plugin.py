@@ -69,8 +69,8 @@ def test_unsupported_features_are_refused(change, what):
 @pytest.mark.parametrize("parallel, eviction, what", [
     (dict(decode_context_parallel_size=2), None, r"decode context parallelism \(decode_context_parallel_size=2"),
     (dict(prefill_context_parallel_size=2), None, r"prefill context parallelism \(prefill_context_parallel_size=2"),
-    (dict(tensor_parallel_size=2), {"budget_tokens": 512},
-     r"budgeted attention \(eviction\) under tensor parallelism \(tensor_parallel_size=2"),
+    (dict(tensor_parallel_size=2), {"budget_tokens": 512, "selection": "shared"},
+     r"budgeted attention with selection='shared' under tensor parallelism \(tensor_parallel_size=2"),
 ])
 def test_unsupported_parallel_modes_are_refused(parallel, eviction, what):
     from types import SimpleNamespace
@@ -85,7 +85,8 @@ def test_unsupported_parallel_modes_are_refused(parallel, eviction, what):
 
 
 def test_supported_parallel_modes_pass():
-    """TP, PP and DP 2 as such; budgeted attention under PP and DP (each rank holds whole layers)."""
+    """TP, PP and DP 2 as such; budgeted attention under all three with per-KV-head selection (the
+    default), and with shared selection without TP (each rank holds whole layers and heads)."""
     from types import SimpleNamespace
 
     import chunkvale
@@ -95,5 +96,7 @@ def test_supported_parallel_modes_pass():
     modes = SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=2,
                             decode_context_parallel_size=1, prefill_context_parallel_size=1)
     _check_parallel(modes, Options())
+    _check_parallel(modes, Options(eviction=chunkvale.Eviction(budget_tokens=512)))  # per_kv_head: any slice
+    _check_parallel(modes, Options(eviction=chunkvale.Eviction(budget_tokens=512, selection="per_kv_head")))
     modes.tensor_parallel_size = 1
-    _check_parallel(modes, Options(eviction=chunkvale.Eviction(budget_tokens=512)))
+    _check_parallel(modes, Options(eviction=chunkvale.Eviction(budget_tokens=512, selection="shared")))
