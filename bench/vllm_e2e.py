@@ -112,11 +112,10 @@ def block_reads(counts: dict | None) -> str:
     return f"{saved:,} of {total:,} ({100 * saved / total:.0f}%), {rows:.1f} rows/block"
 
 
-def run_worker(kind: str, spec: Path, out: Path, env: dict) -> dict:
-    """Runs one worker in a process group of its own; vLLM's engine-core and worker processes
-    are stopped with it however this run ends (an interrupted run would otherwise leave them
-    spinning on the cores the next run measures)."""
-    cmd = [sys.executable, __file__, "--worker", kind, str(spec), str(out)]
+def run_command(cmd: list[str], env: dict) -> None:
+    """Runs a worker command in a process group of its own; vLLM's engine-core and worker
+    processes are stopped with it however this run ends (an interrupted run would otherwise leave
+    them spinning on the cores the next run measures)."""
     p = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         if p.wait() != 0:
@@ -128,6 +127,10 @@ def run_worker(kind: str, spec: Path, out: Path, env: dict) -> dict:
             except ProcessLookupError:
                 break
             time.sleep(2)
+
+
+def run_worker(kind: str, spec: Path, out: Path, env: dict) -> dict:
+    run_command([sys.executable, __file__, "--worker", kind, str(spec), str(out)], env)
     return json.loads(out.read_text())
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PHASES = ("step", "model forward", "attention", "kv write", "metadata", "sampling")
+BACKENDS = (("vllm", "0"), ("chunkvale", "1"))  # label, CHUNKVALE_VLLM
 
 
 def _timed(totals: dict, counts: dict, phase: str, fn):
@@ -82,8 +83,9 @@ def worker(spec_path: str, out_path: str) -> None:
     counts: dict = defaultdict(int)
     _instrument(totals, counts)
     ps = spec["prompts"]
+    samples = sum(sp.get("n", 1) for sp in spec["sampling"])
     llm = LLM(model=spec["model"], dtype=spec["dtype"], enable_prefix_caching=True, max_model_len=4096,
-              max_num_seqs=len(ps), seed=0, enforce_eager=spec["mode"] == "eager")
+              max_num_seqs=min(samples, 256), seed=0, enforce_eager=spec["mode"] == "eager")
     llm.generate([TokensPrompt(prompt_token_ids=ps[0][-16:])], SamplingParams(temperature=0.0, max_tokens=4),
                  use_tqdm=False)  # warm-up
     llm.reset_prefix_cache()
@@ -94,7 +96,7 @@ def worker(spec_path: str, out_path: str) -> None:
     counts.clear()
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ps],
-                        SamplingParams(temperature=0.0, **spec["sampling"]), use_tqdm=False)
+                        [SamplingParams(**sp) for sp in spec["sampling"]], use_tqdm=False)
     wall = time.perf_counter() - t0
     json.dump({"wall_s": wall, "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
                "totals": dict(totals), "counts": dict(counts), "amx": amx}, open(out_path, "w"))
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     from machine import cpu_flags, describe
     from transformers import AutoTokenizer
-    from vllm_e2e import BACKENDS, WORKLOADS, prompts, run_worker
+    from e2e_workloads import WORKLOADS, build
+    from vllm_e2e import run_command
 
     import chunkvale
     from chunkvale.models import embedded_model_dir
@@ -122,8 +125,9 @@ def main(argv=None) -> int:
     if args.workload not in WORKLOADS:
         ap.error(f"--workload: expected one of {', '.join(WORKLOADS)}, got {args.workload!r}")
     model = str(embedded_model_dir())
-    ps, sampling, warm = prompts(args.workload, AutoTokenizer.from_pretrained(model))
-    ps = ps[: args.requests] if args.requests else ps
+    w = build(args.workload, AutoTokenizer.from_pretrained(model))
+    n = args.requests or len(w.prompts)
+    ps, sampling, warm = w.prompts[:n], w.sampling[:n], w.warm_prefix
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
         for label, flag in BACKENDS:
             out = Path(tmp) / f"{label}.json"
             print(f"[vllm_phases] {args.workload} / {args.mode} / {args.dtype} / {label} ...", flush=True)
-            run_worker([sys.executable, __file__, "--worker", str(spec), str(out)], dict(env, CHUNKVALE_VLLM=flag))
+            run_command([sys.executable, __file__, "--worker", str(spec), str(out)], dict(env, CHUNKVALE_VLLM=flag))
             res[label] = json.loads(out.read_text())
     print(f"\n{describe(os.cpu_count() or 1)}; CPU flags {cpu_flags()}; chunkvale {chunkvale.kernel_isa()} kernels; "
           f"workload {args.workload}, {args.mode}, {args.dtype}\n")
