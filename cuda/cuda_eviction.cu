@@ -111,23 +111,7 @@ size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequ
   else
     score_prep_kernel<__nv_bfloat16><<<prep_grid, kDigestThreads, 0, s>>>(pp);
   CV_CUDA(cudaGetLastError(), "score prep kernel launch");
-  if (total > 0 && per_head) {
-    ScoreHeadsParams sp;
-    sp.digests_layer = digests_ + DigestView{slots_, cfg_.kv_heads, cfg_.head_dim}.layer(layer);
-    sp.qsum = qsum_;
-    sp.cand_req = creq - score_pack_.data() + dev;
-    sp.cand_chunk = cchunk - score_pack_.data() + dev;
-    sp.req_off = dev_off;
-    sp.scores = scores_dev_;
-    sp.n = int64_t(total);
-    sp.kv_heads = cfg_.kv_heads;
-    sp.group = cfg_.group();
-    sp.D = cfg_.head_dim;
-    sp.kind = int(cfg_.eviction.digest);
-    const unsigned blocks = unsigned((total * KV + kScoreWarps - 1) / kScoreWarps);
-    score_heads_kernel<<<blocks, kScoreWarps * 32, 0, s>>>(sp);
-    CV_CUDA(cudaGetLastError(), "per-head score kernel launch");
-  } else if (total > 0) {
+  if (total > 0) {
     ScoreParams sp;
     sp.digests_layer = digests_ + DigestView{slots_, cfg_.kv_heads, cfg_.head_dim}.layer(layer);
     sp.qsum = qsum_;
@@ -138,9 +122,19 @@ size_t CudaBackend::queue_scores(int layer, const TensorView& q, const ScoreRequ
     sp.kv_heads = cfg_.kv_heads;
     sp.D = cfg_.head_dim;
     sp.kind = int(cfg_.eviction.digest);
-    const unsigned blocks = unsigned((total + kScoreWarps - 1) / kScoreWarps);
-    score_kernel<<<blocks, kScoreWarps * 32, 0, s>>>(sp);
-    CV_CUDA(cudaGetLastError(), "score kernel launch");
+    if (per_head) {
+      ScoreHeadsParams hp;
+      static_cast<ScoreParams&>(hp) = sp;
+      hp.req_off = dev_off;
+      hp.group = cfg_.group();
+      const unsigned blocks = unsigned((total * KV + kScoreWarps - 1) / kScoreWarps);
+      score_heads_kernel<<<blocks, kScoreWarps * 32, 0, s>>>(hp);
+      CV_CUDA(cudaGetLastError(), "per-head score kernel launch");
+    } else {
+      const unsigned blocks = unsigned((total + kScoreWarps - 1) / kScoreWarps);
+      score_kernel<<<blocks, kScoreWarps * 32, 0, s>>>(sp);
+      CV_CUDA(cudaGetLastError(), "score kernel launch");
+    }
   }
   return count * units;
 }

@@ -199,6 +199,29 @@ __device__ __forceinline__ float dot4(const float4 a, const float4 b) {
   return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
 }
 
+// One lane's share of a digest bound of one query (summary x0, x1) against one KV head's
+// digest (a = d0, b = d1), over dims 4 lane, 4 lane + 128, ...; the warp sums the lanes.
+// The sphere's |q| * radius term is the caller's (once per warp sum, not per lane).
+__device__ __forceinline__ float lane_bound(const float* a, const float* b, const float* x0, const float* x1, int D,
+                                           int kind, int lane) {
+  float acc = 0.0f;
+  for (int d = 4 * lane; d < D; d += 128) {
+    const float4 A = *reinterpret_cast<const float4*>(a + d);
+    const float4 X0 = *reinterpret_cast<const float4*>(x0 + d);
+    if (kind == kSphere) {
+      acc += dot4(X0, A);
+      continue;
+    }
+    const float4 Bv = *reinterpret_cast<const float4*>(b + d);
+    const float4 X1 = *reinterpret_cast<const float4*>(x1 + d);
+    if (kind == kCuboidMax)
+      acc += dot4(X0, Bv) + dot4(X1, A);
+    else
+      acc += dot4(X0, A) + dot4(X1, Bv);
+  }
+  return acc;
+}
+
 __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(const ScoreParams p) {
   const int lane = int(threadIdx.x) % 32;
   const int64_t c = int64_t(blockIdx.x) * kScoreWarps + int64_t(threadIdx.x) / 32;
@@ -213,21 +236,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(const ScorePara
     const float* a = dg + g * dv.head_elems();  // d0
     const float* b = a + D;           // d1
     const float* x0 = qs + g * QS;
-    const float* x1 = x0 + D;
-    for (int d = 4 * lane; d < D; d += 128) {
-      const float4 A = *reinterpret_cast<const float4*>(a + d);
-      const float4 X0 = *reinterpret_cast<const float4*>(x0 + d);
-      if (p.kind == kSphere) {
-        acc += dot4(X0, A);
-        continue;
-      }
-      const float4 Bv = *reinterpret_cast<const float4*>(b + d);
-      const float4 X1 = *reinterpret_cast<const float4*>(x1 + d);
-      if (p.kind == kCuboidMax)
-        acc += dot4(X0, Bv) + dot4(X1, A);
-      else
-        acc += dot4(X0, A) + dot4(X1, Bv);
-    }
+    acc += lane_bound(a, b, x0, x0 + D, D, p.kind, lane);
     if (p.kind == kSphere && lane == 0) acc += x0[2 * D] * b[0];
   }
   acc = warp_sum(acc);
@@ -240,15 +249,11 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_kernel(const ScorePara
 // for KV head g, the largest of its group's heads' bounds, goes to
 //   scores[req_off[r] * kv_heads + g * n_r + (c - req_off[r])]   (r = c's request, n_r its count),
 // so each (request, KV head) is one contiguous run that topk_kernel ranks as a request.
-struct ScoreHeadsParams {
-  const float* digests_layer;  // [chunks][kv_heads][2][D]
-  const float* qsum;           // [requests][kv_heads * group][qsum_stride(D)]
-  const int32_t* cand_req;     // request of each candidate
-  const int32_t* cand_chunk;   // digest index of each candidate
-  const int32_t* req_off;      // requests + 1 candidate offsets
-  float* scores;               // candidates * kv_heads, laid out as above
-  int64_t n;                   // candidates
-  int32_t kv_heads, group, D, kind;
+// ScoreParams's fields, with qsum [requests][kv_heads * group][qsum_stride(D)] and scores
+// candidates * kv_heads, laid out as above.
+struct ScoreHeadsParams : ScoreParams {
+  const int32_t* req_off;  // requests + 1 candidate offsets
+  int32_t group;
 };
 
 __global__ void __launch_bounds__(kScoreWarps * 32) score_heads_kernel(const ScoreHeadsParams p) {
@@ -264,23 +269,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_heads_kernel(const Sco
   float best = -INFINITY;
   for (int h = 0; h < G; ++h) {
     const float* x0 = p.qsum + ((int64_t(r) * p.kv_heads + g) * G + h) * QS;
-    const float* x1 = x0 + D;
-    float acc = 0.0f;
-    for (int d = 4 * lane; d < D; d += 128) {
-      const float4 A = *reinterpret_cast<const float4*>(a + d);
-      const float4 X0 = *reinterpret_cast<const float4*>(x0 + d);
-      if (p.kind == kSphere) {
-        acc += dot4(X0, A);
-        continue;
-      }
-      const float4 Bv = *reinterpret_cast<const float4*>(b + d);
-      const float4 X1 = *reinterpret_cast<const float4*>(x1 + d);
-      if (p.kind == kCuboidMax)
-        acc += dot4(X0, Bv) + dot4(X1, A);
-      else
-        acc += dot4(X0, A) + dot4(X1, Bv);
-    }
-    acc = warp_sum(acc);
+    float acc = warp_sum(lane_bound(a, b, x0, x0 + D, D, p.kind, lane));
     if (p.kind == kSphere) acc += x0[2 * D] * b[0];  // |q_h| * radius
     best = fmaxf(best, acc);
   }

@@ -182,17 +182,11 @@ void run_case(const Case& cs, int kind, std::mt19937& rng) {
   for (const auto& cl : cands) req_off.push_back(req_off.back() + int32_t(cl.size()));
   std::vector<float> hscores(creq.size() * size_t(KV), std::nanf(""));
   cuda::ScoreHeadsParams sh;
-  sh.digests_layer = digests.data();
+  static_cast<cuda::ScoreParams&>(sh) = sp;  // the same candidates, digests and kind
   sh.qsum = qheads.data();
-  sh.cand_req = creq.data();
-  sh.cand_chunk = cchunk.data();
-  sh.req_off = req_off.data();
   sh.scores = hscores.data();
-  sh.n = int64_t(creq.size());
-  sh.kv_heads = KV;
+  sh.req_off = req_off.data();
   sh.group = G;
-  sh.D = D;
-  sh.kind = kind;
   const unsigned hblocks = unsigned((creq.size() * size_t(KV) + cuda::kScoreWarps - 1) / cuda::kScoreWarps);
   cuda::emu::launch(dim3(hblocks), cuda::kScoreWarps * 32, 0, [&] { cuda::score_heads_kernel(sh); });
   for (size_t c = 0; c < creq.size(); ++c) {
