@@ -13,25 +13,23 @@ int64_t ns_since(std::chrono::steady_clock::time_point t0) {
 }
 }  // namespace
 
-ChunkSelector::ChunkSelector(const EvictionConfig& eviction, int chunk_size, int kv_heads, Digests* digests,
-                             const PlanParams& params)
-    : digests_(digests), params_(params), rule_(eviction, chunk_size),
+ChunkSelector::ChunkSelector(const EvictionConfig& eviction, int chunk_size, int kv_heads, const PlanParams& params)
+    : params_(params), rule_(eviction, chunk_size),
       // Without a top-k every head keeps the same sinks + window: one plan serves them all.
       units_(eviction.per_kv_head() && rule_.topk > 0 ? kv_heads : 1), layer_plans_(size_t(units_)) {}
 
-// The top-k candidates of every request of score_reqs_, by digest score (the backend
+// The top-k candidates of every request of score_reqs_, by digest score (the scorer
 // scores and ranks: top_k.h's rule), into top_ (units lists of k per request, best first).
-void ChunkSelector::top_requests(int layer, const TensorView& q, const ExecContext& ctx) {
+void ChunkSelector::top_requests(ChunkScorer& scorer) {
   const size_t k = size_t(std::max(rule_.topk, 0)) * size_t(units_);
   top_.resize(score_reqs_.size() * k);
   for (size_t i = 0; i < score_reqs_.size(); ++i) score_reqs_[i].top = top_.data() + i * k;
   auto t0 = std::chrono::steady_clock::now();
-  digests_->top_chunks(layer, q, score_reqs_.data(), score_reqs_.size(), rule_.topk, ctx);
+  scorer.top_chunks(score_reqs_.data(), score_reqs_.size(), rule_.topk);
   counts_.evict_score_ns += ns_since(t0);
 }
 
-const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(int layer, const PlannedStep& step, const TensorView& q,
-                                                                      const ExecContext& ctx) {
+const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(const PlannedStep& step, ChunkScorer& scorer) {
   const StepPlan& plan = step.plan;
   unselected_.clear();
   score_reqs_.clear();
@@ -47,7 +45,7 @@ const std::vector<int32_t>& ChunkSelector::unselected_after_prefill(int layer, c
     score_reqs_.push_back(req);
   }
   if (score_reqs_.empty()) return unselected_;
-  top_requests(layer, q, ctx);
+  top_requests(scorer);
   for (const Digests::ScoreRequest& r : score_reqs_) {
     mark_taken(r);
     for (size_t c = 0; c < r.n; ++c)
@@ -61,14 +59,13 @@ void ChunkSelector::mark_taken(const Digests::ScoreRequest& r) {
   for (int j = 0; j < rule_.topk * units_; ++j) taken_[size_t(r.top[j])] = 1;
 }
 
-LayerPlans ChunkSelector::select(int layer, const PlannedStep& step, const TensorView& q, const ExecContext& ctx) {
+LayerPlans ChunkSelector::select(const PlannedStep& step, ChunkScorer& scorer) {
   decodes_.resize(step.plan.seqs.size());
   for (size_t i = 0; i < decodes_.size(); ++i) decodes_[i] = step.decodes(i);
-  return select(layer, step.plan, decodes_.data(), q, ctx);
+  return select(step.plan, decodes_.data(), scorer);
 }
 
-LayerPlans ChunkSelector::select(int layer, const StepPlan& plan, const uint8_t* decodes, const TensorView& q,
-                                 const ExecContext& ctx) {
+LayerPlans ChunkSelector::select(const StepPlan& plan, const uint8_t* decodes, ChunkScorer& scorer) {
   auto t0 = std::chrono::steady_clock::now();
   const size_t B = plan.seqs.size(), U = size_t(units_);
   keep_.resize(U * B);
@@ -89,7 +86,7 @@ LayerPlans ChunkSelector::select(int layer, const StepPlan& plan, const uint8_t*
   }
   const bool any = !score_reqs_.empty();
   if (any) {
-    top_requests(layer, q, ctx);
+    top_requests(scorer);
     for (size_t i = 0, k = 0; i < B; ++i) {
       if (cand_lo_[i] < 0) continue;
       const Digests::ScoreRequest& r = score_reqs_[k++];

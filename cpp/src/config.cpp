@@ -79,20 +79,29 @@ std::string got(const char* field, const char* expected, long long v) {
 }
 }  // namespace
 
-void CacheConfig::validate() const {
-  need(layers >= 1, got("layers", "an integer >= 1", layers));
+void AttentionShape::validate() const {
   need(kv_heads >= 1, got("kv_heads", "an integer >= 1", kv_heads));
   need(q_heads >= 1, got("q_heads", "an integer >= 1", q_heads));
   need(q_heads % kv_heads == 0,
        got("q_heads", ("a multiple of kv_heads=" + std::to_string(kv_heads)).c_str(), q_heads));
   need(head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 || head_dim == 256,
        got("head_dim", "one of 64, 80, 96, 128, 256", head_dim));
+  // Sizes are products of these: keep every one far from overflowing 64 bits.
+  need(kv_heads <= kMaxHeads, got("kv_heads", ("at most " + std::to_string(kMaxHeads)).c_str(), kv_heads));
+  need(q_heads <= kMaxHeads, got("q_heads", ("at most " + std::to_string(kMaxHeads)).c_str(), q_heads));
+  need(std::isfinite(sm_scale) && sm_scale >= 0.0f,
+       "sm_scale: expected a finite value > 0 (or None), got " + std::to_string(sm_scale));
+}
+
+float AttentionShape::scale() const { return sm_scale > 0.0f ? sm_scale : 1.0f / std::sqrt(float(head_dim)); }
+
+void CacheConfig::validate() const {
+  need(layers >= 1, got("layers", "an integer >= 1", layers));
+  shape().validate();
   need(chunk_size >= 16 && chunk_size <= 128 && (chunk_size & (chunk_size - 1)) == 0,
        got("chunk_size", "a power of two in [16, 128]", chunk_size));
   // Sizes are products of these: keep every one far from overflowing 64 bits.
   need(layers <= kMaxLayers, got("layers", ("at most " + std::to_string(kMaxLayers)).c_str(), layers));
-  need(kv_heads <= kMaxHeads, got("kv_heads", ("at most " + std::to_string(kMaxHeads)).c_str(), kv_heads));
-  need(q_heads <= kMaxHeads, got("q_heads", ("at most " + std::to_string(kMaxHeads)).c_str(), q_heads));
   need(capacity_chunks >= 0, got("capacity_chunks", "an integer >= 0", capacity_chunks));
   need(capacity_bytes >= 0, got("capacity_bytes", "an integer >= 0", capacity_bytes));
   need((capacity_chunks > 0) != (capacity_bytes > 0),
@@ -110,8 +119,6 @@ void CacheConfig::validate() const {
            capacity_chunks > 0 ? capacity_chunks : capacity_bytes));
   need(threads >= 0 && threads <= 1024, got("threads", "0 (all cores) .. 1024", threads));
   need(share_threshold >= 1, got("share_threshold", "an integer >= 1", share_threshold));
-  need(std::isfinite(sm_scale) && sm_scale >= 0.0f,
-       "sm_scale: expected a finite value > 0 (or None), got " + std::to_string(sm_scale));
   if (eviction.enabled) {
     const EvictionConfig& e = eviction;
     e.validate_selection(chunk_size);
@@ -164,7 +171,7 @@ int64_t CacheConfig::layer_slots(int layer) const {
 }
 
 float CacheConfig::resolved_scale() const {
-  return sm_scale > 0.0f ? sm_scale : 1.0f / std::sqrt(float(head_dim));
+  return shape().scale();
 }
 
 const char* device_name(TensorView::Device d) {

@@ -14,7 +14,7 @@ CpuBackend::CpuBackend(const CacheConfig& cfg, int64_t slots)
       elem_(dtype_size(cfg.dtype)),
       tile_bytes_(size_t(cfg.chunk_size) * cfg.head_dim * elem_),
       slot_bytes_(2 * size_t(cfg.kv_heads) * tile_bytes_),
-      attn_(cfg.dtype, cfg.head_dim, cfg.kernel_isa, cfg.threads) {
+      exec_(cfg.dtype, cfg.head_dim, cfg.kernel_isa, cfg.threads) {
   // `slots` is the logical capacity; layers that evict hold only their device slots.
   layer_offsets(cfg.layers, int64_t(slot_bytes_), [&](int l) { return cfg.evicts_to_host(l) ? cfg.layer_slots(l) : slots; },
                 layer_offset_);
@@ -33,32 +33,21 @@ CpuBackend::~CpuBackend() {
   std::free(pool_);
 }
 
-uint8_t* CpuBackend::tile(int layer, int32_t slot, int kv, int head) const {
-  const PoolView pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
-  return pool_ + layer_offset_[size_t(layer)] + size_t(pool.tile(slot, kv, head)) * elem_;
+LayerPool CpuBackend::layer_pool(int layer) const {
+  return {pool_ + layer_offset_[size_t(layer)], PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim),
+          cfg_.kv_heads, elem_};
 }
 
 void CpuBackend::append(int layer, const StepPlan& plan, const TensorView& k, const TensorView& v,
                         const ExecContext&) {
-  const int C = cfg_.chunk_size, H = cfg_.kv_heads;
-  const size_t row_bytes = size_t(cfg_.head_dim) * elem_;
-  const uint8_t* ks = static_cast<const uint8_t*>(k.data);
-  const uint8_t* vs = static_cast<const uint8_t*>(v.data);
-  auto write_row = [&](int64_t r, int) {
-    const StepSeq& s = plan.seqs[size_t(plan.row_seq[size_t(r)])];
-    int64_t pos = plan.positions[size_t(r)];
-    int32_t slot = plan.seq_chunks[size_t(s.chunk_begin + pos / C)];
-    size_t off = size_t(pos % C) * row_bytes;
-    for (int h = 0; h < H; ++h) {
-      size_t src = (size_t(r) * H + h) * row_bytes;
-      std::memcpy(tile(layer, slot, 0, h) + off, ks + src, row_bytes);
-      std::memcpy(tile(layer, slot, 1, h) + off, vs + src, row_bytes);
-    }
-  };
-  if (plan.num_tokens >= 512)
-    attn_.threads().parallel_for(plan.num_tokens, write_row);
-  else
-    for (int64_t r = 0; r < plan.num_tokens; ++r) write_row(r, 0);
+  const int C = cfg_.chunk_size;
+  const int64_t row = int64_t(cfg_.kv_heads) * cfg_.head_dim;
+  exec_.write_rows(layer_pool(layer), {static_cast<const uint8_t*>(k.data), row}, {static_cast<const uint8_t*>(v.data), row},
+                   plan.num_tokens, [&](int64_t r) {
+                     const StepSeq& s = plan.seqs[size_t(plan.row_seq[size_t(r)])];
+                     const int64_t pos = plan.positions[size_t(r)];
+                     return int64_t(plan.seq_chunks[size_t(s.chunk_begin + pos / C)]) * C + pos % C;
+                   });
 }
 
 void CpuBackend::copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_tokens, const ExecContext&) {
@@ -72,29 +61,18 @@ void CpuBackend::copy_chunk(int layer, int32_t src, int32_t dst, int32_t n_token
 
 void CpuBackend::attention(int layer, const StepPlan& plan, const TensorView& q, const TensorView& out,
                            const TensorView* lse, const ExecContext&) {
-  attn_.run(plan, layer_args(layer, q, out, lse));
+  exec_.run(plan, layer_args(layer, q, out, lse));
 }
 
 void CpuBackend::attention_per_head(int layer, const StepPlan* plans, const TensorView& q, const TensorView& out,
                                     const TensorView* lse, const ExecContext&) {
-  attn_.run_per_head(plans, layer_args(layer, q, out, lse), elem_);
+  exec_.run_per_head(plans, layer_args(layer, q, out, lse), elem_);
 }
 
 LayerArgs CpuBackend::layer_args(int layer, const TensorView& q, const TensorView& out, const TensorView* lse) const {
-  LayerArgs a;
-  a.layer_base = pool_ + layer_offset_[size_t(layer)];
-  a.pool = PoolView::chunkvale_layout(cfg_.kv_heads, cfg_.chunk_size, cfg_.head_dim);
-  a.C = cfg_.chunk_size;
-  a.D = cfg_.head_dim;
-  a.kv_heads = cfg_.kv_heads;
-  a.group = cfg_.group();
-  a.q_heads = cfg_.q_heads;
-  a.scale = cfg_.resolved_scale();
-  a.q = q.data;
-  a.out = out.data;
-  a.q_row = a.out_row = int64_t(cfg_.q_heads) * cfg_.head_dim;
-  a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
-  return a;
+  const AttentionShape shape = cfg_.shape();
+  return chunkvale::layer_args(layer_pool(layer), shape, q.data, shape.row_elems(), out.data, shape.row_elems(),
+                               lse ? static_cast<float*>(lse->data) : nullptr);
 }
 
 void CpuBackend::read_tile(int layer, int32_t slot, int kv, int head, float* dst) const {

@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "chunkvale/backend.h"
-#include "cpu_attention.h"
+#include "cpu_executor.h"
 #include "cpu_backup_worker.h"
 
 namespace chunkvale {
@@ -41,8 +41,9 @@ class CpuBackend final : public Backend, public Digests, public CopyEngine, publ
   void read_digest(int layer, int32_t slot, int head, float* dst) const override;
 
  private:
-  uint8_t* tile(int layer, int32_t slot, int kv, int head) const;
-  // A layer's attention arguments (everything but the plan and its cuts).
+  // One layer of the pool, as the executor addresses it.
+  LayerPool layer_pool(int layer) const;
+  uint8_t* tile(int layer, int32_t slot, int kv, int head) const { return layer_pool(layer).tile(slot, kv, head); }
   LayerArgs layer_args(int layer, const TensorView& q, const TensorView& out, const TensorView* lse) const;
   float* digest(int layer, int32_t slot, int head) const;
 
@@ -52,7 +53,7 @@ class CpuBackend final : public Backend, public Digests, public CopyEngine, publ
   std::vector<size_t> layer_offset_;    // bytes, layers + 1; layers that evict hold fewer slots
   uint8_t* pool_ = nullptr;
   std::unique_ptr<CpuBackupWorker> backups_;  // host tier only
-  CpuAttention attn_;  // kernels, threads, the latest plan's cuts
+  CpuExecutor exec_;  // kernels, threads, the latest plan's cuts
   mutable std::vector<float> digests_;  // [layers][slots][kv_heads][2][D], with eviction only
 };
 

@@ -26,8 +26,7 @@ KVCache::KVCache(const CacheConfig& config)
   device_ = cfg_.device == "cuda" ? TensorView::Device::CUDA : TensorView::Device::CPU;
   seqs_ = std::make_unique<SequenceTable>(tree_, cfg_.chunk_size);
   planner_ = std::make_unique<StepPlanner>(cfg_);
-  selector_ = std::make_unique<ChunkSelector>(cfg_.eviction, cfg_.chunk_size, cfg_.kv_heads, backend_->digests(),
-                                              planner_->params());
+  selector_ = std::make_unique<ChunkSelector>(cfg_.eviction, cfg_.chunk_size, cfg_.kv_heads, planner_->params());
   store_ = make_chunk_store(cfg_, *backend_, pool_, tree_, *selector_);
 }
 

@@ -138,7 +138,8 @@ void KVCache::attention(int layer, const Step& step, const TensorView& q, const 
   store_->check();
   const StepPlan* plan = &st.plan;
   if (cfg_.eviction.enabled && layer >= cfg_.eviction.dense_layers) {
-    const LayerPlans kept = selector_->select(layer, st, q, ctx);
+    BackendScorer scorer(*backend_->digests(), layer, q, ctx);
+    const LayerPlans kept = selector_->select(st, scorer);
     if (kept.per_head) return store_->attention_per_head(layer, st, kept.plans, q, out, lse, ctx);
     if (kept.plans) plan = kept.plans;
   }

@@ -9,8 +9,7 @@
 
 #include "chunk_selection.h"
 #include "chunkvale/errors.h"
-#include "cpu_attention.h"
-#include "key_digest.h"
+#include "cpu_executor.h"
 #include "plan_builder.h"
 #include "tensor_checks.h"
 
@@ -66,16 +65,12 @@ ByteSpan digest_span(const PagedDigests& d) {
 }  // namespace
 
 void PagedConfig::validate() const {
-  if (!(kv_heads >= 1 && kv_heads <= 4096)) fail("kv_heads: expected an integer in [1, 4096], got " + num(kv_heads));
-  if (!(q_heads >= 1 && q_heads <= 4096)) fail("q_heads: expected an integer in [1, 4096], got " + num(q_heads));
-  if (!(q_heads % kv_heads == 0)) fail("q_heads: expected a multiple of kv_heads=" + num(kv_heads) + ", got " + num(q_heads));
-  if (!(head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 || head_dim == 256)) fail("head_dim: expected one of 64, 80, 96, 128, 256, got " + num(head_dim));
+  shape().validate();
   if (!(block_size >= 16 && block_size <= 512 && block_size % 16 == 0)) fail("block_size: expected a multiple of 16 in [16, 512], got " + num(block_size));
   if (!(threads >= 0 && threads <= 1024)) fail("threads: expected 0 (all cores) .. 1024, got " + num(threads));
   if (!(share_threshold >= 1)) fail("share_threshold: expected an integer >= 1, got " + num(share_threshold));
   for (int cpu : cpus)
     if (!(cpu >= 0 && cpu < 1024)) fail("cpus: expected CPU numbers in [0, 1024), got " + num(cpu));
-  if (!(std::isfinite(sm_scale) && sm_scale >= 0.0f)) fail("sm_scale: expected a finite value > 0 (or None), got " + std::to_string(sm_scale));
   if (eviction.enabled) {
     eviction.validate_selection(block_size);
     const char* why = " (PagedAttention reads the caller's pool; the caller owns residency)";
@@ -86,29 +81,20 @@ void PagedConfig::validate() const {
 }
 
 // Budgeted runs rank a call's candidates against the caller's digest tensor, on the same
-// score kernel and ranking as CpuBackend (CpuAttention::top_chunks).
-class PagedAttention::Scorer final : public Digests {
+// score kernel and ranking as CpuBackend (CpuExecutor::top_chunks); made per call.
+class PagedAttention::Scorer final : public ChunkScorer {
  public:
-  explicit Scorer(CpuAttention& attn) : attn_(attn) {}
-  // This call's digests and query rows.
-  void set(const ScoreArgs& proto, const uint8_t* q, size_t q_row_bytes) {
-    proto_ = proto;
-    q_ = q;
-    q_row_bytes_ = q_row_bytes;
-  }
-  void update_digests(int, const int32_t*, const int32_t*, size_t, const ExecContext&) override {
-    throw std::logic_error("PagedAttention refreshes digests in write_kv");
-  }
-  void top_chunks(int, const TensorView&, const ScoreRequest* requests, size_t count, int k,
-                  const ExecContext&) override {
-    attn_.top_chunks(proto_, q_, q_row_bytes_, requests, count, k);
+  Scorer(CpuExecutor& exec, const ScoreArgs& proto, const uint8_t* q, size_t q_row_bytes)
+      : exec_(exec), proto_(proto), q_(q), q_row_bytes_(q_row_bytes) {}
+  void top_chunks(const Digests::ScoreRequest* requests, size_t count, int k) override {
+    exec_.top_chunks(proto_, q_, q_row_bytes_, requests, count, k);
   }
 
  private:
-  CpuAttention& attn_;
-  ScoreArgs proto_;
-  const uint8_t* q_ = nullptr;
-  size_t q_row_bytes_ = 0;
+  CpuExecutor& exec_;
+  const ScoreArgs& proto_;
+  const uint8_t* q_;
+  size_t q_row_bytes_;
 };
 
 PagedKV PagedKV::vllm_cpu(const TensorView& t, const char* arg) {
@@ -138,13 +124,10 @@ PagedKV PagedKV::vllm_cpu(const TensorView& t, const char* arg) {
 
 PagedAttention::PagedAttention(const PagedConfig& cfg) : cfg_(cfg) {
   cfg_.validate();
-  attn_ = std::make_unique<CpuAttention>(cfg_.dtype, cfg_.head_dim, cfg_.kernel_isa, cfg_.threads, cfg_.cpus);
+  exec_ = std::make_unique<CpuExecutor>(cfg_.dtype, cfg_.head_dim, cfg_.kernel_isa, cfg_.threads, cfg_.cpus);
   params_ = PlanParams{cfg_.block_size, cfg_.share_threshold};
-  if (cfg_.eviction.enabled) {
-    scorer_ = std::make_unique<Scorer>(*attn_);
-    selector_ = std::make_unique<ChunkSelector>(cfg_.eviction, cfg_.block_size, cfg_.kv_heads, scorer_.get(), params_);
-    keys_.assign(size_t(attn_->threads().size()), std::vector<float>(size_t(cfg_.block_size) * cfg_.head_dim));
-  }
+  if (cfg_.eviction.enabled)
+    selector_ = std::make_unique<ChunkSelector>(cfg_.eviction, cfg_.block_size, cfg_.kv_heads, params_);
 }
 
 void PagedAttention::check_digests(const PagedDigests& d, const PagedKV& kv) const {
@@ -161,22 +144,17 @@ void PagedAttention::check_digests(const PagedDigests& d, const PagedKV& kv) con
 // The digests of the blocks whose last slot this write filled, from the pool.
 void PagedAttention::refresh_digests(const PagedKV& kv, const PagedDigests& d, const int64_t* slot_mapping,
                                      int64_t n) {
-  const int B = cfg_.block_size, D = cfg_.head_dim, H = cfg_.kv_heads;
+  const int B = cfg_.block_size;
   filled_.clear();
   for (int64_t t = 0; t < n; ++t)
-    if (slot_mapping[t] >= 0 && slot_mapping[t] % B == B - 1) filled_.push_back(slot_mapping[t] / B);
-  const size_t elem = dtype_size(cfg_.dtype);
-  const uint8_t* base = static_cast<const uint8_t*>(kv.data);
-  const DigestView dv{d.num_blocks, H, D};
-  attn_->threads().parallel_for(int64_t(filled_.size()) * H, [&](int64_t i, int t) {
-    const int64_t blk = filled_[size_t(i / H)];
-    const int h = int(i % H);
-    float* keys = keys_[size_t(t)].data();
-    for (int r = 0; r < B; ++r)
-      tile_to_float(base + size_t(kv.view.row(blk, 0, h, r)) * elem, cfg_.dtype, size_t(D), keys + size_t(r) * D);
-    float* lo = d.data + dv.at(blk, h);
-    key_digest(cfg_.eviction.digest, keys, B, D, lo, lo + D);
-  });
+    if (slot_mapping[t] >= 0 && slot_mapping[t] % B == B - 1) filled_.push_back(int32_t(slot_mapping[t] / B));
+  exec_->refresh_digests(layer_pool(kv), cfg_.dtype, cfg_.eviction.digest, d.data,
+                         DigestView{d.num_blocks, cfg_.kv_heads, cfg_.head_dim}, filled_.data(), filled_.data(),
+                         filled_.size());
+}
+
+LayerPool PagedAttention::layer_pool(const PagedKV& kv) const {
+  return {static_cast<uint8_t*>(const_cast<void*>(kv.data)), kv.view, kv.kv_heads, dtype_size(cfg_.dtype)};
 }
 
 PagedSelectionCounts PagedAttention::selection_counts() const {
@@ -207,7 +185,7 @@ void PagedAttention::write_kv(const PagedKV& kv, const TensorView& k, const Tens
   for (int64_t t = 0; t < n; ++t)
     if (!(slot_mapping[t] < slots)) fail("slot_mapping: expected slots below num_blocks * block_size = " + num(slots) +
                                       " (or negative for padding), got " + num(slot_mapping[t]) + " at row " + num(t));
-  const size_t elem = dtype_size(c.dtype), row_bytes = size_t(c.head_dim) * elem;
+  const size_t elem = dtype_size(c.dtype);
   // What this call writes (the pool, the digests) apart from what it reads: k or v viewed from
   // the pool itself, even from the very slots they are written to, is refused, not copied.
   const ByteSpan ks = span_of("k", k, elem), vs = span_of("v", v, elem),
@@ -217,24 +195,11 @@ void PagedAttention::write_kv(const PagedKV& kv, const TensorView& k, const Tens
   else
     check_apart({pool_span(kv, elem)}, {ks, vs, ss});
   if (n == 0) return;
-  const int64_t k_row = n > 1 ? k.strides[0] : 0, v_row = n > 1 ? v.strides[0] : 0;
-  uint8_t* base = static_cast<uint8_t*>(const_cast<void*>(kv.data));
-  auto write_row = [&](int64_t t, int) {
-    const int64_t s = slot_mapping[t];
-    if (s < 0) return;
-    const int64_t blk = s / c.block_size, r = s % c.block_size;
-    for (int h = 0; h < c.kv_heads; ++h) {
-      std::memcpy(base + size_t(kv.view.row(blk, 0, h, r)) * elem,
-                  static_cast<const uint8_t*>(k.data) + size_t(t * k_row + int64_t(h) * c.head_dim) * elem, row_bytes);
-      std::memcpy(base + size_t(kv.view.row(blk, 1, h, r)) * elem,
-                  static_cast<const uint8_t*>(v.data) + size_t(t * v_row + int64_t(h) * c.head_dim) * elem, row_bytes);
-    }
-  };
+  // Rows may be strided (views into a fused qkv buffer); one row needs no stride.
+  const PackedRows kr{static_cast<const uint8_t*>(k.data), n > 1 ? k.strides[0] : 0},
+                   vr{static_cast<const uint8_t*>(v.data), n > 1 ? v.strides[0] : 0};
   std::lock_guard<std::mutex> g(run_mu_);
-  if (n >= 512)
-    attn_->threads().parallel_for(n, write_row);
-  else
-    for (int64_t t = 0; t < n; ++t) write_row(t, 0);
+  exec_->write_rows(layer_pool(kv), kr, vr, n, [&](int64_t t) { return slot_mapping[t]; });
   if (digests) refresh_digests(kv, *digests, slot_mapping, n);
 }
 
@@ -261,39 +226,22 @@ void PagedAttention::run(const PagedPlan& p, const PagedKV& kv, const TensorView
     check_apart({os}, {qs, ps, ds});
   if (T == 0) return;
 
-  LayerArgs a;
-  a.layer_base = static_cast<const uint8_t*>(kv.data);
-  a.pool = kv.view;
-  a.C = c.block_size;
-  a.D = c.head_dim;
-  a.kv_heads = c.kv_heads;
-  a.group = c.q_heads / c.kv_heads;
-  a.q_heads = c.q_heads;
-  a.scale = c.sm_scale > 0.0f ? c.sm_scale : 1.0f / std::sqrt(float(c.head_dim));
-  a.q = q.data;
-  a.out = out.data;
-  a.q_row = q.shape[0] > 1 ? q.strides[0] : int64_t(c.q_heads) * c.head_dim;
-  a.out_row = out.shape[0] > 1 ? out.strides[0] : int64_t(c.q_heads) * c.head_dim;
-  a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
+  const AttentionShape shape = c.shape();
+  const LayerArgs a = layer_args(layer_pool(kv), shape, q.data, q.shape[0] > 1 ? q.strides[0] : shape.row_elems(),
+                                 out.data, out.shape[0] > 1 ? out.strides[0] : shape.row_elems(),
+                                 lse ? static_cast<float*>(lse->data) : nullptr);
   std::lock_guard<std::mutex> g(run_mu_);
   const StepPlan* plan = &p.plan;
   if (digests) {
     // Decode rows over budget select (plan() marked them); the rest attend to all.
-    ScoreArgs sa;
-    sa.digests = digests->data;
-    sa.digest = DigestView{digests->num_blocks, c.kv_heads, c.head_dim};
-    sa.D = c.head_dim;
-    sa.kv_heads = c.kv_heads;
-    sa.group = a.group;
-    sa.kind = c.eviction.digest;
-    sa.per_kv_head = c.eviction.per_kv_head();
-    sa.dtype = c.dtype;
-    scorer_->set(sa, static_cast<const uint8_t*>(q.data), size_t(a.q_row) * dtype_size(c.dtype));
-    const LayerPlans kept = selector_->select(0, p.plan, p.decodes.data(), q, ExecContext{});
-    if (kept.per_head) return attn_->run_per_head(kept.plans, a, dtype_size(c.dtype));
+    const ScoreArgs sa = score_args(shape, digests->data, DigestView{digests->num_blocks, c.kv_heads, c.head_dim},
+                                    c.eviction);
+    Scorer scorer(*exec_, sa, static_cast<const uint8_t*>(q.data), size_t(a.q_row) * elem);
+    const LayerPlans kept = selector_->select(p.plan, p.decodes.data(), scorer);
+    if (kept.per_head) return exec_->run_per_head(kept.plans, a, elem);
     if (kept.plans) plan = kept.plans;
   }
-  attn_->run(*plan, a);
+  exec_->run(*plan, a);
 }
 
 }  // namespace chunkvale

@@ -171,7 +171,8 @@ void TieredStore::attention(int layer, const PlannedStep& step, const StepPlan& 
   // Prefill attends to everything; afterwards an over-budget sequence keeps the chunks that
   // score highest for its last prompt token: the others become the first eviction victims.
   auto t0 = std::chrono::steady_clock::now();
-  for (int32_t chunk : selector_.unselected_after_prefill(layer, step, q, ctx))
+  BackendScorer scorer(*digests_, layer, q, ctx);
+  for (int32_t chunk : selector_.unselected_after_prefill(step, scorer))
     if (res_->slot(layer, chunk) >= 0) res_->demote(layer, chunk);
   counts_.evict_residency_ns += ns_since(t0);
 }

@@ -24,7 +24,7 @@
 
 #include "check.h"
 #include "chunkvale/paged_attention.h"
-#include "cpu_attention.h"
+#include "cpu_executor.h"
 
 using namespace chunkvale;
 
@@ -156,7 +156,7 @@ void run_case(const Case& c, std::mt19937& rng, int seqs, bool long_rows, int th
 
   const KernelTable* table = amx_emulated::table(c.dtype, c.D);
   CHECK(table != nullptr);
-  CpuAttention attn(*table, threads);
+  CpuExecutor attn(*table, threads);
   LayerArgs a;
   a.layer_base = static_cast<const uint8_t*>(pool.data());
   a.pool = PoolView::vllm_cpu_layout(c.hkv, c.B, c.D);

@@ -54,7 +54,10 @@ struct Fixture {
   SequenceTable seqs{tree, C};
   StepPlanner planner{cfg};
   RankingDigests backend;
-  ChunkSelector selector{cfg.eviction, cfg.chunk_size, cfg.kv_heads, &backend, planner.params()};
+  ChunkSelector selector{cfg.eviction, cfg.chunk_size, cfg.kv_heads, planner.params()};
+  TensorView q{};
+  ExecContext ctx;
+  BackendScorer scorer{backend, 2, q, ctx};  // layer 2's scorer (the product binds one per call)
   int32_t next = 0;
   std::function<int32_t()> take = [this] { return next++; };
   int64_t add_committed(int n) {  // n tokens already cached, in private chunks
@@ -76,8 +79,7 @@ void decode_over_budget_selects() {
   const int64_t a = f.add_committed(100);  // chunks 0..6
   const int64_t b = f.add_committed(20);   // chunks 7, 8: within budget
   auto st = f.planner.build({PlanEntry{a, 0, {1}}, PlanEntry{b, 0, {2}}}, f.seqs, f.tree, f.take);
-  TensorView q{};
-  const LayerPlans sel = f.selector.select(2, *st, q, ExecContext{});
+  const LayerPlans sel = f.selector.select(*st, f.scorer);
   const StepPlan* kept = sel.plans;
   CHECK(kept != nullptr && !sel.per_head && kept->id == st->id && kept->revision != st->plan.revision);
   // a: sink 0, window 6, top-2 of candidates 1..5 by the fake's rule (5, 4); b: everything.
@@ -90,7 +92,7 @@ void decode_over_budget_selects() {
   st->commit(f.seqs);
   f.planner.recycle(*st);
   auto p = f.planner.build({PlanEntry{b, 0, {3, 4}}}, f.seqs, f.tree, f.take);
-  CHECK(f.selector.select(2, *p, q, ExecContext{}).plans == nullptr && f.backend.asked.size() == 1);
+  CHECK(f.selector.select(*p, f.scorer).plans == nullptr && f.backend.asked.size() == 1);
 }
 
 void after_prefill_names_the_unselected() {
@@ -98,10 +100,9 @@ void after_prefill_names_the_unselected() {
   std::vector<int32_t> toks(100, 3);
   const int64_t a = f.seqs.add(f.tree.root(""), {}, [] { return -1; }, toks, 0);
   auto st = f.planner.build({PlanEntry{a, 100, {}}}, f.seqs, f.tree, f.take);
-  TensorView q{};
-  CHECK(f.selector.select(2, *st, q, ExecContext{}).plans == nullptr);  // a prefill attends to everything
+  CHECK(f.selector.select(*st, f.scorer).plans == nullptr);  // a prefill attends to everything
   // From its next decode step on it selects: candidates 1..5, the fake keeps 5 and 4.
-  const std::vector<int32_t>& out = f.selector.unselected_after_prefill(2, *st, q, ExecContext{});
+  const std::vector<int32_t>& out = f.selector.unselected_after_prefill(*st, f.scorer);
   CHECK(std::set<int32_t>(out.begin(), out.end()) == std::set<int32_t>({1, 2, 3}));
   CHECK(f.backend.rows.back() == 99);  // scored for its last prompt token
 }
@@ -114,8 +115,7 @@ void per_kv_head_plans_keep_each_heads_own_top_k() {
   const int64_t a = f.add_committed(100);  // chunks 0..6
   const int64_t b = f.add_committed(20);   // chunks 7, 8: within budget
   auto st = f.planner.build({PlanEntry{a, 0, {1}}, PlanEntry{b, 0, {2}}}, f.seqs, f.tree, f.take);
-  TensorView q{};
-  const LayerPlans sel = f.selector.select(2, *st, q, ExecContext{});
+  const LayerPlans sel = f.selector.select(*st, f.scorer);
   CHECK(sel.plans != nullptr && sel.per_head);
   // Candidates 1..5: head 0 ranks by id (5, 4), head 1 even ids first (4, 2).
   CHECK(attended(sel.plans[0]) == std::set<int32_t>({0, 4, 5, 6, 7, 8}));
@@ -129,7 +129,7 @@ void per_kv_head_plans_keep_each_heads_own_top_k() {
   std::vector<int32_t> toks(100, 3);
   const int64_t c = g.seqs.add(g.tree.root(""), {}, [] { return -1; }, toks, 0);
   auto pre = g.planner.build({PlanEntry{c, 100, {}}}, g.seqs, g.tree, g.take);
-  const std::vector<int32_t>& out = g.selector.unselected_after_prefill(2, *pre, q, ExecContext{});
+  const std::vector<int32_t>& out = g.selector.unselected_after_prefill(*pre, g.scorer);
   CHECK(std::set<int32_t>(out.begin(), out.end()) == std::set<int32_t>({1, 3}));
 }
 
@@ -140,8 +140,7 @@ void one_plan_when_shared_or_without_top_k() {
     if (variant == 0) cfg.eviction.selection = Selection::Shared;
     else cfg.eviction.topk_chunks = 0, cfg.eviction.window_chunks = 2;
     StepPlanner planner{cfg};
-    RankingDigests backend;
-    ChunkSelector selector{cfg.eviction, cfg.chunk_size, cfg.kv_heads, &backend, planner.params()};
+    ChunkSelector selector{cfg.eviction, cfg.chunk_size, cfg.kv_heads, planner.params()};
     CHECK(selector.units() == 1);
   }
 }

@@ -39,7 +39,7 @@ struct Fixture {
   std::unique_ptr<ChunkStore> store;
   explicit Fixture(bool host_tier)
       : cfg(config(host_tier)), backend(make_backend(cfg, cfg.capacity_chunks)), pool(cfg.capacity_chunks),
-        planner(cfg), selector(cfg.eviction, cfg.chunk_size, cfg.kv_heads, backend->digests(), planner.params()),
+        planner(cfg), selector(cfg.eviction, cfg.chunk_size, cfg.kv_heads, planner.params()),
         store(make_chunk_store(cfg, *backend, pool, tree, selector)) {}
   // As in ~KVCache: the backend first, it drains queued backups that still write into the
   // store's host blocks (ASan saw the worker copy into freed memory otherwise).

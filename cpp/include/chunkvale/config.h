@@ -79,6 +79,23 @@ struct TestHooks {
   std::string faults;
 };
 
+// The shape of one layer's attention, the same for every front (KVCache's CacheConfig,
+// PagedAttention's PagedConfig) and every backend: one set of rules, one validate().
+struct AttentionShape {
+  int q_heads = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  DType dtype = DType::Float32;
+  float sm_scale = 0.0f;  // 0 = 1/sqrt(head_dim)
+
+  // Throws ValueError naming the first bad field (q_heads, kv_heads, head_dim, sm_scale).
+  void validate() const;
+  int group() const { return q_heads / kv_heads; }
+  float scale() const;
+  // Elements of one packed query / output row: every query head.
+  int64_t row_elems() const { return int64_t(q_heads) * head_dim; }
+};
+
 // Bounds validate() puts on the model shape, so that every size derived from it fits 64 bits.
 constexpr int kMaxLayers = 1 << 16;
 constexpr int kMaxHeads = 1 << 16;
@@ -106,6 +123,7 @@ struct CacheConfig {
   // Throws ValueError naming the first bad field. Sums and products of fields are computed
   // in 64 bits, so values near the int limits are refused, never wrapped around.
   void validate() const;
+  AttentionShape shape() const { return {q_heads, kv_heads, head_dim, dtype, sm_scale}; }
   int group() const { return q_heads / kv_heads; }
   // Bytes one slot takes: every layer, K and V, every KV head.
   size_t bytes_per_chunk() const;

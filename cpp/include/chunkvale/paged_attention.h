@@ -29,7 +29,8 @@
 namespace chunkvale {
 
 class ChunkSelector;
-class CpuAttention;
+class CpuExecutor;
+struct LayerPool;
 
 struct PagedConfig {
   int q_heads = 0;
@@ -49,8 +50,9 @@ struct PagedConfig {
   // No host tier (device_chunks, host_bytes, spill_path): the caller owns residency;
   // dense_layers is the caller's too (it passes no digests for those layers).
   EvictionConfig eviction;
-  // Throws ValueError naming the first bad field.
+  // Throws ValueError naming the first bad field; the shape by CacheConfig's rules.
   void validate() const;
+  AttentionShape shape() const { return {q_heads, kv_heads, head_dim, dtype, sm_scale}; }
 };
 
 // One step's batch as the caller's page tables give it. Nothing is kept after plan().
@@ -154,14 +156,13 @@ class PagedAttention {
   class Scorer;
   void check_digests(const PagedDigests& d, const PagedKV& kv) const;
   void refresh_digests(const PagedKV& kv, const PagedDigests& d, const int64_t* slot_mapping, int64_t n);
+  LayerPool layer_pool(const PagedKV& kv) const;
 
   PagedConfig cfg_;
-  std::unique_ptr<CpuAttention> attn_;
+  std::unique_ptr<CpuExecutor> exec_;
   PlanParams params_;
-  std::unique_ptr<Scorer> scorer_;          // eviction only
   std::unique_ptr<ChunkSelector> selector_;  // eviction only
-  std::vector<std::vector<float>> keys_;    // per thread: one K tile as float32
-  std::vector<int64_t> filled_;
+  std::vector<int32_t> filled_;             // write_kv: blocks whose last slot it wrote
   mutable std::mutex run_mu_;
 };
 

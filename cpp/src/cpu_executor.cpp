@@ -1,26 +1,82 @@
-#include "cpu_attention.h"
+#include "cpu_executor.h"
 
 #include <algorithm>
 
 #include "chunkvale/errors.h"
 #include "head_scores.h"
+#include "key_digest.h"
 #include "top_k.h"
 
 namespace chunkvale {
 
-CpuAttention::CpuAttention(DType dtype, int head_dim, const std::string& kernel_isa, int threads,
-                           const std::vector<int>& cpus)
+CpuExecutor::CpuExecutor(DType dtype, int head_dim, const std::string& kernel_isa, int threads,
+                         const std::vector<int>& cpus)
     : kernels_(kernels_for(dtype, head_dim, kernel_isa)), threads_(threads, cpus) {
   if (!kernels_)
     throw ValueError("head_dim: expected 64, 80, 96, 128 or 256, got " + std::to_string(head_dim));
   scratch_.resize(size_t(threads_.size()));
 }
 
-CpuAttention::CpuAttention(const KernelTable& kernels, int threads) : kernels_(&kernels), threads_(threads, {}) {
+CpuExecutor::CpuExecutor(const KernelTable& kernels, int threads) : kernels_(&kernels), threads_(threads, {}) {
   scratch_.resize(size_t(threads_.size()));
 }
 
-void CpuAttention::run(const StepPlan& plan, LayerArgs a) {
+LayerArgs layer_args(const LayerPool& pool, const AttentionShape& shape, const void* q, int64_t q_row, void* out,
+                     int64_t out_row, float* lse) {
+  LayerArgs a;
+  a.layer_base = pool.base;
+  a.pool = pool.view;
+  a.C = pool.view.C;
+  a.D = shape.head_dim;
+  a.kv_heads = shape.kv_heads;
+  a.group = shape.group();
+  a.q_heads = shape.q_heads;
+  a.scale = shape.scale();
+  a.q = q;
+  a.out = out;
+  a.q_row = q_row;
+  a.out_row = out_row;
+  a.lse = lse;
+  return a;
+}
+
+ScoreArgs score_args(const AttentionShape& shape, const float* layer_digests, const DigestView& view,
+                     const EvictionConfig& eviction) {
+  ScoreArgs a;
+  a.digests = layer_digests;
+  a.digest = view;
+  a.D = shape.head_dim;
+  a.kv_heads = shape.kv_heads;
+  a.group = shape.group();
+  a.kind = eviction.digest;
+  a.per_kv_head = eviction.per_kv_head();
+  a.dtype = shape.dtype;
+  return a;
+}
+
+void CpuExecutor::refresh_digests(const LayerPool& pool, DType dtype, DigestKind kind, float* digests,
+                                  const DigestView& view, const int32_t* ids, const int32_t* slots, size_t n) {
+  const int H = pool.kv_heads, C = pool.view.C, D = pool.view.D;
+  keys_.resize(size_t(threads_.size()));
+  for (auto& k : keys_)
+    if (k.size() < size_t(C) * D) k.resize(size_t(C) * D);
+  auto one = [&](int64_t i, int t) {
+    const size_t b = size_t(i / H);
+    const int h = int(i % H);
+    float* keys = keys_[size_t(t)].data();
+    tile_to_float(pool.tile(slots[b], 0, h), dtype, size_t(C) * D, keys);  // a tile's rows are contiguous
+    float* lo = digests + view.at(ids[b], h);
+    key_digest(kind, keys, C, D, lo, lo + D);
+  };
+  // A digest costs about one pass over a tile: a few blocks are not worth waking the threads.
+  const int64_t items = int64_t(n) * H;
+  if (items >= 8)
+    threads_.parallel_for(items, one);
+  else
+    for (int64_t i = 0; i < items; ++i) one(i, 0);
+}
+
+void CpuExecutor::run(const StepPlan& plan, LayerArgs a) {
   // Every layer of a step shares one cut, and decode steps that only bump the plan keep it.
   if (cuts_.plan_layout != plan.layout || plan.layout == 0)
     cut_for_threads(plan, threads_.size(), a.kv_heads, cuts_);
@@ -43,7 +99,7 @@ void CpuAttention::run(const StepPlan& plan, LayerArgs a) {
   threads_.parallel_for(plan.num_tokens, [&](int64_t r, int) { kernels_->merge_row(a, int32_t(r)); });
 }
 
-void CpuAttention::run_per_head(const StepPlan* plans, const LayerArgs& a, size_t elem_bytes) {
+void CpuExecutor::run_per_head(const StepPlan* plans, const LayerArgs& a, size_t elem_bytes) {
   // KV head h as a cache of one KV head: its query and output heads and its pool tiles are
   // views at head h's offsets (rows keep their strides); lse comes back per group, in rows of
   // group entries, and is laid into the caller's rows.
@@ -65,7 +121,7 @@ void CpuAttention::run_per_head(const StepPlan* plans, const LayerArgs& a, size_
   }
 }
 
-void CpuAttention::top_chunks(const ScoreArgs& proto, const uint8_t* q, size_t q_row_bytes,
+void CpuExecutor::top_chunks(const ScoreArgs& proto, const uint8_t* q, size_t q_row_bytes,
                               const Digests::ScoreRequest* requests, size_t count, int k) {
   // Shared: one score per candidate; per KV head: kv_heads of them, [request][head][candidate].
   const size_t units = proto.per_kv_head ? size_t(proto.kv_heads) : 1;
