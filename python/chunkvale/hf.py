@@ -106,6 +106,15 @@ class _StepContext:
     layers_done: int = 0  # layers appended and attended (a ChunkvaleCache checks a forward completed)
 
 
+def packed_kwargs(ctx: _StepContext, input_ids: torch.Tensor, positions: torch.Tensor,
+                  logit_rows: torch.Tensor) -> dict:
+    """The model arguments of one packed step (module docstring), for every front that runs one
+    (ModelRunner, ChunkvaleCache's forward hook): the step's tokens in one row at their positions,
+    the placeholder mask, the packed rows whose logits are kept, the step for the attention."""
+    return {"input_ids": input_ids.reshape(1, -1), "attention_mask": _NO_MASK,
+            "position_ids": positions.reshape(1, -1), "logits_to_keep": logit_rows, "chunkvale_context": ctx}
+
+
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     _in_step.route = False  # consumed: the next lookup is routed again only by the next update()
     ctx = kwargs.get("chunkvale_context")
@@ -239,14 +248,7 @@ class ModelRunner:
         _in_step.active = True
         try:
             with torch.inference_mode():
-                out = self.model(
-                    input_ids=ids,
-                    attention_mask=_NO_MASK,
-                    position_ids=positions,
-                    use_cache=False,
-                    logits_to_keep=rows,
-                    chunkvale_context=ctx,
-                )
+                out = self.model(**packed_kwargs(ctx, ids, positions, rows), use_cache=False)
         finally:
             _in_step.active = was_active
         return out.logits[0].float()

@@ -181,12 +181,10 @@ def begin_forward(cache, module, kw: dict) -> dict:
             new_seqs=new_seqs, new_reused=new_reused, followers=followers, extended=extended,
             logit_map=torch.tensor(logit_map, dtype=torch.long, device=device), logit_cols=len(cols))
         kw = dict(kw)
-        kw["input_ids"] = torch.tensor(tokens, dtype=torch.long, device=device).reshape(1, -1)
-        kw["attention_mask"] = hf._NO_MASK
-        kw["position_ids"] = torch.as_tensor(positions, dtype=torch.long).to(device).reshape(1, -1)
-        kw["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=device)
-        kw["use_cache"] = True
-        kw["chunkvale_context"] = ctx
+        kw.update(hf.packed_kwargs(ctx, torch.tensor(tokens, dtype=torch.long, device=device),
+                                   torch.as_tensor(positions, dtype=torch.long).to(device),
+                                   torch.tensor(keep, dtype=torch.long, device=device)))
+        kw["use_cache"] = True  # the cache's update() routes each layer's attention to chunkvale
     except BaseException:
         step.cancel()
         for seq in new_seqs.values():
