@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32) score_heads_kernel(const Sco
 }
 
 // ---- top-k per request: k passes of a block-wide arg-max ----
-// Keys as in cpp/src/top_k.h (score bits made order-preserving above the candidate index):
+// Keys as in cpp/src/cpu/top_k.h (score bits made order-preserving above the candidate index):
 // unique, so pass j takes the largest key below pass j-1's, best first, ties to the later
 // candidate. k is small (top-k chunks), the candidates are re-read from L1/L2 each pass.
 constexpr int kTopKThreads = 256;

@@ -1,4 +1,4 @@
-// The CPU backend's cut of a device-neutral step plan (cpp/src/thread_cuts.h): every unit's
+// The CPU backend's cut of a device-neutral step plan (cpp/src/cpu/thread_cuts.h): every unit's
 // chunks are covered once, in order, by pieces of the sizes the thread count asks for; the
 // pieces' partials are numbered densely and each packed row merges exactly the partials of
 // the pieces that hold it.

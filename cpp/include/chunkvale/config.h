@@ -74,7 +74,7 @@ struct TestHooks {
   // CUDA: a host callback on the copy stream before the copy), so tests can catch a device
   // slot reused before its backup completed. 0..10^7.
   int backup_delay_us = 0;
-  // Host-tier storage failures (cpp/src/test_faults.h): a comma-separated list of
+  // Host-tier storage failures (cpp/src/core/test_faults.h): a comma-separated list of
   // OP=ERRNO@SKIP[xCOUNT], e.g. "write=EIO@3x2,alloc=ENOMEM@10"; empty: none.
   std::string faults;
 };

@@ -71,7 +71,7 @@ struct StepPlan {
   int64_t chunk_first_row_chunks = 0;
 };
 
-// Inputs of plan_step (cpp/src/plan_builder.h): one batch entry and the policy knobs.
+// Inputs of plan_step (cpp/src/core/plan_builder.h): one batch entry and the policy knobs.
 struct PlanSeqInput {
   int64_t id = 0;
   int32_t n_new = 0;
