@@ -3,11 +3,33 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 
+#include <cmath>
+#include <limits>
+
 #include "chunkvale/errors.h"
 
 namespace nb = nanobind;
 
 namespace chunkvale::bind {
+
+std::string text_of(nb::handle h) {
+  nb::object s = nb::steal(PyObject_Str(h.ptr()));
+  if (!s.is_valid()) throw nb::python_error();
+  return nb::cast<std::string>(s);
+}
+
+float sm_scale_arg(nb::handle h) {
+  if (PyBool_Check(h.ptr()) || (!PyFloat_Check(h.ptr()) && !PyLong_Check(h.ptr())))
+    throw TypeError("sm_scale: expected a float or None, got " + type_label(h) + " (" + text_of(h) + ")");
+  const double v = PyFloat_AsDouble(h.ptr());  // an int beyond a double's range: OverflowError
+  if (v == -1.0 && PyErr_Occurred()) PyErr_Clear();
+  else if (std::isfinite(v) && v > 0.0 && v <= double(std::numeric_limits<float>::max()) &&
+           float(v) > 0.0f)
+    return float(v);
+  std::string given = text_of(h);
+  if (given.size() > 40) given = given.substr(0, 37) + "...";
+  throw ValueError("sm_scale: expected a finite value > 0 within float32's range (or None), got " + given);
+}
 
 std::string type_label(nb::handle h) {
   if (h.is_none()) return "None";

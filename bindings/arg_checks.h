@@ -24,6 +24,11 @@ int64_t int_arg(nanobind::handle h, const std::string& name, int64_t lo, int64_t
 inline int32_t int32_arg(nanobind::handle h, const std::string& name) {
   return int32_t(int_arg(h, name, INT32_MIN, INT32_MAX));
 }
+// str(h), as Python prints it.
+std::string text_of(nanobind::handle h);
+// sm_scale, for every front (KVCache's config, PagedAttention): a finite float > 0 (an int too,
+// never a bool) within float32's range, so that it never rounds to 0 (the core's "default").
+float sm_scale_arg(nanobind::handle h);
 // A str whose text is valid Unicode (UTF-8 encodable: no lone surrogates).
 std::string str_arg(nanobind::handle h, const std::string& name);
 // A list or tuple of int32 token ids.

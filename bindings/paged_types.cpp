@@ -3,8 +3,6 @@
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 
-#include <cmath>
-#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -19,13 +17,6 @@ using namespace nb::literals;
 
 namespace chunkvale::bind {
 namespace {
-
-// str(h), as Python prints it.
-std::string text_of(nb::handle h) {
-  nb::object s = nb::steal(PyObject_Str(h.ptr()));
-  if (!s.is_valid()) throw nb::python_error();
-  return nb::cast<std::string>(s);
-}
 
 // An int32 CPU array of `ndim` dimensions whose last one is contiguous (page-table inputs).
 struct IntArray {
@@ -111,20 +102,6 @@ PagedDigests digests_arg(nb::handle h, const Array& a) {
   return g;
 }
 
-// A finite float > 0 (an int too, never a bool), within float32's range.
-float sm_scale_arg(nb::handle h) {
-  if (PyBool_Check(h.ptr()) || (!PyFloat_Check(h.ptr()) && !PyLong_Check(h.ptr())))
-    throw TypeError("sm_scale: expected a float or None, got " + type_label(h) + " (" + text_of(h) + ")");
-  const double v = PyFloat_AsDouble(h.ptr());  // an int beyond a double's range: OverflowError
-  if (v == -1.0 && PyErr_Occurred()) PyErr_Clear();
-  else if (std::isfinite(v) && v > 0.0 && v <= double(std::numeric_limits<float>::max()) &&
-           float(v) > 0.0f)
-    return float(v);
-  std::string given = text_of(h);
-  if (given.size() > 40) given = given.substr(0, 37) + "...";
-  throw ValueError("sm_scale: expected a finite value > 0 within float32's range (or None), got " + given);
-}
-
 // Query rows a shared block needs to run chunk-first: an int in [1, 2^31-1].
 int share_threshold_arg(nb::handle h) { return int(int_arg(h, "share_threshold", 1, INT32_MAX)); }
 
@@ -188,6 +165,9 @@ void bind_paged_types(nb::module_& m) {
         "Checks PagedAttention's share_threshold and eviction (a chunkvale.Eviction or None) for blocks of "
         "block_size tokens by the rules PagedAttention(...) applies, without making one (the vLLM options, when "
         "they are read). TypeError / ValueError naming the field.");
+  m.def("sm_scale_arg", [](nb::handle sm_scale) { return sm_scale_arg(sm_scale); }, "sm_scale"_a.none(),
+        "sm_scale as the core takes it (float32 > 0); the one check for every front. TypeError / ValueError "
+        "naming sm_scale.");
 
   nb::class_<PagedPlan>(m, "PagedPlan",
                         "One step's plan (PagedAttention.plan): immutable, run for every layer of the step.")

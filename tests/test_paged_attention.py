@@ -232,6 +232,28 @@ def test_bad_config_is_named(cv, kw, exc, match):
         cv.PagedAttention(**args)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [dict(kv_heads=0), dict(q_heads=0), dict(q_heads=6, kv_heads=4), dict(head_dim=72), dict(kv_heads=70000, q_heads=70000),
+     dict(q_heads=70000, kv_heads=2), dict(sm_scale=float("inf")), dict(sm_scale=-0.5),
+     dict(sm_scale=1e-60), dict(sm_scale=1e39)],  # 1e-60 rounds to 0 in float32: never the default scale
+)
+def test_shape_rules_are_the_cache_configs(cv, shape):
+    """PagedAttention and KVCache share one AttentionShape::validate (and one sm_scale check at the
+    boundary): the same bad shape gets the same message from both fronts."""
+    args = dict(q_heads=4, kv_heads=2, head_dim=64, **{"sm_scale": None})
+    args.update(shape)
+    with pytest.raises(ValueError) as paged:
+        cv.PagedAttention(args["q_heads"], args["kv_heads"], args["head_dim"], 16, sm_scale=args["sm_scale"])
+    with pytest.raises(ValueError) as cache:
+        cv.KVCache(cv.CacheConfig(layers=1, chunk_size=16, capacity_chunks=4, **args))
+    assert str(paged.value) == str(cache.value)
+    field = next(iter(shape))
+    assert str(paged.value).startswith(f"{field}: expected"), str(paged.value)
+    # 4096 < heads <= 65536 is a shape both accept (PagedAttention once stopped at 4096).
+    cv.PagedAttention(4100, 4100, 64, 16, threads=1)
+
+
 def test_bad_page_tables_are_named(cv, small):
     pa, bt, sl, qsl = small
     bad = [

@@ -2,7 +2,6 @@
 that every field is named in the error; the native core validates the values."""
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -178,10 +177,8 @@ class CacheConfig:
         if sm_scale is not None:
             if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
                 raise TypeError(f"sm_scale: expected a float or None, got {type(sm_scale).__name__} ({sm_scale!r})")
-            sm_scale = float(sm_scale)
-            if not (math.isfinite(sm_scale) and sm_scale > 0.0):
-                raise ValueError(f"sm_scale: expected a finite float > 0 or None (the default, "
-                                 f"1/sqrt(head_dim)), got {sm_scale!r}")
+            # PagedAttention's check: float32 > 0, so a tiny value never rounds to 0 (the core's default).
+            sm_scale = _native.sm_scale_arg(float(sm_scale))
         device = _str("device", self.device)
         if self.eviction is not None and not isinstance(self.eviction, Eviction):
             raise TypeError(f"eviction: expected chunkvale.Eviction or None, got {type(self.eviction).__name__}")
