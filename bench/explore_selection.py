@@ -28,7 +28,8 @@ import torch
 
 import chunkvale
 from chunkvale import hf
-from fidelity import DEFAULT_TEXT, compare, teacher_forced, text_tokens  # bench/: the script's directory
+from fidelity import compare, teacher_forced  # bench/: the script's directory
+import teacher_text
 from selection_policies import Policy, keep_mask
 
 ATTN = "chunkvale_policy"
@@ -169,9 +170,7 @@ def print_rows(rows, header=False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--text", default=DEFAULT_TEXT)
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--positions", type=int, default=256)
+    teacher_text.add_arguments(ap, positions=256)
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--only", nargs="*", default=None, help="policy names (substrings) to run; default all")
@@ -179,8 +178,7 @@ def main(argv=None):
     ap.add_argument("--dense-layers", type=int, default=2, help="for --check")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
-    if not 0 < args.positions < args.context:
-        ap.error(f"--positions: expected 1 .. --context - 1 = {args.context - 1}, got {args.positions}")
+    teacher_text.check_arguments(ap, args)
 
     from transformers import AttentionInterface
 
@@ -188,9 +186,8 @@ def main(argv=None):
 
     loaded = load_model()
     model, tok = loaded.model, loaded.tokenizer
-    ids = text_tokens(tok, args.text, args.context + 1)
-    n_prompt = args.context - args.positions
-    prompt, fed, targets = ids[:n_prompt], ids[n_prompt:args.context], ids[n_prompt + 1:args.context + 1]
+    text = teacher_text.split(tok, args)
+    prompt, fed, targets, n_prompt = text.prompt, text.fed, text.targets, text.n_prompt
     attn = PolicyAttention()
     AttentionInterface.register(ATTN, attn)
     model.set_attn_implementation(ATTN)

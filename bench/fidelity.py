@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -29,17 +28,7 @@ import chunkvale
 from chunkvale import hf
 from passkey import configurations  # bench/: the script's directory
 from replay import engine_run, feed_prefill
-
-DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
-
-
-def text_tokens(tokenizer, path: str, n: int) -> list[int]:
-    """The first ``n`` tokens of the text at ``path`` (no special tokens)."""
-    ids = tokenizer(Path(path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    if len(ids) < n:
-        sys.exit(f"--text {path}: {len(ids)} tokens, fewer than the {n} needed (--context + 1)")
-    return ids[:n]
-
+import teacher_text
 
 def teacher_forced(model, cfg, prompt, steps, fed):
     """Log-probabilities [len(fed), vocab] (float32) of the next token after each of ``fed``, decoded
@@ -100,9 +89,7 @@ def print_table(rows, context):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--text", default=DEFAULT_TEXT, help="a UTF-8 text file of natural language")
-    ap.add_argument("--context", type=int, default=4096, help="tokens of the text: prefill + decoded positions")
-    ap.add_argument("--positions", type=int, default=512, help="last positions decoded one token at a time")
+    teacher_text.add_arguments(ap, positions=512)
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--digests", nargs="+", default=["cuboid_max", "cuboid_mean", "sphere"])
     ap.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64])
@@ -111,8 +98,7 @@ def main(argv=None):
                     help="the digest rows' selections (sink+window runs once: without a top-k both are the same)")
     ap.add_argument("--json", help="also write the rows here, as they come")
     args = ap.parse_args(argv)
-    if not 0 < args.positions < args.context:
-        ap.error(f"--positions: expected 1 .. --context - 1 = {args.context - 1}, got {args.positions}")
+    teacher_text.check_arguments(ap, args)
 
     import torch
 
@@ -122,9 +108,8 @@ def main(argv=None):
     model, tok = loaded.model, loaded.tokenizer
     if args.context > model.config.max_position_embeddings:
         ap.error(f"--context: the model's window is {model.config.max_position_embeddings} tokens")
-    ids = text_tokens(tok, args.text, args.context + 1)
-    n_prompt = args.context - args.positions
-    prompt, fed, targets = ids[:n_prompt], ids[n_prompt:args.context], ids[n_prompt + 1:args.context + 1]
+    text = teacher_text.split(tok, args)
+    prompt, fed, targets, n_prompt = text.prompt, text.fed, text.targets, text.n_prompt
     print(f"text {args.text}: prefill {n_prompt} tokens, then {args.positions} positions teacher-forced "
           f"({loaded.name}, kernels {chunkvale.kernel_isa()})", flush=True)
 
