@@ -10,8 +10,9 @@ Each build is a directory holding an installed `chunkvale` package, e.g.
 
 Cases (one layer, every core; tensors from torch, for bf16): decode attention (B=32, shared prefix + private
 tail, MHA 8/8 and GQA 32/8, fp32 and bf16), a 1540-token causal prefill, an extend step,
-one whole decode step (plan + append + attention: the front's overhead), and sequence churn
-(add_sequence with prefix reuse, fork, remove). Prints per case the median over passes of
+one whole decode step (plan + append + attention: the front's overhead), sequence churn
+(add_sequence with prefix reuse, fork, remove), a PagedAttention decode step (write_kv + run
+over a vLLM-layout pool) and a budgeted decode step (digests, selection, scoring). Prints per case the median over passes of
 each pass's median for each build, and the median of the passes' paired new/old ratios.
 """
 from __future__ import annotations
@@ -33,6 +34,11 @@ CASES = {  # name: (kind, dtype, q_heads, kv_heads, d, batch, shared/cached, pri
     "extend fp32 32/8 d128 8x(2048+256)": ("extend", "float32", 32, 8, 128, 8, 2048, 256),
     "decode step fp32 9/3 d64 32x(1024+64)": ("step", "float32", 9, 3, 64, 32, 1024, 64),
     "churn: add+fork+remove 9/3 d64": ("churn", "float32", 9, 3, 64, 16, 1024, 40),
+    # PagedAttention over a vLLM-layout pool, block 128: write_kv of one row per sequence, then run.
+    "paged decode step fp32 9/3 d64 32x(1024+64)": ("paged", "float32", 9, 3, 64, 32, 1024, 64),
+    # Budgeted decode (Eviction, budget 1024 of 4096 tokens): plan + append (digests as chunks
+    # fill) + selection, scoring and attention over the kept chunks.
+    "budgeted decode step fp32 9/3 d64 8x(0+4096)": ("budget", "float32", 9, 3, 64, 8, 0, 4096),
 }
 
 
@@ -44,9 +50,32 @@ def _worker(names, rounds):
 
     rng = np.random.default_rng(0)
 
-    def cache(dtype, qh, kvh, d, chunks):
+    def cache(dtype, qh, kvh, d, chunks, eviction=None):
         return cv.KVCache(cv.CacheConfig(layers=1, q_heads=qh, kv_heads=kvh, head_dim=d, dtype=dtype,
-                                         capacity_chunks=chunks))
+                                         capacity_chunks=chunks, eviction=eviction))
+
+    def paged_step(dtype, qh, kvh, d, b, ns, nu, tdtype):
+        B = 128
+        shared_blocks = ns // B
+        own = -(-(ns % B + nu + 1) // B)
+        N = shared_blocks + b * own
+        tables = [list(range(shared_blocks)) + list(range(shared_blocks + i * own, shared_blocks + (i + 1) * own))
+                  for i in range(b)]
+        lens = [ns + nu + 1] * b
+        bt = np.array(tables, dtype=np.int32)
+        qsl = np.arange(b + 1, dtype=np.int32)
+        pa = cv.PagedAttention(qh, kvh, d, B, dtype=dtype)
+        kv = randn(N, kvh, B, 2 * d, dtype=tdtype)
+        plan = pa.plan(bt, np.array(lens, np.int32), qsl, N)
+        slots = np.array([t[(n - 1) // B] * B + (n - 1) % B for t, n in zip(tables, lens)], np.int64)
+        k = randn(b, kvh, d, dtype=tdtype)
+        q = randn(b, qh, d, dtype=tdtype)
+        res = torch.empty_like(q)
+
+        def step():
+            pa.write_kv(kv, k, k, slots)
+            pa.run(plan, q, kv, res)
+        return step
 
     def randn(*shape, dtype):
         return torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
@@ -81,6 +110,11 @@ def _worker(names, rounds):
         c = cache(dtype, qh, kvh, d, chunks)
         shared = rng.integers(0, 30000, ns).tolist()
         prompts = [shared + rng.integers(0, 30000, nu if kind != "extend" else 1).tolist() for _ in range(b)]
+        if kind == "paged":
+            out[name] = timed(paged_step(dtype, qh, kvh, d, b, ns, nu, tdtype))
+            continue
+        if kind == "budget":
+            c = cache(dtype, qh, kvh, d, chunks, cv.Eviction(budget_tokens=1024, dense_layers=0))
         if kind == "extend" and ns == 0:
             prompts = [rng.integers(0, 30000, nu).tolist()]
             seqs = [c.add_sequence(prompts[0])[0]]
@@ -106,7 +140,7 @@ def _worker(names, rounds):
         k = randn(step.num_tokens, kvh, d, dtype=tdtype)
         q = randn(step.num_tokens, qh, d, dtype=tdtype)
         res = torch.empty_like(q)
-        if kind == "step":
+        if kind in ("step", "budget"):
             c.append(0, step, k, k)
             state = {"tok": 0}
 
