@@ -112,9 +112,12 @@ def serve_and_sweep(label: str, flag: str, dtype: str, model: str, rates: list[f
         return out
     try:
         with open(tmp / f"bench-{dtype}-{label}.log", "w") as log:
+            # One request per prefix (prefix_repetition needs at least as many prompts as prefixes).
             warm = tmp / f"warm-{dtype}-{label}.json"
-            run_bench(bench_args(srv.url, model, math.inf, 2, 1000, warm, args), env, warm,
-                      min(300, clock.left()), log)
+            if run_bench(bench_args(srv.url, model, math.inf, max(2, args.num_prefixes), 1000, warm, args), env, warm,
+                         min(300, clock.left()), log) is None:
+                print(f"[vllm_serve] {dtype} / {label}: the warm-up failed; no rates run on a cold server", flush=True)
+                return out
             for i, rate in enumerate(rates):
                 result = tmp / f"{dtype}-{label}-{i}.json"
                 print(f"[vllm_serve] {dtype} / {label}: request rate {rate:g} ...", flush=True)
