@@ -1,7 +1,6 @@
 #include "chunkvale/paged_attention.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <tuple>
